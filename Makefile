@@ -1,0 +1,48 @@
+# Local and CI run the same targets.  Everything lives in .venv; the lock
+# file pins every transitive dependency so a fresh machine gets the same set.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CONFIG ?= config/gateway.toml
+
+.PHONY: run test check lint fmt bench soak lock clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml requirements.lock | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test,dev,bench]'
+	touch $@
+
+## run: start the gateway with config/gateway.toml (generates a dev token if OBS_INGEST_TOKEN is unset)
+run: $(VENV)/.installed
+	@if [ -z "$$OBS_INGEST_TOKEN" ]; then \
+	  OBS_INGEST_TOKEN=$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(32))'); \
+	  export OBS_INGEST_TOKEN; \
+	  echo "OBS_INGEST_TOKEN is unset: generated a development token for this run only:"; \
+	  echo "  export OBS_INGEST_TOKEN=$$OBS_INGEST_TOKEN"; \
+	fi; \
+	exec $(BIN)/obs-gateway run --config $(CONFIG)
+
+## test: the whole suite: unit, functional (loopback sockets) and integration (real VictoriaMetrics, vmagent, Prometheus, OTel SDK)
+test: $(VENV)/.installed
+	$(BIN)/pytest
+
+## check: lint, format and type gates
+check: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: $(VENV)/.installed
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+## lock: re-pin every dependency (needs network)
+lock: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet uv
+	$(BIN)/uv pip compile pyproject.toml --extra test --extra dev --extra bench --python-version 3.11 -o requirements.lock
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
