@@ -1,0 +1,63 @@
+"""Header hygiene for both directions of the proxy.  Pure functions on bytes.
+
+RFC 9110 §7.6.1: a proxy removes the hop-by-hop fields it knows, and every
+field named in ``Connection``.  On top of that the gateway drops what it
+re-frames or owns itself (Content-Length, Transfer-Encoding, Host, Expect)
+and the client's ``Authorization``: the credential was for the gateway, and
+an upstream must never see it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "HOP_BY_HOP",
+    "REQUEST_DROP",
+    "RESPONSE_DROP",
+    "connection_tokens",
+    "drop_listed",
+]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Request fields not copied upstream as they came (some are rebuilt).
+REQUEST_DROP = HOP_BY_HOP | {
+    b"authorization",
+    b"host",
+    b"content-length",
+    b"expect",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+}
+
+# Response fields not copied to the client as they came: framing is ours.
+RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+
+
+def connection_tokens(values: list[bytes]) -> frozenset[bytes]:
+    """The field names listed in Connection headers, lowercased."""
+    out: set[bytes] = set()
+    for value in values:
+        for raw in value.split(b","):
+            token = raw.strip().lower()
+            if token:
+                out.add(token)
+    return frozenset(out)
+
+
+def drop_listed(
+    headers: list[tuple[bytes, bytes]], listed: frozenset[bytes]
+) -> list[tuple[bytes, bytes]]:
+    """Remove the fields a Connection header named (rare: off the fast path)."""
+    return [(n, v) for n, v in headers if n.lower() not in listed]

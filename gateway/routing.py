@@ -1,0 +1,132 @@
+"""The route table: raw request-target bytes → route, by exact path match.
+
+No decoding, no normalisation, no regex: ``/api/v1/write/../x``,
+``//api/v1/write``, ``%2e%2e`` or a trailing slash are simply other paths,
+so they can never reach an upstream.  Everything a request needs from its
+route (upstream address, request-target prefix, allowed methods, limits)
+is computed here once per config generation.
+
+Must not know: sockets, HTTP framing, credentials' secrets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from gateway.config import RouteSpec
+from gateway.errors import Protocol
+
+__all__ = ["HEALTH_PATH", "Route", "RouteTable", "Upstream", "split_target"]
+
+HEALTH_PATH = b"/health"
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where a route's requests go.  Logged never: addresses stay internal."""
+
+    scheme: str
+    host: str
+    port: int
+    # Bytes sent as the Host header and as the start of the request target.
+    host_header: bytes = field(repr=False)
+    path: bytes = field(repr=False)
+    query: bytes = field(repr=False)
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.scheme, self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    path: bytes
+    protocol: Protocol
+    methods: frozenset[bytes]
+    allow_line: bytes  # "Allow: POST\r\n", for 405 answers
+    upstream: Upstream | None
+    max_body_bytes: int
+
+    def target(self, query: bytes) -> bytes:
+        """The request-target sent upstream: its path, then both queries."""
+        up = self.upstream
+        assert up is not None
+        if not query:
+            return up.path + (b"?" + up.query if up.query else b"")
+        if up.query:
+            return up.path + b"?" + up.query + b"&" + query
+        return up.path + b"?" + query
+
+
+def _upstream(url: str) -> Upstream:
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    host = parts.hostname or ""
+    port = parts.port or (443 if scheme == "https" else 80)
+    default_port = port == (443 if scheme == "https" else 80)
+    shown_host = f"[{host}]" if ":" in host else host
+    host_header = shown_host if default_port else f"{shown_host}:{port}"
+    return Upstream(
+        scheme,
+        host,
+        port,
+        host_header.encode("idna" if host.isascii() is False else "ascii"),
+        (parts.path or "/").encode(),
+        parts.query.encode(),
+    )
+
+
+def _route(spec: RouteSpec) -> Route:
+    methods = frozenset(m.encode() for m in spec.methods)
+    allow = b"Allow: " + ", ".join(sorted(spec.methods)).encode() + b"\r\n"
+    return Route(
+        spec.name,
+        spec.path.encode(),
+        Protocol.of(spec.protocol),
+        methods,
+        allow,
+        _upstream(spec.upstream),
+        spec.max_body_bytes,
+    )
+
+
+HEALTH = Route(
+    "health",
+    HEALTH_PATH,
+    Protocol.PLAIN,
+    frozenset({b"GET", b"HEAD"}),
+    b"Allow: GET, HEAD\r\n",
+    None,
+    0,
+)
+
+
+def split_target(target: bytes) -> tuple[bytes, bytes]:
+    """request-target → (path, query) without decoding anything.
+
+    Absolute-form (RFC 9112 §3.2.2, which servers must accept) is reduced to
+    its path; anything else that is not origin-form yields a path that
+    matches no route.
+    """
+    if target[:1] != b"/":
+        lowered = target[:8].lower()
+        if lowered.startswith((b"http://", b"https://")):
+            rest = target[target.index(b"//") + 2 :]
+            slash = rest.find(b"/")
+            target = rest[slash:] if slash >= 0 else b"/"
+    path, _, query = target.partition(b"?")
+    return path, query
+
+
+class RouteTable:
+    __slots__ = ("_by_path", "routes")
+
+    def __init__(self, specs: tuple[RouteSpec, ...]) -> None:
+        self.routes: tuple[Route, ...] = tuple(_route(s) for s in specs)
+        self._by_path: dict[bytes, Route] = {r.path: r for r in self.routes}
+        self._by_path[HEALTH_PATH] = HEALTH
+
+    def get(self, path: bytes) -> Route | None:
+        return self._by_path.get(path)
