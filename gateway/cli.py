@@ -1,0 +1,130 @@
+"""Command line: ``run``, ``check-config``, ``hash-token``.
+
+The only module that exits the process or installs signal handlers.
+Exit codes: 0 clean stop, 1 runtime failure (cannot listen), 2 bad config
+or usage.  uvloop is started through ``asyncio.Runner(loop_factory=...)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import secrets
+import signal
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import uvloop
+
+from gateway import __version__, log
+from gateway.app import Gateway
+from gateway.config import ConfigError, Settings, load
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="obs-gateway", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"obs-gateway {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="serve with a config file")
+    run.add_argument("--config", "-c", required=True, type=Path)
+    check = sub.add_parser("check-config", help="validate a config; print credential × route")
+    check.add_argument("config", type=Path)
+    sub.add_parser("hash-token", help="print a fresh 256-bit token and its sha256 config line")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "hash-token":
+        return _hash_token()
+    try:
+        settings = load(args.config)
+    except ConfigError as exc:
+        print(f"obs-gateway: config error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    if args.command == "check-config":
+        print(_matrix(settings))  # noqa: T201
+        return 0
+    log.configure(settings.log.level)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_serve(settings, args.config))
+
+
+def _hash_token() -> int:
+    token = secrets.token_urlsafe(32)  # 256 bits from the OS CSPRNG
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    print(f"token:  {token}")  # noqa: T201
+    print(f'config: token_sha256 = "{digest}"')  # noqa: T201
+    print("Give the token to the sender; put only the sha256 line in the config.")  # noqa: T201
+    return 0
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _matrix(settings: Settings) -> str:
+    routes = [r.name for r in settings.routes]
+    width = max([len(c.name) for c in settings.credentials] + [10])
+    lines = [f"config OK: {settings.source}", ""]
+    lines.append("credential".ljust(width) + "  " + "  ".join(routes) + "  health")
+    for cred in settings.credentials:
+        cells = ["yes".center(len(r)) if r in cred.routes else "-".center(len(r)) for r in routes]
+        lines.append(cred.name.ljust(width) + "  " + "  ".join(cells) + "  " + "yes".center(6))
+    lines += ["", "tokens (credential/id: not_before → not_after):"]
+    for cred in settings.credentials:
+        for t in cred.tokens:
+            lines.append(f"  {cred.name}/{t.id}: {_when(t.not_before)} → {_when(t.not_after)}")
+        for r in cred.revoked:
+            lines.append(f"  {cred.name}/{r.id}: revoked {_when(r.revoked_at)}")
+    return "\n".join(lines)
+
+
+async def _serve(settings: Settings, path: Path) -> int:
+    logger = log.get_logger()
+    gateway = Gateway(settings)
+    try:
+        await gateway.start()
+    except OSError as exc:
+        logger.error("listen_failed", error=exc.strerror or str(exc))
+        await gateway.close()
+        return 1
+    logger.info(
+        "listening",
+        listen=f"{settings.server.listen.rpartition(':')[0]}:{gateway.port}",
+        admin=f"{settings.server.admin_listen.rpartition(':')[0]}:{gateway.admin_port}",
+        version=__version__,
+        routes=[r.name for r in settings.routes],
+        credentials=[c.name for c in settings.credentials],
+    )
+    log.flush()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def reload() -> None:
+        try:
+            new = load(path)
+        except ConfigError as exc:
+            gateway.reloads["failure"] += 1
+            logger.error("config_reload_failed", error=str(exc))
+            return
+        if new.server.listen != settings.server.listen:
+            logger.warning("config_reload_listen_ignored", reason="listen changes need a restart")
+        gateway.reload(new)
+        logger.info("config_reloaded", source=str(path))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    await stop.wait()
+    logger.info("draining", timeout_seconds=settings.server.drain_timeout_seconds)
+    await gateway.drain()
+    logger.info("stopped")
+    log.flush()
+    return 0

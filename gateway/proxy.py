@@ -1,0 +1,565 @@
+"""One exchange: a request's way from the client to its answer.
+
+Decides, in DESIGN §3 order, whether the gateway answers itself (auth,
+routing, limits, /health) or streams the request to the route's upstream;
+then copies bytes both ways with flow control, enforces the body cap while
+streaming, maps upstream failures to the contract's statuses and accounts
+the exchange once (metrics, one access line).
+
+States: an exchange is *started* once dispatched; it is *finished* when
+its response is complete and its request body has been read, or when the
+client connection is being closed.  Upstream aborts never send a final
+chunk, so an upstream never sees a truncated body as complete.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import orjson
+
+from gateway.auth import Failure
+from gateway.errors import CLIENT_CLOSED, Kind, Protocol
+from gateway.headers import RESPONSE_DROP, connection_tokens
+from gateway.routing import HEALTH
+
+if TYPE_CHECKING:
+    from gateway.auth import Principal
+    from gateway.metrics import RouteStats
+    from gateway.routing import Route
+    from gateway.runtime import Generation, Shared
+    from gateway.server import ClientConnection, RequestHead
+    from gateway.upstream import Pool, UpstreamConnection
+
+__all__ = ["DISCARD_LIMIT", "Exchange", "record_rejected"]
+
+# A request answered without proxying still has its body on the wire: up to
+# this size it is read and dropped to keep the connection; beyond, the
+# connection is closed after the answer.
+DISCARD_LIMIT = 256 * 1024
+
+_perf = time.perf_counter
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_FAILURES = {
+    "connect": Kind.UPSTREAM_CONNECT,
+    "connect_timeout": Kind.UPSTREAM_TIMEOUT,
+    "timeout": Kind.UPSTREAM_TIMEOUT,
+    "reset": Kind.UPSTREAM_RESET,
+    "protocol": Kind.UPSTREAM_PROTOCOL,
+    "internal": Kind.INTERNAL,
+}
+# upstream_errors_total{kind} values: connect, timeout, reset, protocol.
+_ERROR_LABEL = {"connect_timeout": "connect", "internal": "internal"}
+
+
+class Exchange:
+    __slots__ = (
+        "_connect_task",
+        "_early",
+        "_early_done",
+        "body_in",
+        "bytes_out",
+        "chunked_out",
+        "close",
+        "conn",
+        "credential",
+        "error",
+        "finished",
+        "gen",
+        "head",
+        "limit",
+        "pool",
+        "principal",
+        "protocol",
+        "proxying",
+        "request_done",
+        "response_done",
+        "response_started",
+        "route",
+        "route_name",
+        "rstats",
+        "shared",
+        "started",
+        "status",
+        "t_sent",
+        "token_id",
+        "up_buf",
+        "upstream",
+        "upstream_seconds",
+    )
+
+    def __init__(self, conn: ClientConnection, head: RequestHead) -> None:
+        self.conn = conn
+        self.shared = conn.shared
+        self.gen = conn.shared.gen
+        self.head = head
+        self.route: Route | None = None
+        self.route_name = "unmatched"
+        self.protocol = Protocol.PLAIN
+        self.principal: Principal | None = None
+        self.credential = "none"
+        self.token_id = ""
+        self.status = 0
+        self.error = ""
+        self.body_in = 0
+        self.bytes_out = 0
+        self.limit = DISCARD_LIMIT
+        self.started = False
+        self.proxying = False
+        self.request_done = False
+        self.response_started = False
+        self.response_done = False
+        self.finished = False
+        self.close = False
+        self.chunked_out = False
+        self.upstream: UpstreamConnection | None = None
+        self.pool: Pool | None = None
+        self.rstats: RouteStats | None = None
+        self.up_buf: list[bytes] = []
+        self.t_sent = 0.0
+        self.upstream_seconds = -1.0
+        self._connect_task: object = None
+        self._early: list[bytes] | None = None
+        self._early_done = False
+
+    # ------------------------------------------------------------------
+    # Request side, driven by the client connection's parser callbacks.
+
+    def start(self) -> None:
+        """Dispatch (DESIGN §3 order); replays body parsed while queued."""
+        self.started = True
+        self.gen = gen = self.shared.gen
+        head = self.head
+        try:
+            self._dispatch(gen, head)
+        except Exception as exc:  # noqa: BLE001  (a bug must cost a 503, not the connection)
+            self._internal(exc)
+        early, self._early = self._early, None
+        if early:
+            for chunk in early:
+                self.on_body(chunk)
+        if self._early_done:
+            self.on_request_complete()
+
+    def _dispatch(self, gen: Generation, head: RequestHead) -> None:
+        route = gen.routes.get(head.path)
+        if route is not None:
+            self.route = route
+            self.route_name = route.name
+            self.protocol = route.protocol
+        principal = gen.auth.authenticate(head.authorization, time.time())
+        if isinstance(principal, Failure):
+            self.shared.stats.auth_failure(
+                principal.reason, principal.credential, principal.token_id
+            )
+            self.error = "auth_" + principal.reason
+            # revoked / expired / not yet valid: the log names the token id,
+            # so the operator learns which sender holds an old secret.
+            self.token_id = principal.token_id
+            kind = Kind.AUTH_MISSING if head.authorization is None else Kind.AUTH_INVALID
+            self.answer(kind)
+            return
+        self.principal = principal
+        self.credential = principal.credential
+        self.token_id = principal.token_id
+        if route is None:
+            self.answer(Kind.NOT_FOUND)
+            return
+        if head.method not in route.methods:
+            self.answer(Kind.METHOD, route.allow_line)
+            return
+        if route is HEALTH:
+            self._health(principal)
+            return
+        if route.name not in principal.routes:
+            self.shared.stats.auth_failure("scope", principal.credential, principal.token_id)
+            self.error = "scope"
+            self.answer(Kind.SCOPE)
+            return
+        if self.shared.draining:
+            self.error = "draining"
+            self.answer(Kind.DRAINING)
+            return
+        if head.bad_framing:
+            self.error = "bad_framing"
+            self.answer(Kind.BAD_REQUEST)
+            return
+        if head.content_length is not None and head.content_length > route.max_body_bytes:
+            self.error = "body_too_large"
+            self.answer(Kind.TOO_LARGE)
+            return
+        self._proxy(route, head)
+
+    def on_body(self, data: bytes) -> None:
+        if not self.started:
+            if self._early is None:
+                self._early = []
+            self._early.append(data)
+            return
+        n = len(data)
+        self.body_in += n
+        if not self.proxying:
+            return  # answered already: the body is read and dropped
+        if self.body_in > self.limit:
+            self._too_large()
+            return
+        if self.upstream is None and self.pool is None:
+            return  # upstream already dropped (failure answered)
+        if self.head.chunked:
+            self.up_buf += (b"%x\r\n" % n, data, b"\r\n")
+        else:
+            self.up_buf.append(data)
+
+    def on_request_complete(self) -> None:
+        if not self.started:
+            self._early_done = True
+            return
+        self.request_done = True
+        if self.proxying and not self.response_done:
+            if self.head.chunked:
+                self.up_buf.append(b"0\r\n\r\n")
+            self.conn.wait_upstream(self.gen.response_timeout)
+        self._maybe_finish()
+
+    def flush_upstream(self) -> None:
+        up = self.upstream
+        if up is not None and self.up_buf:
+            transport = up.transport
+            if transport is not None:
+                transport.writelines(self.up_buf)
+            self.up_buf = []
+
+    # ------------------------------------------------------------------
+    # Answers the gateway makes itself.
+
+    def answer(self, kind: Kind, extra: bytes = b"") -> None:
+        head = self.head
+        if (
+            not self.request_done
+            and head.has_body
+            and (head.content_length is None or head.content_length > DISCARD_LIMIT)
+        ):
+            self.close = True  # too much body left to read and drop
+        if not head.keep_alive or self.shared.draining:
+            self.close = True
+        status, data = self.gen.errors.render(
+            kind,
+            self.protocol,
+            head.json,
+            self.shared.date_line,
+            self.close,
+            extra,
+            head.method == b"HEAD",
+        )
+        self.status = status
+        self.response_started = self.response_done = True
+        self.conn.out.append(data)
+        if not self.close and not self.request_done and head.has_body:
+            self.conn.reading_body(self.gen.body_idle_timeout)
+        self._maybe_finish()
+
+    def _health(self, principal: Principal) -> None:
+        expires_in = None
+        if principal.not_after is not None:
+            expires_in = max(0, int(principal.not_after - time.time()))
+        body = orjson.dumps(
+            {
+                "status": "ok",
+                "credential": principal.credential,
+                "token_id": principal.token_id,
+                "routes": sorted(principal.routes),
+                "expires_in_seconds": expires_in,
+            }
+        )
+        head = self.head
+        self.close = self.close or not head.keep_alive or self.shared.draining
+        out = b"".join(
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n",
+                b"Content-Length: %d\r\n" % len(body),
+                self.shared.date_line,
+                b"Connection: close\r\n" if self.close else b"",
+                b"\r\n",
+                b"" if head.method == b"HEAD" else body,
+            )
+        )
+        self.status = 200
+        self.response_started = self.response_done = True
+        self.conn.out.append(out)
+        self._maybe_finish()
+
+    def _internal(self, exc: BaseException) -> None:
+        self.shared.log.error("internal_error", error=type(exc).__name__, exc_info=exc)
+        self.error = "internal"
+        if not self.response_started:
+            self.close = True
+            self._drop_upstream()
+            self.answer(Kind.INTERNAL)
+        else:
+            self.conn.close_now()
+
+    # ------------------------------------------------------------------
+    # Proxying.
+
+    def _proxy(self, route: Route, head: RequestHead) -> None:
+        self.proxying = True
+        self.limit = route.max_body_bytes
+        rstats = self.rstats = self.shared.stats.route(route.name)
+        rstats.in_flight += 1
+        up = route.upstream
+        assert up is not None
+        self.up_buf.append(head.upstream_head(route.target(head.query), up.host_header, self.conn))
+        if head.expect_continue and head.has_body:
+            self.conn.out.append(_CONTINUE)
+        pool = self.pool = self.shared.pools.get(up)
+        conn = pool.acquire()
+        if conn is not None:
+            self._attach(conn)
+        else:
+            self.conn.pause(self.conn.PAUSE_CONNECT)
+            self._connect_task = self.shared.loop.create_task(self._connect(pool))
+        if not head.has_body:
+            return
+        self.conn.reading_body(self.gen.body_idle_timeout)
+
+    async def _connect(self, pool: Pool) -> None:
+        try:
+            conn = await pool.connect(self.gen.connect_timeout)
+        except TimeoutError:
+            self.upstream_failed("connect_timeout")
+        except OSError:
+            self.upstream_failed("connect")
+        except Exception as exc:  # noqa: BLE001  (resolver and ssl errors are not OSErrors)
+            self.shared.log.warning(
+                "upstream_connect_error", route=self.route_name, error=type(exc).__name__
+            )
+            self.upstream_failed("connect")
+        else:
+            if self.finished or self.response_done or self.pool is None:
+                pool.release(conn, self.shared.loop.time() + self.gen.pool_idle_timeout)
+            else:
+                self._attach(conn)
+                self.flush_upstream()
+                self.conn.resume(self.conn.PAUSE_CONNECT)
+        finally:
+            self.conn.flush()
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        conn.attach(self)
+        self.upstream = conn
+        self.t_sent = _perf()
+
+    def _drop_upstream(self) -> None:
+        """Abort the upstream request: it must never see a complete body."""
+        self.up_buf = []
+        up, self.upstream = self.upstream, None
+        self.pool = None
+        if up is not None:
+            up.abort()
+        self.conn.resume(self.conn.PAUSE_CONNECT | self.conn.PAUSE_UPSTREAM)
+
+    def _too_large(self) -> None:
+        self.error = "body_too_large"
+        self._drop_upstream()
+        self.proxying = False
+        if not self.response_started:
+            self.close = True
+            self.answer(Kind.TOO_LARGE)
+        else:
+            self.conn.close_now()
+
+    # ------------------------------------------------------------------
+    # Response side: the upstream connection's sink.
+
+    def response_head(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        chunked: bool,
+        length: int | None,
+    ) -> None:
+        self.upstream_seconds = _perf() - self.t_sent
+        self.status = status
+        self.response_started = True
+        head = self.head
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+        listed: list[bytes] | None = None
+        for name, value in headers:
+            lname = name.lower()
+            if lname in RESPONSE_DROP:
+                if lname == b"connection":
+                    listed = [*(listed or []), value]
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        if listed is not None:
+            drop = connection_tokens(listed)
+            parts = [parts[0]] + [
+                b"".join(parts[i : i + 4])
+                for i in range(1, len(parts), 4)
+                if parts[i].lower() not in drop
+            ]
+        if not self.request_done or not head.keep_alive or self.shared.draining:
+            self.close = True
+        if length is not None:
+            parts.append(b"Content-Length: %d\r\n" % length)
+        elif head.http11:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+            self.chunked_out = True
+        else:
+            self.close = True  # HTTP/1.0 client: the body ends at close
+        if self.close:
+            parts.append(b"Connection: close\r\n")
+        elif not head.http11:
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self.conn.out.append(b"".join(parts))
+        self.conn.wait_upstream(self.gen.response_timeout)
+
+    def response_body(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        if self.chunked_out:
+            self.conn.out += (b"%x\r\n" % len(data), data, b"\r\n")
+        else:
+            self.conn.out.append(data)
+        self.conn.wait_upstream(self.gen.response_timeout)
+
+    def response_complete(self) -> None:
+        if self.chunked_out:
+            self.conn.out.append(b"0\r\n\r\n")
+        self.response_done = True
+        up, self.upstream = self.upstream, None
+        pool, self.pool = self.pool, None
+        if up is not None and pool is not None:
+            if self.request_done:
+                pool.release(up, self.shared.loop.time() + self.gen.pool_idle_timeout)
+            else:
+                up.abort()  # it answered early; the rest of our body is not wanted
+        self._maybe_finish()
+
+    def upstream_failed(self, kind: str) -> None:
+        if self.finished or self.response_done:
+            return
+        self.shared.stats.upstream_error(self.route_name, _ERROR_LABEL.get(kind, kind))
+        self.error = "upstream_" + kind
+        self._drop_upstream()
+        self.proxying = False
+        if not self.response_started:
+            self.answer(_FAILURES[kind])
+        else:
+            # Status already sent: cut the connection so the client sees a
+            # truncated response and retries, rather than a short success.
+            self.response_done = True
+            self.close = True
+            self.conn.close_now()
+            self._maybe_finish()
+
+    def upstream_paused(self, paused: bool) -> None:
+        conn = self.conn
+        if paused:
+            conn.pause(conn.PAUSE_UPSTREAM)
+            conn.wait_upstream(self.gen.response_timeout)
+        else:
+            conn.resume(conn.PAUSE_UPSTREAM)
+            if not self.request_done:
+                conn.reading_body(self.gen.body_idle_timeout)
+
+    def flush_client(self) -> None:
+        self.conn.flush()
+
+    # ------------------------------------------------------------------
+    # Endings.
+
+    def client_lost(self) -> None:
+        """The client connection closed under us."""
+        if self.finished:
+            return
+        if not self.response_done:
+            self.status = CLIENT_CLOSED
+            self.error = self.error or "client_closed"
+        self._drop_upstream()
+        self.response_done = self.request_done = True
+        self._finish()
+
+    def client_timeout(self) -> None:
+        """No body bytes for body_idle_timeout seconds."""
+        self.error = "client_timeout"
+        self._drop_upstream()
+        self.proxying = False
+        if not self.response_started:
+            self.close = True
+            self.answer(Kind.CLIENT_TIMEOUT)
+        else:
+            self.conn.close_now()
+
+    def upstream_timeout(self) -> None:
+        self.upstream_failed("timeout")
+
+    def _maybe_finish(self) -> None:
+        if not self.finished and self.response_done and (self.request_done or self.close):
+            self._finish()
+            self.conn.exchange_finished(self)
+
+    def _finish(self) -> None:
+        self.finished = True
+        duration = _perf() - self.head.t0
+        stats = self.shared.stats
+        rstats = self.rstats
+        if rstats is not None:
+            rstats.in_flight -= 1
+        else:
+            rstats = stats.route(self.route_name)
+        rstats.duration.observe(duration)
+        if self.upstream_seconds >= 0:
+            rstats.upstream.observe(self.upstream_seconds)
+        rstats.response_bytes += self.bytes_out
+        pair = stats.pair(self.route_name, self.credential)
+        pair.codes[self.status] = pair.codes.get(self.status, 0) + 1
+        pair.request_bytes += self.body_in
+        if self.principal is not None:
+            tstats = stats.token(self.credential, self.token_id)
+            tstats.last_used = time.time()
+            tstats.requests += 1
+            tstats.request_bytes += self.body_in
+        access = self.shared.access
+        if access is not None:
+            head = self.head
+            access.info(
+                "request",
+                request_id=head.request_id,
+                method=head.method.decode("latin-1"),
+                path=head.path[:200].decode("latin-1") if self.route is None else None,
+                route=self.route_name,
+                credential=self.credential,
+                token_id=self.token_id or None,
+                status=self.status,
+                bytes_in=self.body_in,
+                bytes_out=self.bytes_out,
+                duration_ms=round(duration * 1000, 3),
+                upstream_ms=round(self.upstream_seconds * 1000, 3)
+                if self.upstream_seconds >= 0
+                else None,
+                client=self.conn.peer,
+                error=self.error or None,
+            )
+
+
+def record_rejected(shared: Shared, status: int, error: str, peer: str, t0: float) -> None:
+    """Account a request refused before its head was complete (414, 431, 400)."""
+    duration = _perf() - t0 if t0 else 0.0
+    stats = shared.stats
+    stats.route("unmatched").duration.observe(duration)
+    pair = stats.pair("unmatched", "none")
+    pair.codes[status] = pair.codes.get(status, 0) + 1
+    if shared.access is not None:
+        shared.access.info(
+            "request",
+            route="unmatched",
+            credential="none",
+            status=status,
+            duration_ms=round(duration * 1000, 3),
+            client=peer,
+            error=error,
+        )

@@ -1,0 +1,461 @@
+"""The public listener: one asyncio protocol per client TCP connection.
+
+Parses HTTP/1.1 with llhttp (httptools: strict about CL+TE, duplicate
+Content-Length, bad chunk sizes, obs-fold and bare LF), enforces the head
+limits, hands each request to an ``Exchange`` in order (pipelined requests
+wait, with reading paused), coalesces writes into one syscall per event,
+and owns the connection's single deadline (head, body idle, upstream wait,
+keep-alive idle, linger) which ``Listener.sweep`` checks a few times a
+second instead of arming a timer per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from gateway.errors import Kind, Protocol
+from gateway.headers import REQUEST_DROP, connection_tokens, drop_listed
+from gateway.proxy import Exchange, record_rejected
+from gateway.routing import split_target
+
+if TYPE_CHECKING:
+    from gateway.runtime import Shared
+
+__all__ = ["ClientConnection", "RequestHead"]
+
+_perf = time.perf_counter
+
+# Deadline kinds.
+_NONE, _HEAD, _IDLE, _BODY, _UPSTREAM, _WRITE, _LINGER = range(7)
+# After answering with "Connection: close" while the client may still be
+# sending, keep reading (and dropping) for this long so the client reads our
+# answer instead of a reset.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 64 * 1024 * 1024
+
+
+class _Reject(Exception):
+    """Raised from a parser callback to stop parsing with an answer."""
+
+    def __init__(self, kind: Kind) -> None:
+        self.kind = kind
+
+
+class _Stop(Exception):
+    """Raised from a parser callback to stop parsing silently (lingering)."""
+
+
+class RequestHead:
+    """A parsed request head: what dispatch and the upstream head need."""
+
+    __slots__ = (
+        "authorization",
+        "bad_framing",
+        "chunked",
+        "content_length",
+        "expect_continue",
+        "forward",
+        "has_body",
+        "http11",
+        "json",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "request_id",
+        "t0",
+        "upgrade",
+        "xff",
+    )
+
+    def __init__(
+        self,
+        parser: httptools.HttpRequestParser,
+        url: bytes,
+        headers: list[tuple[bytes, bytes]],
+        t0: float,
+        request_id: str,
+    ) -> None:
+        self.t0 = t0
+        self.method: bytes = parser.get_method()
+        self.http11 = parser.get_http_version() == "1.1"
+        self.keep_alive: bool = parser.should_keep_alive()
+        self.upgrade: bool = parser.should_upgrade()
+        self.path, self.query = split_target(url)
+        self.authorization: bytes | None = None
+        self.content_length: int | None = None
+        self.chunked = False
+        self.bad_framing = False
+        self.expect_continue = False
+        self.json = False
+        self.xff: bytes | None = None
+        rid: bytes | None = None
+        listed: list[bytes] | None = None
+        forward: list[tuple[bytes, bytes]] = []
+        for name, value in headers:
+            lname = name.lower()
+            if lname not in REQUEST_DROP:
+                if lname == b"content-type":
+                    self.json = value[:16].lower() == b"application/json"
+                elif lname == b"x-request-id":
+                    rid = value
+                forward.append((name, value))
+            elif lname == b"authorization":
+                # A second Authorization header is ambiguous: treat as malformed.
+                self.authorization = value if self.authorization is None else b"\x00"
+            elif lname == b"content-length":
+                self.content_length = int(value)  # llhttp validated it
+            elif lname == b"transfer-encoding":
+                self.chunked = True
+                # llhttp only insists that chunked comes last; other codings
+                # would reach the upstream undecoded.  RFC 9112 §6.1.
+                if value.strip().lower() != b"chunked":
+                    self.bad_framing = True
+            elif lname == b"connection":
+                listed = [*(listed or []), value]
+            elif lname == b"expect":
+                self.expect_continue = value.strip().lower() == b"100-continue"
+            elif lname == b"x-forwarded-for":
+                self.xff = value if self.xff is None else self.xff + b", " + value
+        if listed is not None:
+            forward = drop_listed(forward, connection_tokens(listed))
+        if rid is None or len(rid) > 128 or not rid.isascii():
+            rid = request_id.encode()
+            forward.append((b"X-Request-Id", rid))
+        self.request_id = rid.decode("ascii", "replace")
+        self.forward = forward
+        self.has_body = self.chunked or bool(self.content_length)
+        if self.upgrade and self.has_body:
+            # llhttp stops parsing at an Upgrade head, so its body would be
+            # taken for the next request.  We never upgrade.
+            self.bad_framing = True
+
+    def upstream_head(self, target: bytes, host: bytes, conn: ClientConnection) -> bytes:
+        xff = conn.peer_bytes if self.xff is None else self.xff + b", " + conn.peer_bytes
+        parts = [self.method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+        for name, value in self.forward:
+            parts += (name, b": ", value, b"\r\n")
+        parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", conn.scheme, b"\r\n")
+        if self.chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+        elif self.content_length is not None:
+            parts.append(b"Content-Length: %d\r\n\r\n" % self.content_length)
+        else:
+            parts.append(b"\r\n")
+        return b"".join(parts)
+
+
+class ClientConnection(asyncio.Protocol):
+    PAUSE_PIPELINE = 1
+    PAUSE_CONNECT = 2
+    PAUSE_UPSTREAM = 4
+
+    __slots__ = (
+        "_head_bytes",
+        "_headers",
+        "_in_head",
+        "_linger_bytes",
+        "_lingering",
+        "_paused",
+        "_pending",
+        "_t0",
+        "_url",
+        "_write_paused",
+        "active",
+        "deadline",
+        "deadline_kind",
+        "out",
+        "parser",
+        "peer",
+        "peer_bytes",
+        "scheme",
+        "shared",
+        "transport",
+    )
+
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer = ""
+        self.peer_bytes = b""
+        self.scheme = b"https" if shared.tls else b"http"
+        self.out: list[bytes] = []
+        self.active: Exchange | None = None
+        self._pending: deque[Exchange] = deque()
+        self._paused = 0
+        self._write_paused = False
+        self._lingering = False
+        self._linger_bytes = 0
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._in_head = False
+        self._t0 = 0.0
+        self.deadline = 0.0
+        self.deadline_kind = _NONE
+
+    # -- asyncio.Protocol ------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if peer else ""
+        self.peer_bytes = self.peer.encode()
+        self.shared.connections.add(self)
+        self._set_deadline(_IDLE, self.shared.gen.header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            self._linger_bytes += len(data)
+            if self._linger_bytes > LINGER_BYTES:
+                self.close_now()
+            return
+        if self.deadline_kind == _IDLE:
+            self._set_deadline(_HEAD, self.shared.gen.header_timeout)
+        elif self.deadline_kind == _BODY:
+            self.deadline = self.shared.loop.time() + self.shared.gen.body_idle_timeout
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Reject):
+                self._reject(cause.kind)
+            elif not isinstance(cause, _Stop):
+                self._fault(cause or exc)
+        except httptools.HttpParserUpgrade:
+            # The request before the upgrade is complete and dispatched; what
+            # follows is another protocol, which we never speak.
+            self._after_current_close()
+        except httptools.HttpParserError:
+            self._reject(Kind.BAD_REQUEST)
+        except Exception as exc:  # noqa: BLE001  (never let a bug kill the loop's callback)
+            self._fault(exc)
+        self.flush()
+        active = self.active
+        if active is not None and active.up_buf:
+            active.flush_upstream()
+
+    def eof_received(self) -> bool:
+        active = self.active
+        if active is not None and active.request_done and not active.finished:
+            # Half-close after a complete request: answer, then close.
+            active.close = True
+            return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.shared.connections.discard(self)
+        self.deadline_kind = _NONE
+        active, self.active = self.active, None
+        self._pending.clear()
+        if active is not None:
+            active.client_lost()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        active = self.active
+        if active is not None and active.upstream is not None and active.upstream.transport:
+            active.upstream.transport.pause_reading()
+        self._set_deadline(_WRITE, self.shared.gen.body_idle_timeout)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        active = self.active
+        if active is not None and active.upstream is not None and active.upstream.transport:
+            active.upstream.transport.resume_reading()
+            self._set_deadline(_UPSTREAM, self.shared.gen.response_timeout)
+
+    # -- llhttp callbacks ------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self._lingering:
+            raise _Stop
+        if self.active is not None:
+            self.pause(self.PAUSE_PIPELINE)
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+        self._in_head = True
+        self._t0 = _perf()
+
+    def on_url(self, part: bytes) -> None:
+        url = self._url = self._url + part
+        if len(url) > self.shared.gen.settings.server.max_url_bytes:
+            raise _Reject(Kind.URL_TOO_LONG)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # trailer fields of a chunked body: not forwarded
+        headers = self._headers
+        headers.append((name, value))
+        self._head_bytes += len(name) + len(value)
+        server = self.shared.gen.settings.server
+        if len(headers) > server.max_header_count or self._head_bytes > server.max_header_bytes:
+            raise _Reject(Kind.HEADERS_TOO_LARGE)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        head = RequestHead(
+            self.parser, self._url, self._headers, self._t0, self.shared.next_request_id()
+        )
+        ex = Exchange(self, head)
+        if self.active is None:
+            self.active = ex
+            self.deadline_kind = _NONE
+            ex.start()
+        else:
+            self._pending.append(ex)
+
+    def on_body(self, data: bytes) -> None:
+        if self._lingering:
+            raise _Stop
+        (self._pending[-1] if self._pending else self.active).on_body(data)  # type: ignore[union-attr]
+
+    def on_message_complete(self) -> None:
+        if self._lingering:
+            raise _Stop
+        target = self._pending[-1] if self._pending else self.active
+        if target is not None:
+            target.on_request_complete()
+
+    # -- used by exchanges ------------------------------------------------------------
+    def flush(self) -> None:
+        out = self.out
+        if out:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.writelines(out)
+            self.out = []
+
+    def pause(self, reason: int) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def resume(self, reasons: int) -> None:
+        if self._paused and not (self._paused & ~reasons):
+            self._paused = 0
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+        else:
+            self._paused &= ~reasons
+
+    def reading_body(self, timeout: float) -> None:
+        self._set_deadline(_BODY, timeout)
+
+    def wait_upstream(self, timeout: float) -> None:
+        if not self._write_paused:
+            self._set_deadline(_UPSTREAM, timeout)
+
+    def close_now(self) -> None:
+        """Flush what is queued and close (no more requests on this connection)."""
+        self._lingering = True
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def exchange_finished(self, ex: Exchange) -> None:
+        if ex is not self.active:
+            return
+        self.active = None
+        if ex.close:
+            self._close_after(ex)
+            return
+        if self._pending:
+            nxt = self._pending.popleft()
+            self.active = nxt
+            if not self._pending:
+                self.resume(self.PAUSE_PIPELINE)
+            self.deadline_kind = _NONE
+            nxt.start()
+            return
+        self.resume(self.PAUSE_PIPELINE)
+        self._set_deadline(_IDLE, self.shared.gen.keepalive_timeout)
+
+    # -- internals -------------------------------------------------------------------------
+    def _set_deadline(self, kind: int, timeout: float) -> None:
+        self.deadline_kind = kind
+        self.deadline = self.shared.loop.time() + timeout
+
+    def _close_after(self, ex: Exchange) -> None:
+        self._pending.clear()
+        self._lingering = True
+        self.flush()
+        transport = self.transport
+        if transport is None:
+            return
+        if ex.request_done:
+            transport.close()
+            return
+        # The client may still be sending: signal the end, keep reading and
+        # dropping for a while, then close, so it sees our answer, not a reset.
+        self.resume(self.PAUSE_PIPELINE | self.PAUSE_CONNECT | self.PAUSE_UPSTREAM)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._set_deadline(_LINGER, LINGER_SECONDS)
+
+    def _after_current_close(self) -> None:
+        """Stop parsing; close once the current exchange has answered."""
+        active = self.active
+        if active is None:
+            self.close_now()
+            return
+        active.close = True
+        self._lingering = True
+
+    def _reject(self, kind: Kind) -> None:
+        """A request that cannot be parsed or exceeds head limits."""
+        if self.active is not None and not self._in_head and not self._pending:
+            # The broken part belongs to the body of the active exchange.
+            self.active.error = "bad_body"
+            self.active.client_lost()
+            self.close_now()
+            return
+        self._pending.clear()
+        if self.active is not None:
+            # Answer the request in progress first; close after it.
+            self._after_current_close()
+            return
+        errors = self.shared.gen.errors
+        status, data = errors.render(kind, Protocol.PLAIN, False, self.shared.date_line, True)
+        self.out.append(data)
+        self._lingering = True
+        self.flush()
+        record_rejected(self.shared, status, kind.name.lower(), self.peer, self._t0)
+        if self.transport is not None:
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self._set_deadline(_LINGER, LINGER_SECONDS)
+
+    def _fault(self, exc: BaseException) -> None:
+        self.shared.log.error("connection_fault", error=type(exc).__name__, exc_info=exc)
+        active = self.active
+        if active is not None and not active.finished:
+            active._internal(exc)
+        else:
+            self.close_now()
+
+    def on_deadline(self, now: float) -> None:
+        """Called by the sweeper when ``now >= self.deadline``."""
+        kind = self.deadline_kind
+        self.deadline_kind = _NONE
+        active = self.active
+        if kind in (_IDLE, _LINGER, _WRITE) or (kind == _HEAD and active is None):
+            if kind == _WRITE and active is not None:
+                active.error = "client_write_timeout"
+                active.client_lost()
+            if self.transport is not None:
+                self.transport.abort() if kind == _WRITE else self.transport.close()
+            return
+        if active is None:
+            return
+        if kind == _BODY:
+            active.client_timeout()
+        elif kind == _UPSTREAM:
+            active.upstream_timeout()
+        self.flush()
