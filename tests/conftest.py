@@ -1,0 +1,167 @@
+"""Shared fixtures: uvloop for every async test, config builders, an in-process
+gateway on real loopback sockets, and a recording fake upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import structlog
+import uvloop
+from aiohttp import web
+
+from gateway import log
+from gateway.app import Gateway
+from gateway.config import Settings, loads
+
+TOKEN = "test-token-0123456789abcdef-ingest"
+OTHER_TOKEN = "test-token-0123456789abcdef-other"
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Any]:
+    # The gateway runs on uvloop in production; so do its tests.
+    return {"uvloop": uvloop.new_event_loop}
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def config_text(
+    rw_upstream: str = "http://127.0.0.1:9/api/v1/write",
+    otlp_upstream: str = "http://127.0.0.1:9/v1/traces",
+    *,
+    max_body_bytes: int = 64 * 1024 * 1024,
+    server: str = "",
+    upstream: str = "",
+    extra: str = "",
+    credentials: str | None = None,
+) -> str:
+    """A complete config: two routes, credential "ingest" (TOKEN) on both and
+    "other" (OTHER_TOKEN) scoped to remote_write only."""
+    if credentials is None:
+        credentials = f"""
+[[credentials]]
+name = "ingest"
+token_sha256 = "{sha256(TOKEN.encode())}"
+routes = ["remote_write", "otlp_traces"]
+
+[[credentials]]
+name = "other"
+token_sha256 = "{sha256(OTHER_TOKEN.encode())}"
+routes = ["remote_write"]
+"""
+    return f"""
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+{server}
+
+[upstream]
+{upstream}
+
+[log]
+level = "debug"
+
+[[routes]]
+name = "remote_write"
+path = "/api/v1/write"
+protocol = "prometheus-remote-write"
+upstream = "{rw_upstream}"
+max_body_bytes = {max_body_bytes}
+
+[[routes]]
+name = "otlp_traces"
+path = "/v1/traces"
+protocol = "otlp-http"
+upstream = "{otlp_upstream}"
+max_body_bytes = {max_body_bytes}
+{extra}
+{credentials}
+"""
+
+
+@pytest.fixture
+def log_capture() -> Iterator[list[dict[str, Any]]]:
+    """Every structlog event the gateway emits during the test, as dicts."""
+    with structlog.testing.capture_logs() as events:
+        yield events
+
+
+StartGateway = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def start_gateway() -> AsyncIterator[StartGateway]:
+    """Start gateways in-process on free ports; drained at teardown."""
+    started: list[Gateway] = []
+
+    async def start(text: str | Settings | None = None, **kwargs: Any) -> Gateway:
+        settings = text if isinstance(text, Settings) else loads(text or config_text(**kwargs))
+        gw = Gateway(settings)
+        await gw.start()
+        started.append(gw)
+        return gw
+
+    log.configure("debug")
+    yield start
+    for gw in started:
+        await gw.drain(timeout=1.0)
+
+
+@dataclass
+class Recorded:
+    method: str
+    path_qs: str
+    headers: dict[str, str]
+    raw_headers: list[tuple[bytes, bytes]]
+    body: bytes
+    chunked: bool
+
+
+@dataclass
+class RecordingUpstream:
+    """A real aiohttp server that records what reaches it."""
+
+    url: str = ""
+    requests: list[Recorded] = field(default_factory=list)
+    status: int = 204
+    response_body: bytes = b""
+    response_headers: dict[str, str] = field(default_factory=dict)
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> RecordingUpstream:
+    rec = RecordingUpstream()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if rec.handler is not None:
+            return await rec.handler(request)
+        body = await request.content.read()
+        rec.requests.append(Recorded(
+            request.method, request.path_qs, dict(request.headers), list(request.raw_headers),
+            body, request.headers.get("Transfer-Encoding", "").lower() == "chunked",
+        ))
+        return web.Response(status=rec.status, body=rec.response_body,
+                            headers=rec.response_headers)
+
+    app = web.Application(client_max_size=1024**3)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    server = await aiohttp_server(app, auto_decompress=False)
+    rec.url = f"http://127.0.0.1:{server.port}"
+    return rec
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait on a condition with a deadline (never a bare sleep)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met within timeout")
+        await asyncio.sleep(0.01)
