@@ -316,12 +316,14 @@ class Exchange:
         conn = pool.acquire()
         if conn is not None:
             self._attach(conn)
+            if head.has_body:
+                self.conn.reading_body(self.gen.body_idle_timeout)
         else:
+            # Reading waits for the connection (bounded by connect_timeout),
+            # so no body-idle deadline may blame the client meanwhile.
             self.conn.pause(self.conn.PAUSE_CONNECT)
+            self.conn.no_deadline()
             self._connect_task = self.shared.loop.create_task(self._connect(pool))
-        if not head.has_body:
-            return
-        self.conn.reading_body(self.gen.body_idle_timeout)
 
     async def _connect(self, pool: Pool) -> None:
         try:
@@ -342,6 +344,8 @@ class Exchange:
                 self._attach(conn)
                 self.flush_upstream()
                 self.conn.resume(self.conn.PAUSE_CONNECT)
+                if not self.request_done:
+                    self.conn.reading_body(self.gen.body_idle_timeout)
         finally:
             self.conn.flush()
 
@@ -358,6 +362,17 @@ class Exchange:
         if up is not None:
             up.abort()
         self.conn.resume(self.conn.PAUSE_CONNECT | self.conn.PAUSE_UPSTREAM)
+
+    def bad_body(self) -> None:
+        """The body broke HTTP framing (e.g. an invalid chunk size)."""
+        self.error = "bad_body"
+        self._drop_upstream()
+        self.proxying = False
+        if not self.response_started:
+            self.close = True
+            self.answer(Kind.BAD_REQUEST)
+        else:
+            self.conn.close_now()
 
     def _too_large(self) -> None:
         self.error = "body_too_large"
