@@ -68,6 +68,9 @@ def _check_listen(value: str, key: str) -> None:
 class ServerSpec(_Spec, frozen=True):
     listen: str = "127.0.0.1:8080"
     admin_listen: str = "127.0.0.1:9091"
+    # Worker processes sharing the public port (SO_REUSEPORT); 0 means one
+    # per CPU.  `obs-gateway run --workers N` overrides it.
+    workers: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
     # SIGTERM: how long in-flight requests may take to finish before exit.
     drain_timeout_seconds: Positive = 20.0
     # Slowloris defence: the whole request head must arrive within this.
