@@ -15,6 +15,8 @@ import os
 import secrets
 import signal
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,7 +24,8 @@ import uvloop
 
 from gateway import __version__, log
 from gateway.app import Gateway
-from gateway.config import ConfigError, Settings, load
+from gateway.config import ConfigError, Settings, expiry_warnings, load
+from gateway.watch import watch_files
 
 __all__ = ["main"]
 
@@ -126,6 +129,51 @@ def _listening(settings: Settings, port: int, admin_port: int, workers: int) -> 
     log.flush()
 
 
+def _log_expiry(settings: Settings) -> None:
+    logger = log.get_logger()
+    for warning in expiry_warnings(settings, time.time()):
+        event = "token_expired" if warning.pop("expired") else "token_expiring"
+        logger.warning(event, **warning)
+    log.flush()
+
+
+async def _until_stopped(
+    current: Callable[[], Settings], reload: Callable[[], Awaitable[bool]]
+) -> None:
+    """Serve until SIGTERM/SIGINT; reload on SIGHUP and, if enabled, on file change."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    lock = asyncio.Lock()  # one reload at a time, in arrival order
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def reload_once() -> None:
+        async with lock:
+            if await reload():
+                _log_expiry(current())
+
+    def on_sighup() -> None:
+        task = loop.create_task(reload_once())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    settings = current()
+    _log_expiry(settings)
+    if settings.reload.watch:
+        watcher = loop.create_task(
+            watch_files(
+                lambda: current().files, reload_once, settings.reload.watch_interval_seconds
+            )
+        )
+        tasks.add(watcher)
+    await stop.wait()
+    for task in tasks:
+        task.cancel()
+    log.get_logger().info("draining", timeout_seconds=current().server.drain_timeout_seconds)
+
+
 async def _supervise(settings: Settings, path: Path, workers: int) -> int:
     from gateway.supervisor import Supervisor  # noqa: PLC0415  (see _worker above)
 
@@ -138,20 +186,7 @@ async def _supervise(settings: Settings, path: Path, workers: int) -> int:
         await supervisor.stop()
         return 1
     _listening(settings, supervisor.port, supervisor.admin_port, workers)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    reloading: set[asyncio.Task[None]] = set()
-
-    def reload() -> None:
-        task = loop.create_task(supervisor.reload())
-        reloading.add(task)
-        task.add_done_callback(reloading.discard)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    await stop.wait()
-    logger.info("draining", timeout_seconds=supervisor.settings.server.drain_timeout_seconds)
+    await _until_stopped(lambda: supervisor.settings, supervisor.reload)
     await supervisor.stop()
     logger.info("stopped")
     log.flush()
@@ -172,26 +207,21 @@ async def _serve(settings: Settings, path: Path) -> int:
     # collector from rescanning it.
     gc.collect()
     gc.freeze()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
 
-    def reload() -> None:
+    async def reload() -> bool:
         try:
             new = load(path)
         except ConfigError as exc:
             gateway.reloads["failure"] += 1
             logger.error("config_reload_failed", error=str(exc))
-            return
-        if new.server.listen != settings.server.listen:
+            return False
+        if new.server.listen != gateway.settings.server.listen:
             logger.warning("config_reload_listen_ignored", reason="listen changes need a restart")
         gateway.reload(new)
         logger.info("config_reloaded", source=str(path))
+        return True
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    await stop.wait()
-    logger.info("draining", timeout_seconds=settings.server.drain_timeout_seconds)
+    await _until_stopped(lambda: gateway.settings, reload)
     await gateway.drain()
     logger.info("stopped")
     log.flush()

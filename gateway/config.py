@@ -24,6 +24,7 @@ from gateway.schema import (
     AuthSpec,
     ConfigError,
     LogSpec,
+    ReloadSpec,
     RouteSpec,
     ServerSpec,
     SettingsSpec,
@@ -39,6 +40,7 @@ __all__ = [
     "Route",
     "Settings",
     "Token",
+    "expiry_warnings",
     "load",
     "loads",
 ]
@@ -52,9 +54,12 @@ class Settings:
     upstream: UpstreamSpec
     log: LogSpec
     auth: AuthSpec
+    reload: ReloadSpec
     routes: tuple[RouteSpec, ...]
     credentials: tuple[Credential, ...]
     source: str = ""
+    # Every file this config was built from: what a watcher must poll.
+    files: tuple[str, ...] = ()
 
 
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
@@ -142,9 +147,39 @@ def loads(
         resolve_credential(i, c, env, where) for i, c in enumerate(spec.credentials)
     )
     _cross_check(spec, credentials)
+    files = [source] if base is not None else []
+    for c in spec.credentials:
+        named = [c.token_file, *(t.file for t in c.tokens)]
+        if c.jwt is not None:
+            named += [c.jwt.jwks_file, c.jwt.public_key_file, c.jwt.hmac_secret_file]
+        files += [str(where / f) for f in named if f is not None]
     return Settings(
-        spec.server, spec.upstream, spec.log, spec.auth, spec.routes, credentials, source
+        spec.server,
+        spec.upstream,
+        spec.log,
+        spec.auth,
+        spec.reload,
+        spec.routes,
+        credentials,
+        source,
+        tuple(dict.fromkeys(files)),
     )
+
+
+def expiry_warnings(settings: Settings, now: float) -> list[dict[str, Any]]:
+    """Tokens expired or expiring within ``auth.expiry_warning_days``."""
+    window = settings.auth.expiry_warning_days * 86400
+    return [
+        {
+            "credential": cred.name,
+            "token_id": t.id,
+            "expired": t.not_after <= now,
+            "days_left": round(max(0.0, t.not_after - now) / 86400, 2),
+        }
+        for cred in settings.credentials
+        for t in cred.tokens
+        if t.not_after is not None and t.not_after - now <= window
+    ]
 
 
 def load(path: str | Path, *, environ: Mapping[str, str] | None = None) -> Settings:

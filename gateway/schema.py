@@ -22,6 +22,7 @@ __all__ = [
     "CredentialSpec",
     "JwtSpec",
     "LogSpec",
+    "ReloadSpec",
     "RevokedSpec",
     "RouteSpec",
     "ServerSpec",
@@ -124,6 +125,14 @@ class AuthSpec(_Spec, frozen=True):
     # Tokens whose not_after falls within this window are logged at start
     # and on reload.
     expiry_warning_days: Annotated[float, msgspec.Meta(ge=0)] = 14.0
+
+
+class ReloadSpec(_Spec, frozen=True):
+    # SIGHUP always reloads.  With watch on, a change to the config file or
+    # any token/key file it names reloads too (polled: no inotify needed,
+    # works for Kubernetes Secret symlink swaps).
+    watch: bool = False
+    watch_interval_seconds: Positive = 2.0
 
 
 class RouteSpec(_Spec, frozen=True):
@@ -289,5 +298,6 @@ class SettingsSpec(_Spec, frozen=True):
     upstream: UpstreamSpec = UpstreamSpec()
     log: LogSpec = LogSpec()
     auth: AuthSpec = AuthSpec()
+    reload: ReloadSpec = ReloadSpec()
     routes: tuple[RouteSpec, ...] = ()
     credentials: tuple[CredentialSpec, ...] = ()

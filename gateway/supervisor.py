@@ -212,14 +212,14 @@ class Supervisor:
         return merged
 
     # -- reload -------------------------------------------------------------------
-    async def reload(self) -> None:
+    async def reload(self) -> bool:
         try:
             settings = load(self.path)
             text = self.path.read_text(encoding="utf-8")
         except (ConfigError, OSError) as exc:
             self.reloads["failure"] += 1
             self.log.error("config_reload_failed", error=str(exc))
-            return
+            return False
         if settings.server.listen != self.settings.server.listen:
             self.log.warning("config_reload_listen_ignored", reason="listen changes need a restart")
         self.settings, self.text = settings, text
@@ -242,10 +242,11 @@ class Supervisor:
         if errors:
             self.reloads["failure"] += 1
             self.log.error("config_reload_partial", errors=errors)
-        else:
-            self.reloads["success"] += 1
-            self.last_reload_success = time.time()
-            self.log.info("config_reloaded", source=str(self.path), workers=len(self.workers))
+            return False
+        self.reloads["success"] += 1
+        self.last_reload_success = time.time()
+        self.log.info("config_reloaded", source=str(self.path), workers=len(self.workers))
+        return True
 
     # -- stop ---------------------------------------------------------------------
     async def stop(self) -> None:
