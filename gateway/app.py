@@ -21,6 +21,7 @@ from gateway.config import Settings
 from gateway.metrics import Snapshot, Stats
 from gateway.runtime import Generation, Shared
 from gateway.server import ClientConnection
+from gateway.tls import TlsTerminator
 from gateway.upstream import Pools
 
 __all__ = ["Gateway", "config_gauges", "listen_socket", "split_hostport"]
@@ -102,6 +103,7 @@ class Gateway:
         self.last_reload_success = time.time()
         self._server: asyncio.Server | None = None
         self._admin: Any = None
+        self._tls: TlsTerminator | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._ready = False
         self.port = 0
@@ -122,7 +124,18 @@ class Gateway:
             self.log,
         )
         sock = self._sock or listen_socket(s.server.listen, reuse_port=self.reuse_port)
-        server = await loop.create_server(lambda: ClientConnection(shared), sock=sock, backlog=2048)
+        ssl_ctx = None
+        if s.tls_context is not None:
+            self._tls = TlsTerminator(s.tls_context)
+            ssl_ctx = self._tls.listener
+            shared.tls = True
+        server = await loop.create_server(
+            lambda: ClientConnection(shared),
+            sock=sock,
+            backlog=2048,
+            ssl=ssl_ctx,
+            ssl_handshake_timeout=s.server.header_timeout_seconds if ssl_ctx else None,
+        )
         self._server = server
         self.port = server.sockets[0].getsockname()[1]
         self._ticker = loop.create_task(self._tick())
@@ -177,8 +190,12 @@ class Gateway:
 
     def reload(self, settings: Settings) -> None:
         """Swap in a validated config; exchanges in flight keep theirs."""
-        assert self.shared is not None
-        self.shared.gen = Generation.build(settings)
+        shared = self.shared
+        assert shared is not None
+        if self._tls is not None and settings.tls_context is not None:
+            self._tls.swap(settings.tls_context)
+        shared.admission.configure(settings.limits, settings.credentials, shared.loop.time())
+        shared.gen = Generation.build(settings)
         self.settings = settings
         self.reloads["success"] += 1
         self.last_reload_success = time.time()

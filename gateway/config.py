@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ from gateway.credentials import Credential, JwtConfig, Revoked, Token, resolve_c
 from gateway.schema import (
     RESERVED_PATHS,
     AuthSpec,
+    ClientsSpec,
     ConfigError,
+    LimitsSpec,
     LogSpec,
     ReloadSpec,
     RouteSpec,
@@ -30,6 +33,7 @@ from gateway.schema import (
     SettingsSpec,
     UpstreamSpec,
 )
+from gateway.tls import server_context
 
 __all__ = [
     "RESERVED_PATHS",
@@ -55,11 +59,15 @@ class Settings:
     log: LogSpec
     auth: AuthSpec
     reload: ReloadSpec
+    clients: ClientsSpec
+    limits: LimitsSpec
     routes: tuple[RouteSpec, ...]
     credentials: tuple[Credential, ...]
     source: str = ""
     # Every file this config was built from: what a watcher must poll.
     files: tuple[str, ...] = ()
+    # Built (and so validated: cert and key match) at load.
+    tls_context: ssl.SSLContext | None = None
 
 
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
@@ -148,6 +156,12 @@ def loads(
     )
     _cross_check(spec, credentials)
     files = [source] if base is not None else []
+    tls = spec.server.tls
+    tls_context = None
+    if tls is not None:
+        tls_context = server_context(tls, where)
+        named_tls = [tls.cert_file, tls.key_file, tls.client_ca_file]
+        files += [str(where / f) for f in named_tls if f is not None]
     for c in spec.credentials:
         named = [c.token_file, *(t.file for t in c.tokens)]
         if c.jwt is not None:
@@ -159,10 +173,13 @@ def loads(
         spec.log,
         spec.auth,
         spec.reload,
+        spec.clients,
+        spec.limits,
         spec.routes,
         credentials,
         source,
         tuple(dict.fromkeys(files)),
+        tls_context,
     )
 
 

@@ -67,6 +67,12 @@ class Credential:
     tokens: tuple[Token, ...]
     revoked: tuple[Revoked, ...] = ()
     jwt: JwtConfig | None = None
+    allow_cidrs: tuple[str, ...] = ()
+    client_cert_subjects: frozenset[str] = frozenset()
+    max_concurrent_requests: int = 0
+    rate_rps: float = 0.0
+    rate_burst: float = 0.0
+    rate_bytes: float = 0.0
 
     @property
     def token_ids(self) -> tuple[str, ...]:
@@ -132,7 +138,19 @@ def resolve_credential(
         raise ConfigError(f"{key}tokens: token ids must be unique within a credential")
     revoked = tuple(Revoked(r.id, bytes.fromhex(r.sha256), _ts(r.revoked_at)) for r in spec.revoked)
     jwt_config = None if spec.jwt is None else _jwt(spec.jwt, f"{key}jwt.", environ, base, spec)
-    return Credential(spec.name, frozenset(spec.routes), tuple(tokens), revoked, jwt_config)
+    return Credential(
+        spec.name,
+        frozenset(spec.routes),
+        tuple(tokens),
+        revoked,
+        jwt_config,
+        spec.allow_cidrs,
+        frozenset(spec.client_cert_subjects),
+        spec.max_concurrent_requests,
+        spec.rate_limit_requests_per_second,
+        spec.rate_limit_burst,
+        spec.rate_limit_bytes_per_second,
+    )
 
 
 # Which key kind each algorithm family needs: an RSA key never verifies an

@@ -73,7 +73,18 @@ class GatewayCollector(Collector):
         )
         for reason, cred, tid, n in snap["auth_failures"]:
             failures.add_metric([reason, cred, tid], n)
-        yield from (requests, req_bytes, failures)
+        rejections = CounterMetricFamily(
+            "gateway_limit_rejections",
+            "Requests refused by a limit or address rule, by reason.",
+            labels=["reason"],
+        )
+        for reason, n in sorted(snap.get("limit_rejections", {}).items()):
+            rejections.add_metric([reason], n)
+        connections = GaugeMetricFamily(
+            "gateway_open_connections", "Client connections open on the public listener."
+        )
+        connections.add_metric([], snap.get("open_connections", 0))
+        yield from (requests, req_bytes, failures, rejections, connections)
 
     @staticmethod
     def _routes(snap: Snapshot) -> Iterator[Metric]:

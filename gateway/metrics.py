@@ -93,13 +93,22 @@ class TokenStats:
 class Stats:
     """One process's counters.  Survives config reloads (counters never reset)."""
 
-    __slots__ = ("auth_failures", "pairs", "routes", "tokens")
+    __slots__ = (
+        "auth_failures",
+        "limit_rejections",
+        "open_connections",
+        "pairs",
+        "routes",
+        "tokens",
+    )
 
     def __init__(self) -> None:
         self.routes: dict[str, RouteStats] = {}
         self.pairs: dict[tuple[str, str], PairStats] = {}
         self.tokens: dict[tuple[str, str], TokenStats] = {}
         self.auth_failures: dict[tuple[str, str, str], int] = {}
+        self.limit_rejections: dict[str, int] = {}
+        self.open_connections = 0
 
     def route(self, name: str) -> RouteStats:
         stats = self.routes.get(name)
@@ -124,6 +133,9 @@ class Stats:
     def auth_failure(self, reason: str, credential: str = "", token_id: str = "") -> None:
         key = (reason, credential, token_id)
         self.auth_failures[key] = self.auth_failures.get(key, 0) + 1
+
+    def limit_rejection(self, reason: str) -> None:
+        self.limit_rejections[reason] = self.limit_rejections.get(reason, 0) + 1
 
     def upstream_error(self, route: str, kind: str) -> None:
         errors = self.route(route).upstream_errors
@@ -151,6 +163,8 @@ class Stats:
                 for (cred, tid), t in self.tokens.items()
             ],
             "auth_failures": [[*key, n] for key, n in self.auth_failures.items()],
+            "limit_rejections": dict(self.limit_rejections),
+            "open_connections": self.open_connections,
         }
 
 
@@ -160,6 +174,8 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     pairs: dict[tuple[str, str], list[Any]] = {}
     tokens: dict[tuple[str, str], list[Any]] = {}
     failures: dict[tuple[str, str, str], int] = {}
+    rejections: dict[str, int] = {}
+    open_connections = 0
     for snap in snapshots:
         for name, r in snap["routes"].items():
             acc = routes.get(name)
@@ -184,9 +200,14 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
             t[4] += nbytes
         for reason, cred, tid, n in snap["auth_failures"]:
             failures[reason, cred, tid] = failures.get((reason, cred, tid), 0) + n
+        for reason, n in snap.get("limit_rejections", {}).items():
+            rejections[reason] = rejections.get(reason, 0) + n
+        open_connections += snap.get("open_connections", 0)
     return {
         "routes": routes,
         "pairs": list(pairs.values()),
         "tokens": list(tokens.values()),
         "auth_failures": [[*k, n] for k, n in failures.items()],
+        "limit_rejections": rejections,
+        "open_connections": open_connections,
     }

@@ -8,6 +8,7 @@ path and that prefix into the dotted key path of the message.  No I/O here.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import datetime
 from typing import Annotated, Literal
@@ -18,15 +19,18 @@ import msgspec
 __all__ = [
     "RESERVED_PATHS",
     "AuthSpec",
+    "ClientsSpec",
     "ConfigError",
     "CredentialSpec",
     "JwtSpec",
+    "LimitsSpec",
     "LogSpec",
     "ReloadSpec",
     "RevokedSpec",
     "RouteSpec",
     "ServerSpec",
     "SettingsSpec",
+    "TlsSpec",
     "TokenSpec",
     "UpstreamSpec",
 ]
@@ -73,6 +77,28 @@ def _check_listen(value: str, key: str) -> None:
         raise ValueError(f"{key}: expected HOST:PORT, got {value!r}")
 
 
+def _check_cidrs(values: tuple[str, ...], key: str) -> None:
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(f"{key}: {value!r} is not an IP address or CIDR") from None
+
+
+class TlsSpec(_Spec, frozen=True):
+    """TLS on the public listener; files are re-read on every reload."""
+
+    cert_file: str
+    key_file: str
+    # Client certificates (e.g. Cloudflare Authenticated Origin Pulls).
+    client_ca_file: str | None = None
+    client_auth: Literal["none", "optional", "required"] = "none"
+
+    def __post_init__(self) -> None:
+        if self.client_auth != "none" and self.client_ca_file is None:
+            raise ValueError("client_ca_file: required when client_auth is optional or required")
+
+
 class ServerSpec(_Spec, frozen=True):
     listen: str = "127.0.0.1:8080"
     admin_listen: str = "127.0.0.1:9091"
@@ -93,6 +119,7 @@ class ServerSpec(_Spec, frozen=True):
     max_url_bytes: PositiveInt = 8192
     # realm= in WWW-Authenticate (RFC 6750 §3).
     realm: str = "obs-gateway"
+    tls: TlsSpec | None = None
 
     def __post_init__(self) -> None:
         _check_listen(self.listen, "listen")
@@ -125,6 +152,46 @@ class AuthSpec(_Spec, frozen=True):
     # Tokens whose not_after falls within this window are logged at start
     # and on reload.
     expiry_warning_days: Annotated[float, msgspec.Meta(ge=0)] = 14.0
+
+
+class ClientsSpec(_Spec, frozen=True):
+    """Who the client is, and who may connect at all."""
+
+    # Peers whose forwarding header is believed (e.g. Cloudflare's ranges).
+    # From anyone else the header is ignored and replaced upstream.
+    trusted_proxies: tuple[str, ...] = ()
+    client_ip_header: Literal["X-Forwarded-For", "CF-Connecting-IP", "X-Real-IP"] = (
+        "X-Forwarded-For"
+    )
+    # Client addresses (after the trusted-proxy step); deny wins; an empty
+    # allow list allows everyone.  Refused with 403.
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_cidrs(self.trusted_proxies, "trusted_proxies")
+        _check_cidrs(self.allow, "allow")
+        _check_cidrs(self.deny, "deny")
+
+
+class LimitsSpec(_Spec, frozen=True):
+    """Per worker process.  Refusals are 429 (remote-write) / 503 (OTLP) with
+    Retry-After, never a sleep that holds the connection."""
+
+    # Beyond this, new connections get a 503 and are closed.
+    max_connections: PositiveInt = 10_000
+    # Requests being proxied at once; more wait in a short FIFO queue.
+    max_concurrent_requests: PositiveInt = 1024
+    queue_size: Annotated[int, msgspec.Meta(ge=0)] = 256
+    queue_timeout_seconds: Positive = 1.0
+    # After this many auth failures from one client address within the
+    # window, its requests are refused without checking the token (0: off).
+    auth_failure_limit: Annotated[int, msgspec.Meta(ge=0)] = 30
+    auth_failure_window_seconds: Positive = 60.0
+    # Slow-body defence: after the grace period a body must average at
+    # least this rate (0: off).  1 KiB/s passes any real sender.
+    min_body_rate_bytes_per_second: Annotated[int, msgspec.Meta(ge=0)] = 1024
+    min_body_rate_grace_seconds: Positive = 10.0
 
 
 class ReloadSpec(_Spec, frozen=True):
@@ -265,8 +332,16 @@ class CredentialSpec(_Spec, frozen=True):
     tokens: tuple[TokenSpec, ...] = ()
     revoked: tuple[RevokedSpec, ...] = ()
     jwt: JwtSpec | None = None
+    # Extra conditions and limits for this credential (0 / empty: none).
+    allow_cidrs: tuple[str, ...] = ()
+    client_cert_subjects: tuple[str, ...] = ()
+    max_concurrent_requests: Annotated[int, msgspec.Meta(ge=0)] = 0
+    rate_limit_requests_per_second: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    rate_limit_burst: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    rate_limit_bytes_per_second: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
     def __post_init__(self) -> None:
+        _check_cidrs(self.allow_cidrs, "allow_cidrs")
         if not NAME.match(self.name) or self.name in _RESERVED_NAMES:
             raise ValueError(
                 f"name: {self.name!r} must match [A-Za-z0-9_.-]{{1,64}} "
@@ -299,5 +374,7 @@ class SettingsSpec(_Spec, frozen=True):
     log: LogSpec = LogSpec()
     auth: AuthSpec = AuthSpec()
     reload: ReloadSpec = ReloadSpec()
+    clients: ClientsSpec = ClientsSpec()
+    limits: LimitsSpec = LimitsSpec()
     routes: tuple[RouteSpec, ...] = ()
     credentials: tuple[CredentialSpec, ...] = ()
