@@ -77,6 +77,9 @@ def test_container_configs_load_with_the_gateway_loader(tmp_path: Path) -> None:
         assert settings.server.listen == "0.0.0.0:8080"
         assert settings.server.admin_listen == "0.0.0.0:9091"
         assert {r.name for r in settings.routes} == {"remote_write", "otlp_traces"}
+        # 0 means one worker per CPU of the host, whatever the container's
+        # quota: enough ~40 MB workers to break the memory cap.
+        assert settings.server.workers >= 1
 
 
 def test_compose_upstreams_are_compose_services() -> None:
