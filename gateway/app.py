@@ -64,7 +64,11 @@ def listen_socket(listen: str, *, reuse_port: bool, listen_now: bool = True) -> 
 
 
 def config_gauges(
-    settings: Settings, reloads: dict[str, int], last_success: float, workers: int = 1
+    settings: Settings,
+    reloads: dict[str, int],
+    last_success: float,
+    workers: int = 1,
+    last_ok: bool = True,
 ) -> Snapshot:
     """Metric values that come from config rather than traffic."""
     return {
@@ -77,6 +81,7 @@ def config_gauges(
         ],
         "reloads": dict(reloads),
         "last_reload_success": last_success,
+        "last_reload_ok": last_ok,
         "version": __version__,
         "workers": workers,
     }
@@ -101,6 +106,7 @@ class Gateway:
         self.stats = Stats()
         self.reloads = {"success": 0, "failure": 0}
         self.last_reload_success = time.time()
+        self.last_reload_ok = True
         self._server: asyncio.Server | None = None
         self._admin: Any = None
         self._tls: TlsTerminator | None = None
@@ -153,7 +159,9 @@ class Gateway:
         self._admin = admin
 
     def _gauges(self) -> Snapshot:
-        return config_gauges(self.settings, self.reloads, self.last_reload_success)
+        return config_gauges(
+            self.settings, self.reloads, self.last_reload_success, 1, self.last_reload_ok
+        )
 
     # -- run ----------------------------------------------------------------
     def _tick_interval(self) -> float:
@@ -199,6 +207,11 @@ class Gateway:
         self.settings = settings
         self.reloads["success"] += 1
         self.last_reload_success = time.time()
+        self.last_reload_ok = True
+
+    def reload_failed(self) -> None:
+        self.reloads["failure"] += 1
+        self.last_reload_ok = False
 
     # -- stop ---------------------------------------------------------------
     async def drain(self, timeout: float | None = None) -> None:

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import gc
 import hashlib
+import math
 import os
 import secrets
 import signal
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_matrix(settings))  # noqa: T201
         return 0
     workers = args.workers if args.workers is not None else settings.server.workers
-    workers = workers or len(os.sched_getaffinity(0)) or 1
+    workers = workers or default_workers()
     if workers < 1:
         print("obs-gateway: --workers must be at least 1", file=sys.stderr)  # noqa: T201
         return 2
@@ -80,6 +81,21 @@ def main(argv: list[str] | None = None) -> int:
         if workers == 1:
             return runner.run(_serve(settings, args.config))
         return runner.run(_supervise(settings, args.config, workers))
+
+
+def default_workers(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """One worker per CPU this process may use: the affinity mask, capped by
+    a cgroup v2 CPU quota (a container limited to 1 CPU on a 16-CPU host
+    gets 1 worker, not 16 that would blow its memory limit)."""
+    cpus = len(os.sched_getaffinity(0)) or 1
+    try:
+        with open(cpu_max, encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max":
+        return cpus
+    return max(1, min(cpus, math.ceil(int(quota) / int(period))))
 
 
 def _hash_token() -> int:
@@ -212,7 +228,7 @@ async def _serve(settings: Settings, path: Path) -> int:
         try:
             new = load(path)
         except ConfigError as exc:
-            gateway.reloads["failure"] += 1
+            gateway.reload_failed()
             logger.error("config_reload_failed", error=str(exc))
             return False
         if new.server.listen != gateway.settings.server.listen:

@@ -159,6 +159,12 @@ class GatewayCollector(Collector):
         )
         for result in ("success", "failure"):
             reloads.add_metric([result], gauges.get("reloads", {}).get(result, 0))
+        ok = GaugeMetricFamily(
+            "gateway_config_last_reload_successful",
+            "1 if the last reload attempt succeeded (or none failed since start), else 0.",
+        )
+        ok.add_metric([], 1 if gauges.get("last_reload_ok", True) else 0)
+        yield ok
         last = GaugeMetricFamily(
             "gateway_config_last_reload_success_timestamp_seconds",
             "When the serving config was loaded.",

@@ -58,6 +58,7 @@ class Supervisor:
         self.log: Any = log.get_logger()
         self.reloads = {"success": 0, "failure": 0}
         self.last_reload_success = time.time()
+        self.last_reload_ok = True
         self.stopping = False
         self.port = 0
         self.admin_port = 0
@@ -177,7 +178,11 @@ class Supervisor:
 
     def _gauges(self) -> Snapshot:
         gauges = config_gauges(
-            self.settings, self.reloads, self.last_reload_success, len(self.workers)
+            self.settings,
+            self.reloads,
+            self.last_reload_success,
+            len(self.workers),
+            self.last_reload_ok,
         )
         gauges["processes"] = self._latest.get("processes", [])
         return gauges
@@ -218,6 +223,7 @@ class Supervisor:
             text = self.path.read_text(encoding="utf-8")
         except (ConfigError, OSError) as exc:
             self.reloads["failure"] += 1
+            self.last_reload_ok = False
             self.log.error("config_reload_failed", error=str(exc))
             return False
         if settings.server.listen != self.settings.server.listen:
@@ -241,9 +247,11 @@ class Supervisor:
                 errors.append(f"worker {worker.index}: {ack.get('error')}")
         if errors:
             self.reloads["failure"] += 1
+            self.last_reload_ok = False
             self.log.error("config_reload_partial", errors=errors)
             return False
         self.reloads["success"] += 1
+        self.last_reload_ok = True
         self.last_reload_success = time.time()
         self.log.info("config_reloaded", source=str(self.path), workers=len(self.workers))
         return True
