@@ -335,6 +335,8 @@ class UpConn:
     requests: list[ParsedRequest] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set once a request head has arrived (the body may still be coming).
+    head_seen: asyncio.Event = field(default_factory=asyncio.Event)
     consumed: int = 0
 
     async def write(self, data: bytes) -> None:
@@ -413,6 +415,9 @@ class RawUpstream:
         self._tasks.add(task)
         conn = UpConn(writer)
         self.conns.append(conn)
+        # Responders run beside the reader, so a hanging responder does not
+        # stop us from seeing the gateway abort the connection.
+        answering: set[asyncio.Task[None]] = set()
         try:
             if self.on_connect is not None:
                 await self.on_connect(conn)
@@ -424,6 +429,8 @@ class RawUpstream:
                 if not chunk:
                     break
                 conn.data += chunk
+                if b"\r\n\r\n" in conn.data[conn.consumed :]:
+                    conn.head_seen.set()
                 while not conn.errors:
                     try:
                         req, used = _parse_one(bytes(conn.data[conn.consumed :]))
@@ -434,12 +441,18 @@ class RawUpstream:
                         break
                     conn.consumed += used
                     conn.requests.append(req)
-                    await self.responder(conn, req)
-        except (ConnectionError, OSError):
-            pass
+                    answer = asyncio.create_task(self._answer(conn, req))
+                    answering.add(answer)
+                    answer.add_done_callback(answering.discard)
         except asyncio.CancelledError:
             pass  # stopped by the test: end quietly (no "exception never retrieved")
         finally:
             conn.closed.set()
+            for answer in list(answering):
+                answer.cancel()
             writer.transport.abort()
             self._tasks.discard(task)
+
+    async def _answer(self, conn: UpConn, req: ParsedRequest) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.responder(conn, req)

@@ -1,0 +1,265 @@
+"""Upstream faults: hangs (504), resets and refusals (502), garbage (502),
+slow but live answers (passed through), stalls mid-body (truncated, never a
+short success), early answers, and dead pooled connections."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+
+from tests.conftest import TOKEN, StartGateway, wait_for
+from tests.hostile.conftest import hostile_config
+from tests.hostile.support import (
+    Closed,
+    ParsedRequest,
+    RawConn,
+    RawUpstream,
+    UpConn,
+    request,
+    respond_204,
+)
+
+RESPONSE_TIMEOUT = 0.5
+SLACK = 1.0
+ROUTES = [("/api/v1/write", "remote_write"), ("/v1/traces", "otlp_traces")]
+
+
+async def _hang(conn: UpConn, req: ParsedRequest) -> None:
+    await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize(("path", "route"), ROUTES)
+async def test_hanging_upstream_is_504_and_the_connection_survives(
+    path: str, route: str, start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    raw_upstream.responder = _hang
+    gw = await start_gateway(hostile_config(raw_upstream))
+    async with await RawConn.open(gw.port) as conn:
+        t0 = time.monotonic()
+        await conn.send(request("POST", path, b"data", token=TOKEN))
+        resp = await conn.response(timeout=RESPONSE_TIMEOUT + SLACK + 1)
+        elapsed = time.monotonic() - t0
+        assert resp.status == 504
+        assert RESPONSE_TIMEOUT - 0.05 <= elapsed <= RESPONSE_TIMEOUT + SLACK
+        # The hung upstream connection is given up, never reused.
+        await wait_for(raw_upstream.conns[0].closed.is_set)
+        raw_upstream.responder = respond_204
+        await conn.send(request("POST", path, b"again", token=TOKEN))
+        assert (await conn.response()).status == 204
+    assert [r.body for r in raw_upstream.requests] == [b"data", b"again"]
+    assert len(raw_upstream.conns) == 2
+    assert gw.stats.routes[route].upstream_errors == {"timeout": 1}
+
+
+async def _reset(conn: UpConn, req: ParsedRequest) -> None:
+    conn.reset()
+
+
+async def _fin(conn: UpConn, req: ParsedRequest) -> None:
+    conn.writer.close()
+
+
+async def _partial_head_then_reset(conn: UpConn, req: ParsedRequest) -> None:
+    await conn.write(b"HTTP/1.1 200 OK\r\nContent-Le")
+    conn.reset()
+
+
+def _garbage(data: bytes) -> object:
+    async def respond(conn: UpConn, req: ParsedRequest) -> None:
+        await conn.write(data)
+
+    return respond
+
+
+FAULTS = {
+    "reset": _reset,
+    "close_without_answer": _fin,
+    "partial_head_then_reset": _partial_head_then_reset,
+    "garbage": _garbage(b"garbage garbage\r\n\r\n"),
+    "not_http": _garbage(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 40),
+    "bad_status": _garbage(b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n"),
+    "bad_header_line": _garbage(b"HTTP/1.1 200 OK\r\nNo colon here\r\n\r\n"),
+    "cl_and_te": _garbage(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
+    "negative_cl": _garbage(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n"),
+    "switching_protocols": _garbage(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+@pytest.mark.parametrize(("path", "route"), ROUTES)
+async def test_broken_upstream_answer_is_502(
+    fault: str, path: str, route: str, start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    raw_upstream.responder = FAULTS[fault]  # type: ignore[assignment]
+    gw = await start_gateway(hostile_config(raw_upstream))
+    async with await RawConn.open(gw.port) as conn:
+        await conn.send(request("POST", path, b"data", token=TOKEN))
+        resp = await conn.response(timeout=RESPONSE_TIMEOUT + SLACK)
+        assert resp.status == 502
+        assert b"127.0.0.1" not in resp.body  # never an upstream address
+        # The client connection stays usable.
+        raw_upstream.responder = respond_204
+        await conn.send(request("POST", path, b"next", token=TOKEN))
+        assert (await conn.response()).status == 204
+    assert sum(gw.stats.routes[route].upstream_errors.values()) == 1
+
+
+@pytest.mark.parametrize(("path", "route"), ROUTES)
+async def test_refused_upstream_is_502(
+    path: str, route: str, start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # bound, never listening: connections are refused
+        raw_upstream.port = dead
+        gw = await start_gateway(hostile_config(raw_upstream))
+        async with await RawConn.open(gw.port) as conn:
+            await conn.send(request("POST", path, b"data", token=TOKEN))
+            resp = await conn.response()
+    assert resp.status == 502
+    assert gw.stats.routes[route].upstream_errors == {"connect": 1}
+
+
+async def test_slow_but_live_upstream_is_passed_through(
+    start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    """Each gap is under the response timeout, the total is well over it."""
+
+    async def slow(conn: UpConn, req: ParsedRequest) -> None:
+        await asyncio.sleep(0.3)
+        await conn.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for part in (b"one", b"two", b"three", b"four"):
+            await asyncio.sleep(0.3)
+            await conn.write(b"%x\r\n%s\r\n" % (len(part), part))
+        await conn.write(b"0\r\n\r\n")
+
+    raw_upstream.responder = slow
+    gw = await start_gateway(hostile_config(raw_upstream))
+    async with await RawConn.open(gw.port) as conn:
+        t0 = time.monotonic()
+        await conn.send(request("POST", "/v1/traces", b"data", token=TOKEN))
+        resp = await conn.response(timeout=5.0)
+        assert time.monotonic() - t0 > 3 * RESPONSE_TIMEOUT
+    assert resp.status == 200
+    assert resp.body == b"onetwothreefour"
+
+
+async def test_upstream_stalling_mid_body_truncates_the_response(
+    start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    """Status already sent: the client must see a cut connection, not a
+    complete short response it would take for success."""
+
+    async def stall(conn: UpConn, req: ParsedRequest) -> None:
+        await conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"h" * 10)
+        await asyncio.Event().wait()
+
+    raw_upstream.responder = stall
+    gw = await start_gateway(hostile_config(raw_upstream))
+    async with await RawConn.open(gw.port) as conn:
+        await conn.send(request("POST", "/v1/traces", b"data", token=TOKEN))
+        with pytest.raises(Closed):
+            await conn.response(timeout=RESPONSE_TIMEOUT + SLACK + 1)
+    await wait_for(raw_upstream.conns[0].closed.is_set)
+
+
+async def test_upstream_closing_mid_body_truncates_the_response(
+    start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    async def cut(conn: UpConn, req: ParsedRequest) -> None:
+        await conn.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        conn.writer.close()
+
+    raw_upstream.responder = cut
+    gw = await start_gateway(hostile_config(raw_upstream))
+    async with await RawConn.open(gw.port) as conn:
+        await conn.send(request("POST", "/v1/traces", b"data", token=TOKEN))
+        with pytest.raises(Closed):
+            await conn.response()
+
+
+async def test_upstream_answering_before_the_body_ends(
+    start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    """An early 413 from the upstream is passed through verbatim; the rest of
+    the client's body is not wanted and the upstream connection is dropped."""
+
+    async def early(conn: UpConn) -> None:
+        await conn.head_seen.wait()
+        await conn.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!")
+
+    gw = await start_gateway(hostile_config(raw_upstream, server="body_idle_timeout_seconds = 5"))
+
+    async def watcher(conn: UpConn) -> None:
+        asyncio.get_running_loop().create_task(early(conn))
+
+    raw_upstream.on_connect = watcher
+    async with await RawConn.open(gw.port) as conn:
+        await conn.send(
+            b"POST /api/v1/write HTTP/1.1\r\nHost: gw\r\n"
+            + f"Authorization: Bearer {TOKEN}\r\nContent-Length: 100000\r\n\r\n".encode()
+            + b"b" * 1000
+        )
+        resp = await conn.response()
+        assert resp.status == 413
+        assert resp.body == b"too big!"
+        assert resp.header("Connection") == "close"
+        assert await conn.closed_within(3.0)
+    await wait_for(raw_upstream.conns[0].closed.is_set)
+    assert raw_upstream.requests == []
+
+
+async def test_upstream_5xx_is_passed_through_verbatim(
+    start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    async def five_hundred(conn: UpConn, req: ParsedRequest) -> None:
+        await conn.write(
+            b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\nX-Vm: 1\r\n\r\noops"
+        )
+
+    raw_upstream.responder = five_hundred
+    gw = await start_gateway(hostile_config(raw_upstream))
+    async with await RawConn.open(gw.port) as conn:
+        await conn.send(request("POST", "/api/v1/write", b"data", token=TOKEN))
+        resp = await conn.response()
+    assert (resp.status, resp.body, resp.header("X-Vm")) == (500, b"oops", "1")
+
+
+async def test_pooled_connection_closed_by_upstream_is_not_reused(
+    start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    gw = await start_gateway(hostile_config(raw_upstream))
+    async with await RawConn.open(gw.port) as conn:
+        await conn.send(request("POST", "/api/v1/write", b"one", token=TOKEN))
+        assert (await conn.response()).status == 204
+        # The upstream closes its idle keep-alive connection (its own idle timeout).
+        raw_upstream.conns[0].writer.close()
+        await wait_for(raw_upstream.conns[0].closed.is_set)
+        # Wait until the gateway has seen the FIN and dropped the pooled
+        # socket (internal state: there is no public signal for it).
+        assert gw.shared is not None
+        [pool] = gw.shared.pools._pools.values()
+        await wait_for(lambda: not pool._idle)
+        await conn.send(request("POST", "/api/v1/write", b"two", token=TOKEN))
+        assert (await conn.response()).status == 204
+    assert [r.body for r in raw_upstream.requests] == [b"one", b"two"]
+
+
+async def test_client_leaving_while_upstream_works_aborts_upstream(
+    start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    raw_upstream.responder = _hang
+    gw = await start_gateway(hostile_config(raw_upstream, upstream="response_timeout_seconds = 30"))
+    conn = await RawConn.open(gw.port)
+    await conn.send(request("POST", "/api/v1/write", b"data", token=TOKEN))
+    await wait_for(lambda: len(raw_upstream.requests) == 1)
+    conn.abort()
+    await wait_for(raw_upstream.conns[0].closed.is_set)
+    assert gw.stats.pairs["remote_write", "ingest"].codes == {499: 1}
