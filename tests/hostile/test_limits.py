@@ -1,0 +1,362 @@
+"""Admission limits under attack: open connections, global and per-credential
+concurrency with a short queue, request and byte rates, and auth-failure
+throttling.  Refusals are immediate (no sleep holding a connection) and
+protocol-aware: 429 + Retry-After on remote-write, 503 + Retry-After on OTLP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.conftest import OTHER_TOKEN, TOKEN, StartGateway, sha256, wait_for
+from tests.hostile.conftest import hostile_config
+from tests.hostile.support import (
+    ParsedRequest,
+    RawConn,
+    RawUpstream,
+    Response,
+    UpConn,
+    request,
+)
+
+# A refusal must not park the connection: it is answered within this.
+IMMEDIATE = 0.25
+
+
+def _credentials(ingest_extra: str = "", other_extra: str = "") -> str:
+    return f"""
+[[credentials]]
+name = "ingest"
+token_sha256 = "{sha256(TOKEN.encode())}"
+routes = ["remote_write", "otlp_traces"]
+{ingest_extra}
+
+[[credentials]]
+name = "other"
+token_sha256 = "{sha256(OTHER_TOKEN.encode())}"
+routes = ["remote_write", "otlp_traces"]
+{other_extra}
+"""
+
+
+class Holding:
+    """An upstream that holds every request whose body is b"hold" until released."""
+
+    def __init__(self, up: RawUpstream) -> None:
+        self.release = asyncio.Event()
+        up.responder = self.respond
+
+    async def respond(self, conn: UpConn, req: ParsedRequest) -> None:
+        if req.body == b"hold":
+            await self.release.wait()
+        await conn.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+
+async def _send(conn: RawConn, path: str, body: bytes, token: str = TOKEN, **kw: object) -> None:
+    await conn.send(request("POST", path, body, token=token, **kw))  # type: ignore[arg-type]
+
+
+async def _ask(port: int, path: str, body: bytes, token: str = TOKEN, **kw: object) -> Response:
+    async with await RawConn.open(port) as conn:
+        await _send(conn, path, body, token, **kw)
+        return await conn.response()
+
+
+async def _timed(port: int, path: str, body: bytes, token: str = TOKEN) -> tuple[Response, float]:
+    t0 = time.monotonic()
+    resp = await _ask(port, path, body, token)
+    return resp, time.monotonic() - t0
+
+
+def _assert_overloaded(resp: Response, path: str) -> None:
+    assert resp.status == (503 if path == "/v1/traces" else 429), resp
+    assert resp.header("Retry-After") == "1"
+
+
+async def test_max_connections_refuses_the_extra_connection(
+    start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    gw = await start_gateway(
+        hostile_config(raw_upstream, extra="[limits]\nmax_connections = 3"),
+    )
+    held = [await RawConn.open(gw.port) for _ in range(3)]
+    try:
+        await wait_for(lambda: gw.stats.open_connections == 3)
+        async with await RawConn.open(gw.port) as extra:
+            await _send(extra, "/api/v1/write", b"refused")
+            resp = await extra.response()
+            assert await extra.closed_within(3.0)
+        assert resp.status == 503
+        assert resp.header("Retry-After") == "1"
+        assert gw.stats.limit_rejections == {"connections": 1}
+        # The connections already open are untouched.
+        await _send(held[0], "/api/v1/write", b"held")
+        assert (await held[0].response()).status == 204
+        # Once one goes away, a new one is accepted.
+        await held.pop().close()
+        await wait_for(lambda: gw.stats.open_connections == 2)
+        assert (await _ask(gw.port, "/api/v1/write", b"later")).status == 204
+    finally:
+        for conn in held:
+            await conn.close()
+    assert [r.body for r in raw_upstream.requests] == [b"held", b"later"]
+
+
+CONCURRENCY = """
+[limits]
+max_concurrent_requests = 1
+queue_size = 1
+queue_timeout_seconds = 0.3
+"""
+
+
+async def test_concurrency_queue_then_refusal(
+    start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    holding = Holding(raw_upstream)
+    gw = await start_gateway(hostile_config(raw_upstream, extra=CONCURRENCY))
+    async with await RawConn.open(gw.port) as first, await RawConn.open(gw.port) as queued:
+        await _send(first, "/api/v1/write", b"hold")
+        await wait_for(lambda: len(raw_upstream.requests) == 1)
+        t_queued = time.monotonic()
+        await _send(queued, "/api/v1/write", b"queued")
+        assert gw.shared is not None
+        await wait_for(lambda: len(gw.shared.admission.slots.waiters) == 1)  # type: ignore[union-attr]
+        # Queue full: refused at once, per protocol.
+        for path in ("/api/v1/write", "/v1/traces"):
+            resp, elapsed = await _timed(gw.port, path, b"full")
+            _assert_overloaded(resp, path)
+            assert elapsed < IMMEDIATE
+        # The queued one gives up after queue_timeout.
+        resp = await queued.response()
+        _assert_overloaded(resp, "/api/v1/write")
+        assert 0.25 <= time.monotonic() - t_queued <= 0.3 + 1.0
+        holding.release.set()
+        assert (await first.response()).status == 204
+    assert [r.body for r in raw_upstream.requests] == [b"hold"]
+    assert gw.stats.limit_rejections == {"concurrency": 2, "queue_timeout": 1}
+
+
+async def test_queued_requests_are_admitted_in_order(
+    start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    holding = Holding(raw_upstream)
+    extra = "[limits]\nmax_concurrent_requests = 1\nqueue_size = 4\nqueue_timeout_seconds = 5"
+    gw = await start_gateway(hostile_config(raw_upstream, extra=extra))
+    assert gw.shared is not None
+    waiters = gw.shared.admission.slots.waiters
+    conns = [await RawConn.open(gw.port) for _ in range(4)]
+    try:
+        await _send(conns[0], "/api/v1/write", b"hold")
+        await wait_for(lambda: len(raw_upstream.requests) == 1)
+        for i, conn in enumerate(conns[1:], start=1):
+            await _send(conn, "/v1/traces" if i % 2 else "/api/v1/write", b"q%d" % i)
+            await wait_for(lambda i=i: len(waiters) == i)  # type: ignore[misc]
+        holding.release.set()
+        statuses = [(await c.response()).status for c in conns]
+    finally:
+        for conn in conns:
+            await conn.close()
+    assert statuses == [204, 204, 204, 204]
+    assert [r.body for r in raw_upstream.requests] == [b"hold", b"q1", b"q2", b"q3"]
+
+
+async def test_per_credential_concurrency_leaves_others_alone(
+    start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    holding = Holding(raw_upstream)
+    gw = await start_gateway(
+        hostile_config(
+            raw_upstream,
+            extra="[limits]\nqueue_size = 0",
+            credentials=_credentials("max_concurrent_requests = 1"),
+        )
+    )
+    async with await RawConn.open(gw.port) as first:
+        await _send(first, "/api/v1/write", b"hold")
+        await wait_for(lambda: len(raw_upstream.requests) == 1)
+        for path in ("/api/v1/write", "/v1/traces"):
+            resp, elapsed = await _timed(gw.port, path, b"second")
+            _assert_overloaded(resp, path)
+            assert elapsed < IMMEDIATE
+        assert (await _ask(gw.port, "/api/v1/write", b"other", OTHER_TOKEN)).status == 204
+        holding.release.set()
+        assert (await first.response()).status == 204
+    assert [r.body for r in raw_upstream.requests] == [b"hold", b"other"]
+
+
+async def test_request_rate_limit_per_credential(
+    start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    gw = await start_gateway(
+        hostile_config(
+            raw_upstream,
+            credentials=_credentials("rate_limit_requests_per_second = 2\nrate_limit_burst = 3"),
+        )
+    )
+    statuses = [(await _ask(gw.port, "/api/v1/write", b"%d" % i)).status for i in range(3)]
+    assert statuses == [204, 204, 204]
+    for path in ("/api/v1/write", "/v1/traces"):
+        resp, elapsed = await _timed(gw.port, path, b"over")
+        _assert_overloaded(resp, path)
+        assert elapsed < IMMEDIATE
+    assert (await _ask(gw.port, "/api/v1/write", b"other", OTHER_TOKEN)).status == 204
+    assert gw.stats.limit_rejections == {"rate": 2}
+    # The bucket refills at 2/s: within a second a request passes again.
+    deadline = time.monotonic() + 2.0
+    while (await _ask(gw.port, "/api/v1/write", b"refilled")).status != 204:
+        assert time.monotonic() < deadline, "rate bucket never refilled"
+        await asyncio.sleep(0.1)
+    assert [r.body for r in raw_upstream.requests][:4] == [b"0", b"1", b"2", b"other"]
+    assert raw_upstream.requests[-1].body == b"refilled"
+
+
+async def test_byte_rate_limit_per_credential(
+    start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    gw = await start_gateway(
+        hostile_config(raw_upstream, credentials=_credentials("rate_limit_bytes_per_second = 1000"))
+    )
+    assert (await _ask(gw.port, "/api/v1/write", b"b" * 5000)).status == 204
+    for path in ("/api/v1/write", "/v1/traces"):
+        resp, elapsed = await _timed(gw.port, path, b"small")
+        _assert_overloaded(resp, path)
+        assert elapsed < IMMEDIATE
+    assert (await _ask(gw.port, "/api/v1/write", b"other", OTHER_TOKEN)).status == 204
+    assert gw.stats.limit_rejections == {"byte_rate": 2}
+    assert len(raw_upstream.requests) == 2
+
+
+THROTTLE = """
+[clients]
+trusted_proxies = ["127.0.0.1/32"]
+
+[limits]
+auth_failure_limit = 3
+auth_failure_window_seconds = 60
+"""
+
+
+@pytest.mark.parametrize("bad", ["wrong-token-0123456789abcdef", None])
+async def test_auth_failures_throttle_that_address_only(
+    bad: str | None, start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    gw = await start_gateway(hostile_config(raw_upstream, extra=THROTTLE))
+    attacker = [("X-Forwarded-For", "198.51.100.7")]
+    t0 = time.monotonic()
+    for _ in range(3):
+        async with await RawConn.open(gw.port) as conn:
+            await conn.send(request("POST", "/api/v1/write", b"x", token=bad, headers=attacker))
+            assert (await conn.response()).status == 401
+    # No vmauth-style delay on failures: three 401s take no time.
+    assert time.monotonic() - t0 < 3 * IMMEDIATE
+    # Now even a valid token from that address is refused without a check.
+    for path in ("/api/v1/write", "/v1/traces"):
+        t1 = time.monotonic()
+        resp = await _ask(gw.port, path, b"valid", headers=attacker)
+        _assert_overloaded(resp, path)
+        assert time.monotonic() - t1 < IMMEDIATE
+    # Other addresses, and the proxy itself, are unaffected.
+    neighbour = [("X-Forwarded-For", "198.51.100.8")]
+    assert (await _ask(gw.port, "/api/v1/write", b"neighbour", headers=neighbour)).status == 204
+    assert (await _ask(gw.port, "/api/v1/write", b"proxy")).status == 204
+    assert [r.body for r in raw_upstream.requests] == [b"neighbour", b"proxy"]
+    assert gw.stats.limit_rejections == {"auth_throttle": 2}
+    reason = "missing" if bad is None else "unknown"
+    assert sum(n for k, n in gw.stats.auth_failures.items() if k[0] == reason) == 3
+
+
+async def test_throttle_window_expires(
+    start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    extra = THROTTLE.replace(
+        "auth_failure_window_seconds = 60", "auth_failure_window_seconds = 0.5"
+    )
+    gw = await start_gateway(hostile_config(raw_upstream, extra=extra))
+    for _ in range(3):
+        assert (await _ask(gw.port, "/api/v1/write", b"x", "bad-token-0123456789")).status == 401
+    _assert_overloaded(await _ask(gw.port, "/api/v1/write", b"x"), "/api/v1/write")
+    deadline = time.monotonic() + 3.0
+    while (await _ask(gw.port, "/api/v1/write", b"after")).status != 204:
+        assert time.monotonic() < deadline, "throttle never expired"
+        await asyncio.sleep(0.1)
+    assert raw_upstream.requests[-1].body == b"after"
+
+
+async def test_every_ending_returns_its_concurrency_slot(
+    start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    """With one slot and no queue, a leaked slot would refuse the probe."""
+    release = asyncio.Event()
+
+    async def respond(conn: UpConn, req: ParsedRequest) -> None:
+        if req.body == b"hang":
+            await release.wait()
+        elif req.body == b"reset":
+            conn.reset()
+            return
+        await conn.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    raw_upstream.responder = respond
+    extra = "[limits]\nmax_concurrent_requests = 1\nqueue_size = 1\nqueue_timeout_seconds = 5"
+    gw = await start_gateway(hostile_config(raw_upstream, extra=extra))
+    assert gw.shared is not None
+    slots = gw.shared.admission.slots
+
+    async def probe() -> None:
+        await wait_for(lambda: slots.in_use == 0 and not slots.waiters)
+        assert (await _ask(gw.port, "/api/v1/write", b"probe")).status == 204
+
+    # 1. upstream timeout (504)
+    assert (await _ask(gw.port, "/api/v1/write", b"hang")).status == 504
+    await probe()
+    # 2. upstream reset (502)
+    assert (await _ask(gw.port, "/v1/traces", b"reset")).status == 502
+    await probe()
+    # 3. client vanishes while its request is upstream
+    gone = await RawConn.open(gw.port)
+    await _send(gone, "/api/v1/write", b"hang")
+    await wait_for(lambda: slots.in_use == 1)
+    gone.abort()
+    await probe()
+    # 4. client vanishes mid-body
+    partial = await RawConn.open(gw.port)
+    await partial.send(
+        f"POST /api/v1/write HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TOKEN}\r\n"
+        "Content-Length: 1000\r\n\r\nabc".encode()
+    )
+    await wait_for(lambda: slots.in_use == 1)
+    partial.abort()
+    await probe()
+    release.set()
+    assert gw.stats.pairs["remote_write", "ingest"].codes == {504: 1, 204: 4, 499: 2}
+
+
+async def test_client_leaving_while_queued_gives_up_its_place(
+    start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    """A queued request whose client has gone must leave the queue and never
+    be forwarded when a slot frees (the upstream would do work for nobody)."""
+    holding = Holding(raw_upstream)
+    extra = "[limits]\nmax_concurrent_requests = 1\nqueue_size = 1\nqueue_timeout_seconds = 5"
+    gw = await start_gateway(
+        hostile_config(raw_upstream, extra=extra, upstream="response_timeout_seconds = 30")
+    )
+    assert gw.shared is not None
+    slots = gw.shared.admission.slots
+    async with await RawConn.open(gw.port) as holder:
+        await _send(holder, "/api/v1/write", b"hold")
+        await wait_for(lambda: slots.in_use == 1)
+        queued = await RawConn.open(gw.port)
+        await _send(queued, "/api/v1/write", b"queued")
+        await wait_for(lambda: len(slots.waiters) == 1)
+        queued.abort()
+        try:
+            await wait_for(lambda: not slots.waiters, 2.0)
+        finally:
+            holding.release.set()
+            assert (await holder.response()).status == 204
+    await wait_for(lambda: slots.in_use == 0)
+    assert b"queued" not in raw_upstream.received
