@@ -17,11 +17,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-import orjson
-
 from gateway.auth import Failure
 from gateway.errors import CLIENT_CLOSED, Kind, Protocol
 from gateway.headers import RESPONSE_DROP, connection_tokens
+from gateway.health import DEEP_TIMEOUT_SECONDS, check_upstreams, health_response, wants_deep
 from gateway.routing import HEALTH
 
 if TYPE_CHECKING:
@@ -260,31 +259,40 @@ class Exchange:
         self._maybe_finish()
 
     def _health(self, principal: Principal) -> None:
-        expires_in = None
-        if principal.not_after is not None:
-            expires_in = max(0, int(principal.not_after - time.time()))
-        body = orjson.dumps(
-            {
-                "status": "ok",
-                "credential": principal.credential,
-                "token_id": principal.token_id,
-                "routes": sorted(principal.routes),
-                "expires_in_seconds": expires_in,
-            }
-        )
+        if wants_deep(self.head.query):
+            # Reading pauses while the probe runs, so answers stay in order.
+            self.conn.pause(self.conn.PAUSE_CONNECT)
+            self.conn.no_deadline()
+            self._connect_task = self.shared.loop.create_task(self._deep_health(principal))
+            return
+        self._health_answer(principal, None)
+
+    async def _deep_health(self, principal: Principal) -> None:
+        timeout = min(self.gen.connect_timeout, DEEP_TIMEOUT_SECONDS)
+        try:
+            upstreams = await check_upstreams(self.gen.routes.routes, timeout)
+        finally:
+            self.conn.resume(self.conn.PAUSE_CONNECT)
+        if not self.finished:
+            self._health_answer(principal, upstreams)
+            self.conn.flush()
+
+    def _health_answer(self, principal: Principal, upstreams: dict[str, bool] | None) -> None:
+        status, body = health_response(principal, time.time(), upstreams)
         head = self.head
         self.close = self.close or not head.keep_alive or self.shared.draining
+        reason = b"OK" if status == 200 else b"Service Unavailable"
         out = b"".join(
             (
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n",
-                b"Content-Length: %d\r\n" % len(body),
+                b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n" % (status, reason),
+                b"Cache-Control: no-store\r\nContent-Length: %d\r\n" % len(body),
                 self.shared.date_line,
                 b"Connection: close\r\n" if self.close else b"",
                 b"\r\n",
                 b"" if head.method == b"HEAD" else body,
             )
         )
-        self.status = 200
+        self.status = status
         self.response_started = self.response_done = True
         self.conn.out.append(out)
         self._maybe_finish()
@@ -316,12 +324,14 @@ class Exchange:
         conn = pool.acquire()
         if conn is not None:
             self._attach(conn)
+            if head.has_body:
+                self.conn.reading_body(self.gen.body_idle_timeout)
         else:
+            # Reading waits for the connection (bounded by connect_timeout),
+            # so no body-idle deadline may blame the client meanwhile.
             self.conn.pause(self.conn.PAUSE_CONNECT)
+            self.conn.no_deadline()
             self._connect_task = self.shared.loop.create_task(self._connect(pool))
-        if not head.has_body:
-            return
-        self.conn.reading_body(self.gen.body_idle_timeout)
 
     async def _connect(self, pool: Pool) -> None:
         try:
@@ -342,6 +352,8 @@ class Exchange:
                 self._attach(conn)
                 self.flush_upstream()
                 self.conn.resume(self.conn.PAUSE_CONNECT)
+                if not self.request_done:
+                    self.conn.reading_body(self.gen.body_idle_timeout)
         finally:
             self.conn.flush()
 
@@ -358,6 +370,17 @@ class Exchange:
         if up is not None:
             up.abort()
         self.conn.resume(self.conn.PAUSE_CONNECT | self.conn.PAUSE_UPSTREAM)
+
+    def bad_body(self) -> None:
+        """The body broke HTTP framing (e.g. an invalid chunk size)."""
+        self.error = "bad_body"
+        self._drop_upstream()
+        self.proxying = False
+        if not self.response_started:
+            self.close = True
+            self.answer(Kind.BAD_REQUEST)
+        else:
+            self.conn.close_now()
 
     def _too_large(self) -> None:
         self.error = "body_too_large"

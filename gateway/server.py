@@ -156,6 +156,7 @@ class ClientConnection(asyncio.Protocol):
     PAUSE_UPSTREAM = 4
 
     __slots__ = (
+        "_advancing",
         "_head_bytes",
         "_headers",
         "_in_head",
@@ -191,6 +192,7 @@ class ClientConnection(asyncio.Protocol):
         self._paused = 0
         self._write_paused = False
         self._lingering = False
+        self._advancing = False
         self._linger_bytes = 0
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -216,9 +218,7 @@ class ClientConnection(asyncio.Protocol):
             if self._linger_bytes > LINGER_BYTES:
                 self.close_now()
             return
-        if self.deadline_kind == _IDLE:
-            self._set_deadline(_HEAD, self.shared.gen.header_timeout)
-        elif self.deadline_kind == _BODY:
+        if self.deadline_kind == _BODY:
             self.deadline = self.shared.loop.time() + self.shared.gen.body_idle_timeout
         try:
             self.parser.feed_data(data)
@@ -277,6 +277,8 @@ class ClientConnection(asyncio.Protocol):
             raise _Stop
         if self.active is not None:
             self.pause(self.PAUSE_PIPELINE)
+        elif self.deadline_kind == _IDLE:
+            self._set_deadline(_HEAD, self.shared.gen.header_timeout)
         self._url = b""
         self._headers = []
         self._head_bytes = 0
@@ -348,6 +350,9 @@ class ClientConnection(asyncio.Protocol):
     def reading_body(self, timeout: float) -> None:
         self._set_deadline(_BODY, timeout)
 
+    def no_deadline(self) -> None:
+        self.deadline_kind = _NONE
+
     def wait_upstream(self, timeout: float) -> None:
         if not self._write_paused:
             self._set_deadline(_UPSTREAM, timeout)
@@ -366,16 +371,22 @@ class ClientConnection(asyncio.Protocol):
         if ex.close:
             self._close_after(ex)
             return
-        if self._pending:
-            nxt = self._pending.popleft()
-            self.active = nxt
-            if not self._pending:
-                self.resume(self.PAUSE_PIPELINE)
-            self.deadline_kind = _NONE
-            nxt.start()
-            return
-        self.resume(self.PAUSE_PIPELINE)
-        self._set_deadline(_IDLE, self.shared.gen.keepalive_timeout)
+        if self._advancing:
+            return  # the loop below, further up the stack, starts the next one
+        # Pipelined requests answered synchronously finish inside start():
+        # iterate instead of recursing, however many were queued.
+        self._advancing = True
+        try:
+            while self.active is None and self._pending:
+                nxt = self._pending.popleft()
+                self.active = nxt
+                self.deadline_kind = _NONE
+                nxt.start()
+        finally:
+            self._advancing = False
+        if self.active is None and not self._lingering:
+            self.resume(self.PAUSE_PIPELINE)
+            self._set_deadline(_IDLE, self.shared.gen.keepalive_timeout)
 
     # -- internals -------------------------------------------------------------------------
     def _set_deadline(self, kind: int, timeout: float) -> None:
@@ -412,9 +423,7 @@ class ClientConnection(asyncio.Protocol):
         """A request that cannot be parsed or exceeds head limits."""
         if self.active is not None and not self._in_head and not self._pending:
             # The broken part belongs to the body of the active exchange.
-            self.active.error = "bad_body"
-            self.active.client_lost()
-            self.close_now()
+            self.active.bad_body()
             return
         self._pending.clear()
         if self.active is not None:
