@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import pytest
 
 __all__ = [
+    "INTEGRATION_TIMEOUT",
     "HttpResult",
     "Metrics",
     "Proc",
@@ -38,6 +39,7 @@ __all__ = [
     "http_post",
     "require_binary",
     "scrape",
+    "timeout",
     "wait_until",
 ]
 
@@ -51,6 +53,20 @@ PACKAGES = {
 }
 
 T = TypeVar("T")
+
+
+def timeout(seconds: float) -> pytest.MarkDecorator:
+    """pytest-timeout with the signal method for these tests.
+
+    The suite's default thread method ends the run with ``os._exit``, which
+    skips finalizers and so the processes' stop.  These tests block only on
+    the main thread in sockets, sleeps and locks, which SIGALRM interrupts:
+    a hang becomes a failure whose finalizers still run.
+    """
+    return pytest.mark.timeout(seconds, method="signal")
+
+
+INTEGRATION_TIMEOUT = timeout(60)
 
 
 def require_binary(name: str) -> str:
@@ -88,10 +104,16 @@ class Proc:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
+        # Finalizers stop every child, but a hard end of pytest (SIGKILL, the
+        # thread-method timeout's os._exit) runs none: the kernel's parent-death
+        # signal then stops it.  setpriv (util-linux, Essential in Debian) sets
+        # it and execs, so the PID stays the program's.
+        setpriv = shutil.which("setpriv")
+        wrapper = [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
         with log_path.open("ab") as log:
             # The child gets its own copy of the descriptor; ours closes here.
             self.popen = subprocess.Popen(
-                self.argv,
+                [*wrapper, *self.argv],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

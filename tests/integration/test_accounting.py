@@ -18,11 +18,17 @@ import pytest
 from tests.conftest import OTHER_TOKEN, TOKEN
 from tests.integration.components import VictoriaMetrics, VmAgent
 from tests.integration.conftest import StartGateway
-from tests.integration.harness import Metrics, Procs, http_post, wait_until
+from tests.integration.harness import (
+    INTEGRATION_TIMEOUT,
+    Metrics,
+    Procs,
+    http_post,
+    wait_until,
+)
 from tests.integration.otel import RecordingExporter, batch_provider, emit, exporter
 from tests.integration.receivers import OtlpReceiver, Received, Tap
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, INTEGRATION_TIMEOUT]
 
 SAMPLES_PER_SENDER = 300
 WRONG_TOKEN = "wrong-token-0123456789abcdef"

@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from tests.conftest import OTHER_TOKEN, TOKEN
 from tests.integration.conftest import StartGateway
-from tests.integration.harness import wait_until
+from tests.integration.harness import INTEGRATION_TIMEOUT, timeout, wait_until
 from tests.integration.otel import (
     RESOURCE,
     RecordingExporter,
@@ -31,7 +31,7 @@ from tests.integration.otel import (
 )
 from tests.integration.receivers import OtlpReceiver, ReceivedSpan
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, INTEGRATION_TIMEOUT]
 
 WRONG_TOKEN = "wrong-token-0123456789abcdef"
 
@@ -83,7 +83,7 @@ def test_sdk_spans_arrive_once_and_wrong_token_delivers_nothing(
     assert m.sum("gateway_auth_failures_total", reason="unknown") == codes["401"]
 
 
-@pytest.mark.timeout(90)
+@timeout(90)
 def test_receiver_down_answers_retryable_then_recovers(
     start_gateway: StartGateway, otlp_receiver: OtlpReceiver
 ) -> None:

@@ -20,11 +20,11 @@ import pytest
 from tests.conftest import TOKEN
 from tests.integration.components import Exported, Prometheus, VictoriaMetrics, VmAgent
 from tests.integration.conftest import StartGateway
-from tests.integration.harness import Procs, http_post, wait_until
+from tests.integration.harness import INTEGRATION_TIMEOUT, Procs, http_post, timeout, wait_until
 from tests.integration.payloads import TARGET_SERIES, series_key, snappy, write_request
 from tests.integration.receivers import ScrapeTarget, Tap
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, INTEGRATION_TIMEOUT]
 
 SCRAPE_INTERVAL_S = 1
 EXPECTED = {series_key(name, labels): value for name, labels, value in TARGET_SERIES}
@@ -231,7 +231,7 @@ def test_prometheus_remote_write_with_authorization(
 OUTAGE_S = 10.0
 
 
-@pytest.mark.timeout(120)
+@timeout(120)
 def test_victoria_metrics_outage_loses_nothing(
     procs: Procs,
     tmp_path: Path,
