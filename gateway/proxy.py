@@ -213,7 +213,7 @@ class Exchange:
             self.close = True  # too much body left to read and drop
         if not head.keep_alive or self.shared.draining:
             self.close = True
-        status, data = self.gen.errors.render(
+        status, data, body_len = self.gen.errors.render(
             kind,
             self.protocol,
             head.json,
@@ -223,6 +223,7 @@ class Exchange:
             head.method == b"HEAD",
         )
         self.status = status
+        self.bytes_out += body_len
         self.response_started = self.response_done = True
         self.conn.out.append(data)
         if not self.close and not self.request_done and head.has_body:
@@ -264,6 +265,8 @@ class Exchange:
             )
         )
         self.status = status
+        if head.method != b"HEAD":
+            self.bytes_out += len(body)
         self.response_started = self.response_done = True
         self.conn.out.append(out)
         self._maybe_finish()

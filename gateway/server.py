@@ -488,7 +488,7 @@ class ClientConnection(asyncio.Protocol):
             self._after_current_close()
             return
         errors = self.shared.gen.errors
-        status, data = errors.render(kind, Protocol.PLAIN, False, self.shared.date_line, True)
+        status, data, _ = errors.render(kind, Protocol.PLAIN, False, self.shared.date_line, True)
         self.out.append(data)
         self._lingering = True
         self.flush()
