@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from gateway.accounting import account
 from gateway.dispatch import dispatch
 from gateway.errors import CLIENT_CLOSED, Kind, Protocol
-from gateway.headers import RESPONSE_DROP, connection_tokens
+from gateway.headers import RESPONSE_DROP, connection_tokens, write_coalesced
 from gateway.health import DEEP_TIMEOUT_SECONDS, check_upstreams, health_response, wants_deep
 
 if TYPE_CHECKING:
@@ -193,7 +193,7 @@ class Exchange:
         if up is not None and self.up_buf:
             transport = up.transport
             if transport is not None:
-                transport.writelines(self.up_buf)
+                write_coalesced(transport, self.up_buf)
             self.up_buf = []
 
     # ------------------------------------------------------------------
