@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from gateway.accounting import account
 from gateway.dispatch import dispatch
 from gateway.errors import CLIENT_CLOSED, Kind, Protocol
-from gateway.headers import RESPONSE_DROP, connection_tokens, write_coalesced
+from gateway.headers import write_coalesced
 from gateway.health import DEEP_TIMEOUT_SECONDS, check_upstreams, health_response, wants_deep
 
 if TYPE_CHECKING:
@@ -435,31 +435,17 @@ class Exchange:
         self,
         status: int,
         reason: bytes,
-        headers: list[tuple[bytes, bytes]],
+        headers: bytes,
         keep_alive: bool,
         chunked: bool,
         length: int | None,
     ) -> None:
+        """``headers``: the upstream's end-to-end fields, already filtered."""
         self.upstream_seconds = _perf() - self.t_sent
         self.status = status
         self.response_started = True
         head = self.head
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-        listed: list[bytes] | None = None
-        for name, value in headers:
-            lname = name.lower()
-            if lname in RESPONSE_DROP:
-                if lname == b"connection":
-                    listed = [*(listed or []), value]
-                continue
-            parts += (name, b": ", value, b"\r\n")
-        if listed is not None:
-            drop = connection_tokens(listed)
-            parts = [parts[0]] + [
-                b"".join(parts[i : i + 4])
-                for i in range(1, len(parts), 4)
-                if parts[i].lower() not in drop
-            ]
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason), headers]
         if not self.request_done or not head.keep_alive or self.shared.draining:
             self.close = True
         if length is not None:

@@ -127,7 +127,7 @@ class RequestHead:
         url: bytes,
         headers: list[tuple[bytes, bytes]],
         t0: float,
-        request_id: str,
+        request_id: bytes,
         client_header: bytes = b"x-forwarded-for",
     ) -> None:
         self.t0 = t0
@@ -189,9 +189,9 @@ class RequestHead:
         if listed is not None:
             forward = drop_listed(forward, connection_tokens(listed))
         if rid is None or len(rid) > 128 or not rid.isascii():
-            rid = request_id.encode()
+            rid = request_id
             forward.append((b"X-Request-Id", rid))
-        self.request_id = rid.decode("ascii", "replace")
+        self.request_id = rid  # decoded only when logged
         if client_header == b"x-forwarded-for":
             self.client_ip = self.xff
         else:
@@ -378,23 +378,27 @@ class ClientConnection(asyncio.Protocol):
             self._set_deadline(_UPSTREAM, self.shared.gen.response_timeout)
 
     # -- llhttp callbacks ------------------------------------------------------------
-    def on_message_begin(self) -> None:
+    # No on_message_begin: every request starts with its target, so the
+    # first on_url of a message begins it (one Python callback fewer).
+    def on_url(self, part: bytes) -> None:
+        if self._in_head:
+            url = self._url = self._url + part
+            if len(url) > self.shared.gen.max_url_bytes:
+                raise _Reject(Kind.URL_TOO_LONG)
+            return
         if self._lingering:
             raise _Stop
         if self.active is not None:
             self.pause(self.PAUSE_PIPELINE)
         elif self.deadline_kind == _IDLE:
             self._set_deadline(_HEAD, self.shared.gen.header_timeout)
-        self._url = b""
+        self._url = part
         self._headers = []
         self._head_bytes = 0
         self._raw_head = 0
         self._in_head = True
         self._t0 = _perf()
-
-    def on_url(self, part: bytes) -> None:
-        url = self._url = self._url + part
-        if len(url) > self.shared.gen.settings.server.max_url_bytes:
+        if len(part) > self.shared.gen.max_url_bytes:
             raise _Reject(Kind.URL_TOO_LONG)
 
     def on_header(self, name: bytes, value: bytes) -> None:
