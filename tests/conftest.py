@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+)
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,8 +93,12 @@ max_body_bytes = {max_body_bytes}
 
 
 @pytest.fixture
-def log_capture() -> Iterator[list[dict[str, Any]]]:
-    """Every structlog event the gateway emits during the test, as dicts."""
+def log_capture(start_gateway: StartGateway) -> Iterator[list[MutableMapping[str, Any]]]:
+    """Every structlog event the gateway emits during the test, as dicts.
+
+    Depends on ``start_gateway`` so that capture begins after the gateway's
+    ``log.configure`` (which would otherwise replace the capturing processors).
+    """
     with structlog.testing.capture_logs() as events:
         yield events
 
@@ -143,12 +154,17 @@ async def upstream(aiohttp_server: Any) -> RecordingUpstream:
         if rec.handler is not None:
             return await rec.handler(request)
         body = await request.content.read()
-        rec.requests.append(Recorded(
-            request.method, request.path_qs, dict(request.headers), list(request.raw_headers),
-            body, request.headers.get("Transfer-Encoding", "").lower() == "chunked",
-        ))
-        return web.Response(status=rec.status, body=rec.response_body,
-                            headers=rec.response_headers)
+        rec.requests.append(
+            Recorded(
+                request.method,
+                request.path_qs,
+                dict(request.headers),
+                list(request.raw_headers),
+                body,
+                request.headers.get("Transfer-Encoding", "").lower() == "chunked",
+            )
+        )
+        return web.Response(status=rec.status, body=rec.response_body, headers=rec.response_headers)
 
     app = web.Application(client_max_size=1024**3)
     app.router.add_route("*", "/{tail:.*}", handle)

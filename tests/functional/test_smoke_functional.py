@@ -14,9 +14,13 @@ async def test_remote_write_reaches_upstream(
     body = b"\x00snappy-bytes\xff" * 100
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         async with session.post(
-            f"http://127.0.0.1:{gw.port}/api/v1/write?extra_label=a%3Db", data=body,
-            headers={"Authorization": f"Bearer {TOKEN}", "Content-Encoding": "snappy",
-                     "X-Prometheus-Remote-Write-Version": "0.1.0"},
+            f"http://127.0.0.1:{gw.port}/api/v1/write?extra_label=a%3Db",
+            data=body,
+            headers={
+                "Authorization": f"Bearer {TOKEN}",
+                "Content-Encoding": "snappy",
+                "X-Prometheus-Remote-Write-Version": "0.1.0",
+            },
         ) as resp:
             assert resp.status == 204
         async with session.get(f"http://127.0.0.1:{gw.port}/health") as resp:
