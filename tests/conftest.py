@@ -20,6 +20,7 @@ import pytest
 import structlog
 import uvloop
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway import log
 from gateway.app import Gateway
@@ -138,7 +139,8 @@ class Recorded:
 
     method: str
     path_qs: str
-    headers: dict[str, str]
+    # Case-insensitive: aiohttp canonicalises some names (X-Request-ID).
+    headers: CIMultiDict[str]
     raw_headers: list[tuple[bytes, bytes]]
     chunked: bool
     body: bytes = b""
@@ -181,7 +183,7 @@ async def upstream(aiohttp_server: Any) -> AsyncIterator[RecordingUpstream]:
         seen = Recorded(
             request.method,
             request.path_qs,
-            dict(request.headers),
+            CIMultiDict(request.headers),
             list(request.raw_headers),
             request.headers.get("Transfer-Encoding", "").lower() == "chunked",
         )
