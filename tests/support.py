@@ -138,6 +138,12 @@ def chunked(*parts: bytes, end: bool = True) -> bytes:
     return out + (b"0\r\n\r\n" if end else b"")
 
 
+def rst_on_close(writer: asyncio.StreamWriter) -> None:
+    """SO_LINGER 0: closing the socket sends RST instead of FIN."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 class RawClient:
     """A client connection where every byte on the wire is the test's."""
 
@@ -208,7 +214,9 @@ class RawClient:
         return True
 
     def abort(self) -> None:
-        """Reset the connection (RST), as a crashed sender would."""
+        """Reset the connection (RST), as a crashed sender would.  (A plain
+        close or transport.abort() sends FIN when no unread data is queued.)"""
+        rst_on_close(self.writer)
         self.writer.transport.abort()
 
     async def close(self) -> None:
@@ -299,8 +307,7 @@ async def reset_after_head(
     """Read the request head, then reset the connection before any answer."""
     head = await read_head(reader)
     up.requests.append(head)
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    rst_on_close(writer)
     writer.transport.abort()
 
 
