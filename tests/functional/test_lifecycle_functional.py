@@ -83,7 +83,7 @@ async def test_draining_answers_new_requests_503_and_lets_in_flight_finish(
             assert_error_body(resp, case)
             assert await other.closed()
             # 5. New connections are no longer accepted.
-            with pytest.raises(OSError):
+            with pytest.raises(ConnectionRefusedError):
                 await asyncio.open_connection("127.0.0.1", gw.port)
             # 6. The in-flight request finishes with the upstream's real answer.
             assert not drain.done()
