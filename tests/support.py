@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import struct
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import httptools
@@ -450,3 +454,97 @@ async def scrape(admin_port: int) -> Metrics:
         for s in family.samples
     ]
     return Metrics(samples, text)
+
+
+# ---------------------------------------------------------------------------
+# The real CLI as a subprocess.
+
+
+@dataclass
+class GatewayProcess:
+    """``python -m gateway run --config FILE``; ports come from its first
+    JSON log line (``event=listening``).  Always ``await stop()`` it."""
+
+    config: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: asyncio.subprocess.Process | None = None
+    lines: list[dict[str, Any]] = field(default_factory=list)
+    raw_stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+    port: int = 0
+    admin_port: int = 0
+    _readers: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start(self, timeout: float = 15.0) -> None:
+        env = {**os.environ, **self.env}
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway",
+            "run",
+            "--config",
+            str(self.config),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stderr is not None
+        self._readers = [
+            asyncio.create_task(self._read_stdout(self.proc.stdout)),
+            asyncio.create_task(self._read_stderr(self.proc.stderr)),
+        ]
+        listening = await self.wait_event("listening", timeout)
+        self.port = int(listening["listen"].rpartition(":")[2])
+        self.admin_port = int(listening["admin"].rpartition(":")[2])
+
+    async def _read_stdout(self, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            self.raw_stdout += line
+            with suppress(ValueError):
+                self.lines.append(json.loads(line))
+
+    async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
+        while data := await stream.read(65536):
+            self.stderr += data
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.lines if e.get("event") == name]
+
+    async def wait_event(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.events(name):
+            assert self.proc is not None
+            if self.proc.returncode is not None or loop.time() > deadline:
+                raise AssertionError(
+                    f"no {name!r} event; rc={self.proc.returncode} stderr={bytes(self.stderr)!r}"
+                )
+            await asyncio.sleep(0.02)
+        return self.events(name)[0]
+
+    def status(self) -> dict[str, int]:
+        """VmRSS / VmHWM of the process, in KiB (Linux /proc)."""
+        assert self.proc is not None
+        out: dict[str, int] = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+        return out
+
+    async def wait(self, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        rc = await asyncio.wait_for(self.proc.wait(), timeout)
+        await asyncio.wait(self._readers, timeout=2.0)
+        return rc
+
+    async def stop(self) -> None:
+        """Finaliser: kill whatever is left, collect the exit status."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        for task in self._readers:
+            task.cancel()
+        if self._readers:
+            await asyncio.wait(self._readers, timeout=2.0)
