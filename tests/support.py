@@ -173,6 +173,14 @@ class RawClient:
         self.raw += data
         self._collector.parser.feed_data(data)
 
+    async def received(self, needle: bytes, timeout: float = 5.0) -> None:
+        """Wait until ``needle`` has arrived (the response may be incomplete)."""
+        async with asyncio.timeout(timeout):
+            while needle not in self.raw:
+                if self.eof:
+                    raise AssertionError(f"closed before {needle!r}: {bytes(self.raw)!r}")
+                await self._read_more()
+
     async def response(self, timeout: float = 5.0) -> RawResponse:
         """The next complete response (interim 1xx answers are skipped)."""
         async with asyncio.timeout(timeout):
