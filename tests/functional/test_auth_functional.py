@@ -177,6 +177,19 @@ async def test_valid_token_any_scheme_case_passes(
     assert len(up.requests) == 1
 
 
+@pytest.mark.parametrize("ows", [" ", "\t", "  \t "])
+async def test_whitespace_around_the_header_value_is_not_part_of_the_token(
+    setup: tuple[Gateway, RawUpstream], ows: str
+) -> None:
+    # RFC 9110 §5.5: leading and trailing whitespace is not part of a field
+    # value; recipients exclude it before evaluating the value.
+    gw, _up = setup
+    for value in (f"Bearer {TOKEN}{ows}", f"{ows}Bearer {TOKEN}"):
+        head = request_bytes("POST", "/api/v1/write", [("Authorization", value)], b"x", token=None)
+        resp = await raw_request(gw.port, head)
+        assert resp.status == 204, repr(value)
+
+
 async def test_health_names_the_credential_and_is_never_proxied(
     setup: tuple[Gateway, RawUpstream],
 ) -> None:

@@ -325,6 +325,25 @@ async def test_http10_client(start_gateway: StartGateway, upstream: RecordingUps
     assert upstream.complete[0].body == b"old"
 
 
+async def test_slow_head_and_idle_connections_are_closed(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(
+        config_text(server="header_timeout_seconds = 0.3\nkeepalive_timeout_seconds = 0.3")
+    )
+    loop = asyncio.get_running_loop()
+    async with raw_client(gw.port) as client:  # slowloris: a head that never ends
+        await client.send(b"POST /api/v1/write HTTP/1.1\r\nHost: g\r\n" + AUTH)
+        started = loop.time()
+        assert await client.closed()
+        assert 0.25 <= loop.time() - started < 2.0
+        assert b"HTTP/1.1 5" not in client.raw
+    async with raw_client(gw.port) as client:  # keep-alive idle after an answer
+        await client.send(request_bytes("GET", "/health"))
+        assert (await client.response()).status == 200
+        started = loop.time()
+        assert await client.closed()
+        assert 0.25 <= loop.time() - started < 2.0
+
+
 CORPUS = [
     b"GET / HTTP/1.1\r\n\r\n",
     b"get /health HTTP/1.1\r\nHost: g\r\n" + AUTH + b"\r\n",

@@ -18,6 +18,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.support import (
+    OTLP,
     ROUTE_IDS,
     ROUTES,
     THREE_CREDENTIALS,
@@ -192,3 +193,22 @@ async def test_slow_but_steady_client_is_not_cut_off(
     assert resp.status == 204
     [seen] = upstream.complete
     assert seen.body == b"".join(pieces)
+
+
+async def test_otlp_json_requests_get_json_errors(
+    start_gateway: StartGateway, upstream: RecordingUpstream
+) -> None:
+    gw = await start_gateway(
+        gateway_config(upstream.url, server=f"body_idle_timeout_seconds = {IDLE}")
+    )
+    json_type = [("Content-Type", "application/json")]
+    async with raw_client(gw.port) as client:
+        await client.send(request_bytes("POST", "/v1/traces", json_type, content_length=2**30))
+        resp = await client.response()
+        assert resp.status == 413
+        assert_error_body(resp, OTLP, as_json=True)
+    async with raw_client(gw.port) as client:
+        await client.send(request_bytes("POST", "/v1/traces", json_type, content_length=10) + b"{")
+        resp = await client.response()
+        assert resp.status == 503
+        assert_error_body(resp, OTLP, as_json=True)
