@@ -8,6 +8,7 @@ hop-by-hop headers."""
 from __future__ import annotations
 
 import asyncio
+from contextlib import suppress
 
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
@@ -319,3 +320,47 @@ async def test_upstream_1xx_is_not_forwarded_as_final(
         await client.send(request_bytes("POST", "/api/v1/write", body=BODY))
         assert (await client.response()).status == 204
     await wait_for(lambda: len(up.requests) == 2)
+
+
+async def stop_reading_after_head(
+    up: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Read the head, then never read again (a wedged receiver): the
+    gateway's writes back up and the client must be paused, not blamed."""
+    up.requests.append(await read_head(reader))
+    with suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+@pytest.mark.parametrize("case", ROUTES, ids=ROUTE_IDS)
+async def test_upstream_not_reading_the_body_is_504_not_a_client_timeout(
+    start_gateway: StartGateway, raw_upstream: StartRawUpstream, case: RouteCase
+) -> None:
+    up = await raw_upstream(stop_reading_after_head)
+    gw = await start_gateway(
+        config_text(
+            up.url + "/api/v1/write",
+            up.url + "/v1/traces",
+            server="body_idle_timeout_seconds = 0.3",
+            upstream="response_timeout_seconds = 1.0",
+        )
+    )
+    size = 48 * 1024 * 1024  # under the route limit, far over socket buffers
+    async with raw_client(gw.port) as client:
+        await client.send(request_bytes("POST", case.path, content_length=size))
+
+        async def feed() -> None:
+            block = bytes(1024 * 1024)
+            for _ in range(size // len(block)):
+                await client.send(block)  # blocks once the gateway stops reading
+
+        feeder = asyncio.create_task(feed())
+        try:
+            resp = await client.response(timeout=10)
+        finally:
+            feeder.cancel()
+            with suppress(asyncio.CancelledError, ConnectionError):
+                await feeder
+    # The sender kept sending; the receiver was the one that stopped.
+    assert resp.status == 504
+    assert_error_body(resp, case)
