@@ -115,7 +115,10 @@ async def test_bad_credentials_get_401_on_routes(
     "path",
     ["/nope", "/", "/health", "/api/v1/write/", "/metrics", "/api/v1/write/../../etc/passwd"],
 )
-@pytest.mark.parametrize(("auth", "reason"), BAD_CREDENTIALS[:2] + BAD_CREDENTIALS[7:8])
+@pytest.mark.parametrize(
+    ("auth", "reason"),
+    [p for p in BAD_CREDENTIALS if p.id in {"missing", "basic-scheme", "unknown", "expired"}],
+)
 async def test_bad_credentials_get_401_on_every_path(
     setup: tuple[Gateway, RawUpstream], path: str, auth: list[str] | None, reason: str
 ) -> None:
