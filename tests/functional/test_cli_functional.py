@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RecordingUpstream, config_text, wait_for
-from tests.support import GatewayProcess, raw_client, raw_request, request_bytes
+from tests.conftest import OTHER_TOKEN, TOKEN, RecordingUpstream, config_text, wait_for
+from tests.support import GatewayProcess, raw_client, raw_request, request_bytes, scrape
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -166,5 +166,41 @@ async def test_sigterm_when_idle_exits_0_promptly(tmp_path: Path) -> None:
             assert await gw.wait() == 0
             assert loop.time() - started < 5.0
             assert await client.closed()
+    finally:
+        await gw.stop()
+
+
+async def test_sighup_reloads_a_good_config_and_keeps_serving_on_a_bad_one(
+    upstream: RecordingUpstream, tmp_path: Path
+) -> None:
+    config = tmp_path / "gateway.toml"
+    original = config_text(upstream.url + "/api/v1/write")
+    config.write_text(original)
+    gw = GatewayProcess(config)
+
+    async def status_with(token: str) -> int:
+        data = request_bytes("POST", "/api/v1/write", body=b"x", token=token)
+        return (await raw_request(gw.port, data)).status
+
+    try:
+        await gw.start()
+        assert gw.proc is not None
+        assert await status_with(OTHER_TOKEN) == 204
+        # A good config without the "other" credential: its token stops working.
+        without_other = original[: original.index('[[credentials]]\nname = "other"')]
+        config.write_text(without_other)
+        gw.proc.send_signal(signal.SIGHUP)
+        await gw.wait_event("config_reloaded")
+        assert await status_with(OTHER_TOKEN) == 401
+        assert await status_with(TOKEN) == 204
+        # A bad config is rejected, logged and counted; the last good one serves.
+        config.write_text(without_other.replace("http://", "ftp://", 1))
+        gw.proc.send_signal(signal.SIGHUP)
+        failed = await gw.wait_event("config_reload_failed")
+        assert "routes[0].upstream" in failed["error"]
+        assert await status_with(TOKEN) == 204
+        metrics = await scrape(gw.admin_port)
+        assert metrics.value("gateway_config_reloads_total", result="success") == 1
+        assert metrics.value("gateway_config_reloads_total", result="failure") == 1
     finally:
         await gw.stop()
