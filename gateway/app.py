@@ -12,21 +12,19 @@ to the drain timeout → everything left is closed → logs flushed.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
-from collections.abc import Callable
 from typing import Any
-
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import __version__, log
 from gateway.config import Settings
-from gateway.metrics import GatewayCollector, Snapshot, Stats, build_registry
+from gateway.metrics import Snapshot, Stats
 from gateway.runtime import Generation, Shared
 from gateway.server import ClientConnection
+from gateway.tls import TlsTerminator
 from gateway.upstream import Pools
 
-__all__ = ["Gateway", "config_gauges", "make_admin_app", "split_hostport"]
+__all__ = ["Gateway", "config_gauges", "listen_socket", "split_hostport"]
 
 # How often deadlines are checked: fine enough for second-scale timeouts,
 # coarse enough that thousands of idle connections cost next to nothing.
@@ -39,8 +37,38 @@ def split_hostport(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def listen_socket(listen: str, *, reuse_port: bool, listen_now: bool = True) -> socket.socket:
+    """A TCP socket bound to ``HOST:PORT``; with ``reuse_port`` several
+    processes bind the same port and the kernel spreads connections.
+
+    The supervisor binds without listening to reserve (and, for port 0,
+    choose) the port; each worker then binds it again and listens.
+    """
+    host, port = split_hostport(listen)
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(addr)
+        if listen_now:
+            sock.listen(2048)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def config_gauges(
-    settings: Settings, reloads: dict[str, int], last_success: float, workers: int = 1
+    settings: Settings,
+    reloads: dict[str, int],
+    last_success: float,
+    workers: int = 1,
+    last_ok: bool = True,
 ) -> Snapshot:
     """Metric values that come from config rather than traffic."""
     return {
@@ -53,31 +81,10 @@ def config_gauges(
         ],
         "reloads": dict(reloads),
         "last_reload_success": last_success,
+        "last_reload_ok": last_ok,
         "version": __version__,
         "workers": workers,
     }
-
-
-def make_admin_app(render: Callable[[], Any], ready: Callable[[], bool]) -> web.Application:
-    """The admin listener: never exposed publicly (DESIGN §1)."""
-
-    async def metrics(request: web.Request) -> web.Response:
-        body = await render()
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def livez(request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    async def readyz(request: web.Request) -> web.Response:
-        if ready():
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready\n")
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/livez", livez)
-    app.router.add_get("/readyz", readyz)
-    return app
 
 
 class Gateway:
@@ -89,7 +96,7 @@ class Gateway:
         *,
         reuse_port: bool = False,
         admin: bool = True,
-        sock: Any = None,
+        sock: socket.socket | None = None,
     ) -> None:
         self.settings = settings
         self.reuse_port = reuse_port
@@ -99,8 +106,10 @@ class Gateway:
         self.stats = Stats()
         self.reloads = {"success": 0, "failure": 0}
         self.last_reload_success = time.time()
+        self.last_reload_ok = True
         self._server: asyncio.Server | None = None
-        self._admin_runner: web.AppRunner | None = None
+        self._admin: Any = None
+        self._tls: TlsTerminator | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._ready = False
         self.port = 0
@@ -120,19 +129,19 @@ class Gateway:
             access,
             self.log,
         )
-        if self._sock is not None:
-            server = await loop.create_server(
-                lambda: ClientConnection(shared), sock=self._sock, backlog=2048
-            )
-        else:
-            host, port = split_hostport(s.server.listen)
-            server = await loop.create_server(
-                lambda: ClientConnection(shared),
-                host,
-                port,
-                reuse_port=self.reuse_port,
-                backlog=2048,
-            )
+        sock = self._sock or listen_socket(s.server.listen, reuse_port=self.reuse_port)
+        ssl_ctx = None
+        if s.tls_context is not None:
+            self._tls = TlsTerminator(s.tls_context)
+            ssl_ctx = self._tls.listener
+            shared.tls = True
+        server = await loop.create_server(
+            lambda: ClientConnection(shared),
+            sock=sock,
+            backlog=2048,
+            ssl=ssl_ctx,
+            ssl_handshake_timeout=s.server.header_timeout_seconds if ssl_ctx else None,
+        )
         self._server = server
         self.port = server.sockets[0].getsockname()[1]
         self._ticker = loop.create_task(self._tick())
@@ -141,25 +150,18 @@ class Gateway:
         self._ready = True
 
     async def _start_admin(self) -> None:
-        registry = build_registry(GatewayCollector(self.stats.snapshot, self._gauges))
+        # Imported here: worker processes never load aiohttp or
+        # prometheus-client (about 25 MB of resident memory each).
+        from gateway.admin import AdminServer  # noqa: PLC0415
 
-        async def render() -> bytes:
-            return generate_latest(registry)
-
-        runner = web.AppRunner(
-            make_admin_app(render, lambda: self._ready),
-            access_log=None,
-            handle_signals=False,
-        )
-        await runner.setup()
-        host, port = split_hostport(self.settings.server.admin_listen)
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        self._admin_runner = runner
-        self.admin_port = runner.addresses[0][1]
+        admin = AdminServer(self.stats.snapshot, self._gauges, lambda: self._ready)
+        self.admin_port = await admin.start(self.settings.server.admin_listen)
+        self._admin = admin
 
     def _gauges(self) -> Snapshot:
-        return config_gauges(self.settings, self.reloads, self.last_reload_success)
+        return config_gauges(
+            self.settings, self.reloads, self.last_reload_success, 1, self.last_reload_ok
+        )
 
     # -- run ----------------------------------------------------------------
     def _tick_interval(self) -> float:
@@ -196,11 +198,20 @@ class Gateway:
 
     def reload(self, settings: Settings) -> None:
         """Swap in a validated config; exchanges in flight keep theirs."""
-        assert self.shared is not None
-        self.shared.gen = Generation.build(settings)
+        shared = self.shared
+        assert shared is not None
+        if self._tls is not None and settings.tls_context is not None:
+            self._tls.swap(settings.tls_context)
+        shared.admission.configure(settings.limits, settings.credentials, shared.loop.time())
+        shared.gen = Generation.build(settings)
         self.settings = settings
         self.reloads["success"] += 1
         self.last_reload_success = time.time()
+        self.last_reload_ok = True
+
+    def reload_failed(self) -> None:
+        self.reloads["failure"] += 1
+        self.last_reload_ok = False
 
     # -- stop ---------------------------------------------------------------
     async def drain(self, timeout: float | None = None) -> None:
@@ -238,7 +249,7 @@ class Gateway:
             self._server.close()
         if self.shared is not None:
             self.shared.pools.close()
-        if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
-            self._admin_runner = None
+        if self._admin is not None:
+            await self._admin.close()
+            self._admin = None
         log.flush()

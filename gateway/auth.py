@@ -7,6 +7,12 @@ which digest matched nor how much of it matched shows in the timing.
 Non-ASCII or oversized input is just another unknown token: comparing
 fixed-length digests as bytes never raises.  A token never appears in a
 return value, an exception or a ``repr``.
+
+JWT credentials (RFC 7519 / RFC 8725): the algorithm comes from the
+credential's allow-list, never from the token; the key is looked up by
+``kid`` in the configured set only; ``exp``, ``iss`` and ``aud`` are
+required.  A verified token is cached by its digest until it expires, so
+a sender reusing its JWT costs one dict lookup per request.
 """
 
 from __future__ import annotations
@@ -14,8 +20,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass, field
+from typing import Any
 
-from gateway.config import Credential
+import jwt
+
+from gateway.config import Credential, JwtConfig
+from gateway.credentials import JwtKey
 
 __all__ = [
     "MAX_AUTHORIZATION_BYTES",
@@ -27,6 +37,10 @@ __all__ = [
 # Longer headers are rejected before hashing: a bearer token of 256 bits is
 # 43-64 characters, and a JWT with a few claims stays well under this.
 MAX_AUTHORIZATION_BYTES = 4096
+# Verified JWTs remembered at once; beyond it the cache starts over (an
+# attacker's valid-looking tokens cannot grow memory without bound).
+JWT_CACHE_SIZE = 10_000
+_JWT_REQUIRED = {"require": ["exp", "iss", "aud"]}
 
 _sha256 = hashlib.sha256
 _compare = hmac.compare_digest
@@ -77,13 +91,22 @@ class _Entry:
 
 
 class Authenticator:
-    """Holds the digests of one config generation; immutable after build."""
+    """The digests and keys of one config generation (rebuilt on reload)."""
 
-    __slots__ = ("_entries",)
+    __slots__ = ("_entries", "_jwt_by_kid", "_jwt_cache", "_jwt_single")
 
     def __init__(self, credentials: tuple[Credential, ...]) -> None:
         entries: list[_Entry] = []
+        self._jwt_by_kid: dict[str, tuple[Credential, JwtKey]] = {}
+        unnamed: list[tuple[Credential, JwtKey]] = []
+        self._jwt_cache: dict[bytes, tuple[Principal, float]] = {}
         for cred in credentials:
+            if cred.jwt is not None:
+                for key in cred.jwt.keys:
+                    if key.kid:
+                        self._jwt_by_kid[key.kid] = (cred, key)
+                    else:
+                        unnamed.append((cred, key))
             for t in cred.tokens:
                 principal = Principal(cred.name, t.id, cred.routes, t.not_after)
                 entries.append(_Entry(t.digest, principal, t.not_before, t.not_after, None))
@@ -91,6 +114,8 @@ class Authenticator:
                 failure = Failure("revoked", cred.name, r.id)
                 entries.append(_Entry(r.digest, None, None, None, failure))
         self._entries = tuple(entries)
+        # A key without a kid is usable only when it is the only such key.
+        self._jwt_single = unnamed[0] if len(unnamed) == 1 else None
 
     def authenticate(self, header: bytes | None, now: float) -> Principal | Failure:
         if header is None:
@@ -107,6 +132,8 @@ class Authenticator:
             if _compare(entry.digest, digest):
                 found = entry
         if found is None:
+            if (self._jwt_by_kid or self._jwt_single) and token.count(b".") == 2:
+                return self._jwt(token, digest, now)
             return UNKNOWN
         if found.revoked is not None:
             return found.revoked
@@ -117,3 +144,66 @@ class Authenticator:
         if found.not_before is not None and now < found.not_before:
             return Failure("not_yet_valid", principal.credential, principal.token_id)
         return principal
+
+    def _jwt(self, token: bytes, digest: bytes, now: float) -> Principal | Failure:
+        cached = self._jwt_cache.get(digest)
+        if cached is not None:
+            principal, valid_until = cached
+            if now < valid_until:
+                return principal
+            del self._jwt_cache[digest]
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except (jwt.PyJWTError, ValueError, TypeError):
+            return JWT_INVALID
+        entry = self._jwt_by_kid.get(kid) if isinstance(kid, str) and kid else self._jwt_single
+        if entry is None:
+            return JWT_INVALID  # a kid outside the configured set
+        cred, key = entry
+        config = cred.jwt
+        assert config is not None
+        token_id = key.kid or "jwt"
+        try:
+            claims = jwt.decode(
+                token,
+                key.key,
+                algorithms=list(config.algorithms),
+                audience=config.audience,
+                issuer=config.issuer,
+                leeway=config.leeway,
+                options=_JWT_REQUIRED,  # type: ignore[arg-type]
+            )
+        except jwt.ExpiredSignatureError:
+            return Failure("expired", cred.name, token_id)
+        except jwt.ImmatureSignatureError:
+            return Failure("not_yet_valid", cred.name, token_id)
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+            return Failure("jwt_invalid", cred.name, token_id)
+        expires = float(claims["exp"])
+        principal = Principal(cred.name, token_id, _scoped(config, cred.routes, claims), expires)
+        if len(self._jwt_cache) >= JWT_CACHE_SIZE:
+            self._jwt_cache.clear()
+        self._jwt_cache[digest] = (principal, expires + config.leeway)
+        return principal
+
+
+JWT_INVALID = Failure("jwt_invalid")
+
+
+def _scoped(config: JwtConfig, routes: frozenset[str], claims: dict[str, Any]) -> frozenset[str]:
+    """Routes a verified token may use: its scope claim, within the credential's."""
+    if not config.scope_claim:
+        return routes
+    value = claims.get(config.scope_claim)
+    if isinstance(value, str):
+        values = value.split()
+    elif isinstance(value, list):
+        values = [v for v in value if isinstance(v, str)]
+    else:
+        return frozenset()
+    if config.scopes:
+        granted: set[str] = set()
+        for v in values:
+            granted |= config.scopes.get(v, frozenset())
+        return frozenset(granted) & routes
+    return frozenset(values) & routes

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import hashlib
+import math
+import os
 import secrets
 import signal
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,7 +25,8 @@ import uvloop
 
 from gateway import __version__, log
 from gateway.app import Gateway
-from gateway.config import ConfigError, Settings, load
+from gateway.config import ConfigError, Settings, expiry_warnings, load
+from gateway.watch import watch_files
 
 __all__ = ["main"]
 
@@ -31,6 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve with a config file")
     run.add_argument("--config", "-c", required=True, type=Path)
+    run.add_argument(
+        "--workers",
+        "-w",
+        type=int,
+        default=None,
+        help="worker processes (default: [server] workers, else one per CPU)",
+    )
+    worker = sub.add_parser("_worker", help=argparse.SUPPRESS)
+    worker.add_argument("--fd", type=int, required=True)
+    worker.add_argument("--index", type=int, required=True)
     check = sub.add_parser("check-config", help="validate a config; print credential × route")
     check.add_argument("config", type=Path)
     sub.add_parser("hash-token", help="print a fresh 256-bit token and its sha256 config line")
@@ -41,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "hash-token":
         return _hash_token()
+    if args.command == "_worker":
+        # Workers import only the data path: no aiohttp, no prometheus-client.
+        from gateway.worker import serve_worker  # noqa: PLC0415
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(serve_worker(args.fd, args.index))
     try:
         settings = load(args.config)
     except ConfigError as exc:
@@ -49,9 +71,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(_matrix(settings))  # noqa: T201
         return 0
+    workers = args.workers if args.workers is not None else settings.server.workers
+    workers = workers or default_workers()
+    if workers < 1:
+        print("obs-gateway: --workers must be at least 1", file=sys.stderr)  # noqa: T201
+        return 2
     log.configure(settings.log.level)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve(settings, args.config))
+        if workers == 1:
+            return runner.run(_serve(settings, args.config))
+        return runner.run(_supervise(settings, args.config, workers))
+
+
+def default_workers(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """One worker per CPU this process may use: the affinity mask, capped by
+    a cgroup v2 CPU quota (a container limited to 1 CPU on a 16-CPU host
+    gets 1 worker, not 16 that would blow its memory limit)."""
+    cpus = len(os.sched_getaffinity(0)) or 1
+    try:
+        with open(cpu_max, encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max":
+        return cpus
+    return max(1, min(cpus, math.ceil(int(quota) / int(period))))
 
 
 def _hash_token() -> int:
@@ -86,6 +130,85 @@ def _matrix(settings: Settings) -> str:
     return "\n".join(lines)
 
 
+def _listening(settings: Settings, port: int, admin_port: int, workers: int) -> None:
+    host = settings.server.listen.rpartition(":")[0]
+    admin_host = settings.server.admin_listen.rpartition(":")[0]
+    log.get_logger().info(
+        "listening",
+        listen=f"{host}:{port}",
+        admin=f"{admin_host}:{admin_port}",
+        version=__version__,
+        workers=workers,
+        routes=[r.name for r in settings.routes],
+        credentials=[c.name for c in settings.credentials],
+    )
+    log.flush()
+
+
+def _log_expiry(settings: Settings) -> None:
+    logger = log.get_logger()
+    for warning in expiry_warnings(settings, time.time()):
+        event = "token_expired" if warning.pop("expired") else "token_expiring"
+        logger.warning(event, **warning)
+    log.flush()
+
+
+async def _until_stopped(
+    current: Callable[[], Settings], reload: Callable[[], Awaitable[bool]]
+) -> None:
+    """Serve until SIGTERM/SIGINT; reload on SIGHUP and, if enabled, on file change."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    lock = asyncio.Lock()  # one reload at a time, in arrival order
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def reload_once() -> None:
+        async with lock:
+            if await reload():
+                _log_expiry(current())
+
+    def on_sighup() -> None:
+        task = loop.create_task(reload_once())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    settings = current()
+    _log_expiry(settings)
+    if settings.reload.watch:
+        watcher = loop.create_task(
+            watch_files(
+                lambda: current().files, reload_once, settings.reload.watch_interval_seconds
+            )
+        )
+        tasks.add(watcher)
+    await stop.wait()
+    for task in tasks:
+        task.cancel()
+    log.get_logger().info("draining", timeout_seconds=current().server.drain_timeout_seconds)
+
+
+async def _supervise(settings: Settings, path: Path, workers: int) -> int:
+    from gateway.supervisor import Supervisor  # noqa: PLC0415  (see _worker above)
+
+    logger = log.get_logger()
+    supervisor = Supervisor(settings, path, workers)
+    try:
+        await supervisor.start()
+    except OSError as exc:
+        logger.error("listen_failed", error=exc.strerror or str(exc))
+        await supervisor.stop()
+        return 1
+    _listening(settings, supervisor.port, supervisor.admin_port, workers)
+    await _until_stopped(lambda: supervisor.settings, supervisor.reload)
+    await supervisor.stop()
+    logger.info("stopped")
+    log.flush()
+    return 0
+
+
 async def _serve(settings: Settings, path: Path) -> int:
     logger = log.get_logger()
     gateway = Gateway(settings)
@@ -95,35 +218,26 @@ async def _serve(settings: Settings, path: Path) -> int:
         logger.error("listen_failed", error=exc.strerror or str(exc))
         await gateway.close()
         return 1
-    logger.info(
-        "listening",
-        listen=f"{settings.server.listen.rpartition(':')[0]}:{gateway.port}",
-        admin=f"{settings.server.admin_listen.rpartition(':')[0]}:{gateway.admin_port}",
-        version=__version__,
-        routes=[r.name for r in settings.routes],
-        credentials=[c.name for c in settings.credentials],
-    )
-    log.flush()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    _listening(settings, gateway.port, gateway.admin_port, 1)
+    # What start-up allocated lives as long as the process: keep the cyclic
+    # collector from rescanning it.
+    gc.collect()
+    gc.freeze()
 
-    def reload() -> None:
+    async def reload() -> bool:
         try:
             new = load(path)
         except ConfigError as exc:
-            gateway.reloads["failure"] += 1
+            gateway.reload_failed()
             logger.error("config_reload_failed", error=str(exc))
-            return
-        if new.server.listen != settings.server.listen:
+            return False
+        if new.server.listen != gateway.settings.server.listen:
             logger.warning("config_reload_listen_ignored", reason="listen changes need a restart")
         gateway.reload(new)
         logger.info("config_reloaded", source=str(path))
+        return True
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    await stop.wait()
-    logger.info("draining", timeout_seconds=settings.server.drain_timeout_seconds)
+    await _until_stopped(lambda: gateway.settings, reload)
     await gateway.drain()
     logger.info("stopped")
     log.flush()

@@ -19,16 +19,20 @@ import structlog
 __all__ = ["BufferedLineWriter", "access_logger", "configure", "get_logger"]
 
 _FLUSH_AT = 64 * 1024
+# Several workers share one stdout pipe; POSIX keeps writes of at most
+# PIPE_BUF bytes whole, so each write is cut there, at a line end.
+_PIPE_BUF = 4096
 
 
 class BufferedLineWriter:
     """A structlog logger for rendered bytes: buffers info, flushes the rest."""
 
-    __slots__ = ("_buf", "_file")
+    __slots__ = ("_buf", "_file", "_max_write")
 
-    def __init__(self, file: IO[bytes]) -> None:
+    def __init__(self, file: IO[bytes], max_write: int = 0) -> None:
         self._file = file
         self._buf = bytearray()
+        self._max_write = max_write
 
     def _buffered(self, message: bytes) -> None:
         buf = self._buf
@@ -46,14 +50,26 @@ class BufferedLineWriter:
     warning = warn = error = critical = exception = fatal = _immediate
 
     def flush(self) -> None:
-        if self._buf:
-            data, self._buf = bytes(self._buf), bytearray()
-            try:
+        if not self._buf:
+            return
+        data, self._buf = bytes(self._buf), bytearray()
+        try:
+            if not self._max_write:
                 self._file.write(data)
                 self._file.flush()
-            except (OSError, ValueError):
-                # stdout closed or broken: logging must never take the gateway down.
-                pass
+                return
+            start, size = 0, len(data)
+            while start < size:
+                end = start + self._max_write
+                if end < size:
+                    cut = data.rfind(b"\n", start, end)
+                    end = cut + 1 if cut >= start else end
+                self._file.write(data[start:end])
+                self._file.flush()
+                start = end
+        except (OSError, ValueError):
+            # stdout closed or broken: logging must never take the gateway down.
+            pass
 
 
 class _Factory:
@@ -67,12 +83,16 @@ class _Factory:
 _writer: BufferedLineWriter | None = None
 
 
-def configure(level: str = "info", stream: IO[bytes] | None = None) -> BufferedLineWriter:
+def configure(
+    level: str = "info", stream: IO[bytes] | None = None, *, pipe_safe: bool = False
+) -> BufferedLineWriter:
     """Set up structlog for the process; returns the writer to flush."""
     global _writer  # noqa: PLW0603  (structlog's configuration is process-global too)
     if _writer is not None:
         _writer.flush()
-    _writer = BufferedLineWriter(stream if stream is not None else sys.stdout.buffer)
+    _writer = BufferedLineWriter(
+        stream if stream is not None else sys.stdout.buffer, _PIPE_BUF if pipe_safe else 0
+    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

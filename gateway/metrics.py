@@ -1,11 +1,10 @@
-"""The gateway's own metrics: cheap counters on the hot path, Prometheus at scrape.
+"""The gateway's own counters: cheap on the hot path, plain data at scrape.
 
 A request costs a handful of integer additions on plain objects; nothing
-on the request path touches prometheus-client's locks.  At scrape time a
-custom collector turns a snapshot of those counters into metric families
-in a private ``CollectorRegistry``.  Snapshots are plain JSON-able data, so
-the supervisor of several workers sums theirs (``merge``) and renders one
-exposition whose counters add up.
+on the request path touches prometheus-client (``exposition.py`` renders
+snapshots at scrape time, and worker processes never import it).
+Snapshots are plain JSON-able data, so the supervisor of several workers
+sums theirs (``merge``) into one exposition whose counters add up.
 
 Label values are bounded: route and credential names from config, token
 ids from config, status codes, and fixed reason/kind words; never a path,
@@ -15,19 +14,10 @@ a header or anything else a client sent.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
-
-__all__ = ["DURATION_BUCKETS", "Collect", "GatewayCollector", "Stats", "build_registry", "merge"]
+__all__ = ["DURATION_BUCKETS", "Snapshot", "Stats", "merge"]
 
 # Seconds.  Remote-write round trips on loopback sit near 1 ms; a slow
 # VictoriaMetrics or a big batch over the internet reaches tens of seconds.
@@ -52,7 +42,6 @@ DURATION_BUCKETS: tuple[float, ...] = (
 _NB = len(DURATION_BUCKETS)
 
 Snapshot = dict[str, Any]
-Collect = Callable[[], Snapshot]
 
 
 class _Hist:
@@ -104,13 +93,22 @@ class TokenStats:
 class Stats:
     """One process's counters.  Survives config reloads (counters never reset)."""
 
-    __slots__ = ("auth_failures", "pairs", "routes", "tokens")
+    __slots__ = (
+        "auth_failures",
+        "limit_rejections",
+        "open_connections",
+        "pairs",
+        "routes",
+        "tokens",
+    )
 
     def __init__(self) -> None:
         self.routes: dict[str, RouteStats] = {}
         self.pairs: dict[tuple[str, str], PairStats] = {}
         self.tokens: dict[tuple[str, str], TokenStats] = {}
         self.auth_failures: dict[tuple[str, str, str], int] = {}
+        self.limit_rejections: dict[str, int] = {}
+        self.open_connections = 0
 
     def route(self, name: str) -> RouteStats:
         stats = self.routes.get(name)
@@ -135,6 +133,9 @@ class Stats:
     def auth_failure(self, reason: str, credential: str = "", token_id: str = "") -> None:
         key = (reason, credential, token_id)
         self.auth_failures[key] = self.auth_failures.get(key, 0) + 1
+
+    def limit_rejection(self, reason: str) -> None:
+        self.limit_rejections[reason] = self.limit_rejections.get(reason, 0) + 1
 
     def upstream_error(self, route: str, kind: str) -> None:
         errors = self.route(route).upstream_errors
@@ -162,6 +163,8 @@ class Stats:
                 for (cred, tid), t in self.tokens.items()
             ],
             "auth_failures": [[*key, n] for key, n in self.auth_failures.items()],
+            "limit_rejections": dict(self.limit_rejections),
+            "open_connections": self.open_connections,
         }
 
 
@@ -171,6 +174,8 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     pairs: dict[tuple[str, str], list[Any]] = {}
     tokens: dict[tuple[str, str], list[Any]] = {}
     failures: dict[tuple[str, str, str], int] = {}
+    rejections: dict[str, int] = {}
+    open_connections = 0
     for snap in snapshots:
         for name, r in snap["routes"].items():
             acc = routes.get(name)
@@ -195,153 +200,14 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
             t[4] += nbytes
         for reason, cred, tid, n in snap["auth_failures"]:
             failures[reason, cred, tid] = failures.get((reason, cred, tid), 0) + n
+        for reason, n in snap.get("limit_rejections", {}).items():
+            rejections[reason] = rejections.get(reason, 0) + n
+        open_connections += snap.get("open_connections", 0)
     return {
         "routes": routes,
         "pairs": list(pairs.values()),
         "tokens": list(tokens.values()),
         "auth_failures": [[*k, n] for k, n in failures.items()],
+        "limit_rejections": rejections,
+        "open_connections": open_connections,
     }
-
-
-def _buckets(values: list[float]) -> tuple[list[tuple[str, float]], float]:
-    cumulative, out = 0.0, []
-    for bound, n in zip((*DURATION_BUCKETS, float("inf")), values[: _NB + 1], strict=True):
-        cumulative += n
-        out.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-    return out, values[_NB + 1]
-
-
-class GatewayCollector(Collector):
-    """Renders a snapshot (local, or merged from workers) plus config gauges."""
-
-    def __init__(self, collect: Collect, config_gauges: Callable[[], Snapshot]) -> None:
-        self._collect = collect
-        self._config_gauges = config_gauges
-
-    def collect(self) -> Iterator[Metric]:
-        snap = self._collect()
-        gauges = self._config_gauges()
-        yield from self._requests(snap)
-        yield from self._routes(snap)
-        yield from self._tokens(snap, gauges)
-        yield from self._config(gauges)
-
-    @staticmethod
-    def _requests(snap: Snapshot) -> Iterator[Metric]:
-        requests = CounterMetricFamily(
-            "gateway_requests",
-            "Requests answered, by route, credential and status code.",
-            labels=["route", "credential", "code"],
-        )
-        req_bytes = CounterMetricFamily(
-            "gateway_request_bytes",
-            "Request body bytes received from clients.",
-            labels=["route", "credential"],
-        )
-        for route, cred, codes, nbytes in snap["pairs"]:
-            for code, n in sorted(codes.items()):
-                requests.add_metric([route, cred, code], n)
-            req_bytes.add_metric([route, cred], nbytes)
-        failures = CounterMetricFamily(
-            "gateway_auth_failures",
-            "Requests refused by authentication, by reason; credential and token_id "
-            "are set only for revoked, expired and not-yet-valid tokens.",
-            labels=["reason", "credential", "token_id"],
-        )
-        for reason, cred, tid, n in snap["auth_failures"]:
-            failures.add_metric([reason, cred, tid], n)
-        yield from (requests, req_bytes, failures)
-
-    @staticmethod
-    def _routes(snap: Snapshot) -> Iterator[Metric]:
-        duration = HistogramMetricFamily(
-            "gateway_request_duration_seconds",
-            "Whole exchange, from the request head to the last response byte.",
-            labels=["route"],
-        )
-        upstream = HistogramMetricFamily(
-            "gateway_upstream_response_seconds",
-            "From the request head sent upstream to the upstream's response head.",
-            labels=["route"],
-        )
-        resp_bytes = CounterMetricFamily(
-            "gateway_response_bytes", "Response body bytes sent to clients.", labels=["route"]
-        )
-        in_flight = GaugeMetricFamily(
-            "gateway_requests_in_flight", "Requests being proxied now.", labels=["route"]
-        )
-        errors = CounterMetricFamily(
-            "gateway_upstream_errors",
-            "Upstream failures by kind: connect, timeout, reset, protocol.",
-            labels=["route", "kind"],
-        )
-        for name, r in sorted(snap["routes"].items()):
-            buckets, total = _buckets(r["duration"])
-            duration.add_metric([name], buckets, total)
-            buckets, total = _buckets(r["upstream"])
-            upstream.add_metric([name], buckets, total)
-            resp_bytes.add_metric([name], r["response_bytes"])
-            in_flight.add_metric([name], r["in_flight"])
-            for kind, n in sorted(r["upstream_errors"].items()):
-                errors.add_metric([name, kind], n)
-        yield from (duration, upstream, resp_bytes, in_flight, errors)
-
-    @staticmethod
-    def _tokens(snap: Snapshot, gauges: Snapshot) -> Iterator[Metric]:
-        last_used = GaugeMetricFamily(
-            "gateway_credential_last_used_timestamp_seconds",
-            "When a token last authenticated a request (0: not since start).",
-            labels=["credential", "token_id"],
-        )
-        requests = CounterMetricFamily(
-            "gateway_credential_requests",
-            "Requests authenticated by each token.",
-            labels=["credential", "token_id"],
-        )
-        nbytes = CounterMetricFamily(
-            "gateway_credential_request_bytes",
-            "Request body bytes sent with each token.",
-            labels=["credential", "token_id"],
-        )
-        seen = {(c, t): (last, n, b) for c, t, last, n, b in snap["tokens"]}
-        for cred, tid in gauges.get("tokens", []):
-            last, n, b = seen.get((cred, tid), (0.0, 0, 0))
-            last_used.add_metric([cred, tid], last)
-            requests.add_metric([cred, tid], n)
-            nbytes.add_metric([cred, tid], b)
-        expiry = GaugeMetricFamily(
-            "gateway_credential_expiry_timestamp_seconds",
-            "not_after of each token that has one.",
-            labels=["credential", "token_id"],
-        )
-        for cred, tid, when in gauges.get("expiry", []):
-            expiry.add_metric([cred, tid], when)
-        yield from (last_used, requests, nbytes, expiry)
-
-    @staticmethod
-    def _config(gauges: Snapshot) -> Iterator[Metric]:
-        reloads = CounterMetricFamily(
-            "gateway_config_reloads", "Config reload attempts by result.", labels=["result"]
-        )
-        for result in ("success", "failure"):
-            reloads.add_metric([result], gauges.get("reloads", {}).get(result, 0))
-        last = GaugeMetricFamily(
-            "gateway_config_last_reload_success_timestamp_seconds",
-            "When the serving config was loaded.",
-        )
-        last.add_metric([], gauges.get("last_reload_success", 0.0))
-        info = GaugeMetricFamily("gateway_build_info", "Build information.", labels=["version"])
-        info.add_metric([gauges.get("version", "")], 1)
-        workers = GaugeMetricFamily("gateway_workers", "Worker processes serving traffic.")
-        workers.add_metric([], gauges.get("workers", 1))
-        yield from (reloads, last, info, workers)
-
-
-def build_registry(collector: GatewayCollector, *, process: bool = True) -> CollectorRegistry:
-    """A private registry: ours plus the standard process/platform collectors."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    if process:
-        ProcessCollector(registry=registry)
-        PlatformCollector(registry=registry)
-    return registry

@@ -1,10 +1,10 @@
 """One exchange: a request's way from the client to its answer.
 
-Decides, in DESIGN §3 order, whether the gateway answers itself (auth,
-routing, limits, /health) or streams the request to the route's upstream;
-then copies bytes both ways with flow control, enforces the body cap while
-streaming, maps upstream failures to the contract's statuses and accounts
-the exchange once (metrics, one access line).
+``dispatch.py`` decides whether the gateway answers itself or proxies;
+this module carries the decision out: local answers, admission into the
+concurrency limits (with a short queue), then streaming both ways with
+flow control, the body cap enforced while streaming, upstream failures
+mapped to the contract's statuses, and one ``account`` call at the end.
 
 States: an exchange is *started* once dispatched; it is *finished* when
 its response is complete and its request body has been read, or when the
@@ -17,22 +17,21 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-import orjson
-
-from gateway.auth import Failure
+from gateway.accounting import account
+from gateway.dispatch import dispatch
 from gateway.errors import CLIENT_CLOSED, Kind, Protocol
 from gateway.headers import RESPONSE_DROP, connection_tokens
-from gateway.routing import HEALTH
+from gateway.health import DEEP_TIMEOUT_SECONDS, check_upstreams, health_response, wants_deep
 
 if TYPE_CHECKING:
     from gateway.auth import Principal
+    from gateway.limits import Slots
     from gateway.metrics import RouteStats
     from gateway.routing import Route
-    from gateway.runtime import Generation, Shared
     from gateway.server import ClientConnection, RequestHead
     from gateway.upstream import Pool, UpstreamConnection
 
-__all__ = ["DISCARD_LIMIT", "Exchange", "record_rejected"]
+__all__ = ["DISCARD_LIMIT", "Exchange"]
 
 # A request answered without proxying still has its body on the wire: up to
 # this size it is read and dropped to keep the connection; beyond, the
@@ -55,12 +54,16 @@ _ERROR_LABEL = {"connect_timeout": "connect", "internal": "internal"}
 
 class Exchange:
     __slots__ = (
+        "_body_t0",
         "_connect_task",
         "_early",
         "_early_done",
+        "_held",
+        "_queued_on",
         "body_in",
         "bytes_out",
         "chunked_out",
+        "client",
         "close",
         "conn",
         "credential",
@@ -100,6 +103,7 @@ class Exchange:
         self.principal: Principal | None = None
         self.credential = "none"
         self.token_id = ""
+        self.client = conn.peer
         self.status = 0
         self.error = ""
         self.body_in = 0
@@ -122,6 +126,9 @@ class Exchange:
         self._connect_task: object = None
         self._early: list[bytes] | None = None
         self._early_done = False
+        self._held: list[Slots] = []  # concurrency slots to release at the end
+        self._queued_on: Slots | None = None
+        self._body_t0 = 0.0
 
     # ------------------------------------------------------------------
     # Request side, driven by the client connection's parser callbacks.
@@ -132,7 +139,7 @@ class Exchange:
         self.gen = gen = self.shared.gen
         head = self.head
         try:
-            self._dispatch(gen, head)
+            dispatch(self, gen, head)
         except Exception as exc:  # noqa: BLE001  (a bug must cost a 503, not the connection)
             self._internal(exc)
         early, self._early = self._early, None
@@ -141,55 +148,6 @@ class Exchange:
                 self.on_body(chunk)
         if self._early_done:
             self.on_request_complete()
-
-    def _dispatch(self, gen: Generation, head: RequestHead) -> None:
-        route = gen.routes.get(head.path)
-        if route is not None:
-            self.route = route
-            self.route_name = route.name
-            self.protocol = route.protocol
-        principal = gen.auth.authenticate(head.authorization, time.time())
-        if isinstance(principal, Failure):
-            self.shared.stats.auth_failure(
-                principal.reason, principal.credential, principal.token_id
-            )
-            self.error = "auth_" + principal.reason
-            # revoked / expired / not yet valid: the log names the token id,
-            # so the operator learns which sender holds an old secret.
-            self.token_id = principal.token_id
-            kind = Kind.AUTH_MISSING if head.authorization is None else Kind.AUTH_INVALID
-            self.answer(kind)
-            return
-        self.principal = principal
-        self.credential = principal.credential
-        self.token_id = principal.token_id
-        if route is None:
-            self.answer(Kind.NOT_FOUND)
-            return
-        if head.method not in route.methods:
-            self.answer(Kind.METHOD, route.allow_line)
-            return
-        if route is HEALTH:
-            self._health(principal)
-            return
-        if route.name not in principal.routes:
-            self.shared.stats.auth_failure("scope", principal.credential, principal.token_id)
-            self.error = "scope"
-            self.answer(Kind.SCOPE)
-            return
-        if self.shared.draining:
-            self.error = "draining"
-            self.answer(Kind.DRAINING)
-            return
-        if head.bad_framing:
-            self.error = "bad_framing"
-            self.answer(Kind.BAD_REQUEST)
-            return
-        if head.content_length is not None and head.content_length > route.max_body_bytes:
-            self.error = "body_too_large"
-            self.answer(Kind.TOO_LARGE)
-            return
-        self._proxy(route, head)
 
     def on_body(self, data: bytes) -> None:
         if not self.started:
@@ -204,12 +162,19 @@ class Exchange:
         if self.body_in > self.limit:
             self._too_large()
             return
-        if self.upstream is None and self.pool is None:
-            return  # upstream already dropped (failure answered)
         if self.head.chunked:
             self.up_buf += (b"%x\r\n" % n, data, b"\r\n")
         else:
             self.up_buf.append(data)
+
+    def too_slow(self, now: float, n: int) -> bool:
+        """Minimum body rate, checked as body bytes arrive (slow-body defence)."""
+        if self._body_t0 == 0.0:
+            self._body_t0 = now
+            return False
+        elapsed = now - self._body_t0
+        gen = self.gen
+        return elapsed > gen.min_body_grace and (self.body_in + n) < elapsed * gen.min_body_rate
 
     def on_request_complete(self) -> None:
         if not self.started:
@@ -219,7 +184,8 @@ class Exchange:
         if self.proxying and not self.response_done:
             if self.head.chunked:
                 self.up_buf.append(b"0\r\n\r\n")
-            self.conn.wait_upstream(self.gen.response_timeout)
+            if self._queued_on is None:
+                self.conn.wait_upstream(self.gen.response_timeout)
         self._maybe_finish()
 
     def flush_upstream(self) -> None:
@@ -232,6 +198,10 @@ class Exchange:
 
     # ------------------------------------------------------------------
     # Answers the gateway makes itself.
+
+    def refuse(self, kind: Kind, error: str) -> None:
+        self.error = error
+        self.answer(kind)
 
     def answer(self, kind: Kind, extra: bytes = b"") -> None:
         head = self.head
@@ -259,32 +229,41 @@ class Exchange:
             self.conn.reading_body(self.gen.body_idle_timeout)
         self._maybe_finish()
 
-    def _health(self, principal: Principal) -> None:
-        expires_in = None
-        if principal.not_after is not None:
-            expires_in = max(0, int(principal.not_after - time.time()))
-        body = orjson.dumps(
-            {
-                "status": "ok",
-                "credential": principal.credential,
-                "token_id": principal.token_id,
-                "routes": sorted(principal.routes),
-                "expires_in_seconds": expires_in,
-            }
-        )
+    def health(self, principal: Principal) -> None:
+        if wants_deep(self.head.query):
+            # Reading pauses while the probe runs, so answers stay in order.
+            self.conn.pause(self.conn.PAUSE_CONNECT)
+            self.conn.no_deadline()
+            self._connect_task = self.shared.loop.create_task(self._deep_health(principal))
+            return
+        self._health_answer(principal, None)
+
+    async def _deep_health(self, principal: Principal) -> None:
+        timeout = min(self.gen.connect_timeout, DEEP_TIMEOUT_SECONDS)
+        try:
+            upstreams = await check_upstreams(self.gen.routes.routes, timeout)
+        finally:
+            self.conn.resume(self.conn.PAUSE_CONNECT)
+        if not self.finished:
+            self._health_answer(principal, upstreams)
+            self.conn.flush()
+
+    def _health_answer(self, principal: Principal, upstreams: dict[str, bool] | None) -> None:
+        status, body = health_response(principal, time.time(), upstreams)
         head = self.head
         self.close = self.close or not head.keep_alive or self.shared.draining
+        reason = b"OK" if status == 200 else b"Service Unavailable"
         out = b"".join(
             (
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n",
-                b"Content-Length: %d\r\n" % len(body),
+                b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n" % (status, reason),
+                b"Cache-Control: no-store\r\nContent-Length: %d\r\n" % len(body),
                 self.shared.date_line,
                 b"Connection: close\r\n" if self.close else b"",
                 b"\r\n",
                 b"" if head.method == b"HEAD" else body,
             )
         )
-        self.status = 200
+        self.status = status
         self.response_started = self.response_done = True
         self.conn.out.append(out)
         self._maybe_finish()
@@ -302,26 +281,90 @@ class Exchange:
     # ------------------------------------------------------------------
     # Proxying.
 
-    def _proxy(self, route: Route, head: RequestHead) -> None:
-        self.proxying = True
-        self.limit = route.max_body_bytes
+    def admit(self, route: Route) -> None:
+        """Take a concurrency slot (credential first, then global) or queue."""
+        if not self.proxying:
+            self.proxying = True
+            self.route = route
+            self.limit = route.max_body_bytes
+            up = route.upstream
+            assert up is not None
+            head = self.head
+            # Body bytes parsed while queued land after the head, in order.
+            self.up_buf.append(
+                head.upstream_head(route.target(head.query), up.host_header, self.conn)
+            )
+        admission = self.shared.admission
+        own = admission.credential_slots.get(self.credential)
+        for slots in (own, admission.slots):
+            if slots is None or not slots.limit or slots in self._held:
+                continue
+            if not slots.try_acquire():
+                self._queue(slots)
+                return
+            self._held.append(slots)
+        if self._queued_on is not None:
+            self._queued_on = None
+            self.conn.resume(self.conn.PAUSE_QUEUE)
+        self._proxy(route)
+
+    def _queue(self, slots: Slots) -> None:
+        if self._queued_on is slots or slots.enqueue(self):
+            self._queued_on = slots
+            self.conn.pause(self.conn.PAUSE_QUEUE)
+            self.conn.queue_deadline(self.shared.admission.queue_timeout)
+            return
+        self._overloaded("concurrency")
+
+    def admitted(self) -> None:
+        """A slot freed up for this queued exchange (called by ``Slots``)."""
+        if self.finished or self.route is None:
+            return
+        self.admit(self.route)
+        self.flush_upstream()
+        self.conn.flush()
+
+    def queue_timeout(self) -> None:
+        self._overloaded("queue_timeout")
+
+    def _overloaded(self, reason: str) -> None:
+        if self._queued_on is not None:
+            self._queued_on.forget(self)
+            self._queued_on = None
+            self.conn.resume(self.conn.PAUSE_QUEUE)
+        self.shared.stats.limit_rejection(reason)
+        self.up_buf = []
+        self.proxying = False
+        self.refuse(Kind.OVERLOADED, reason)
+
+    def _release(self) -> None:
+        if self._queued_on is not None:
+            self._queued_on.forget(self)
+            self._queued_on = None
+        held, self._held = self._held, []
+        for slots in held:
+            slots.release()
+
+    def _proxy(self, route: Route) -> None:
+        head = self.head
         rstats = self.rstats = self.shared.stats.route(route.name)
         rstats.in_flight += 1
         up = route.upstream
         assert up is not None
-        self.up_buf.append(head.upstream_head(route.target(head.query), up.host_header, self.conn))
-        if head.expect_continue and head.has_body:
+        if head.expect_continue and head.has_body and not self.request_done:
             self.conn.out.append(_CONTINUE)
         pool = self.pool = self.shared.pools.get(up)
         conn = pool.acquire()
         if conn is not None:
             self._attach(conn)
+            if head.has_body and not self.request_done:
+                self.conn.reading_body(self.gen.body_idle_timeout)
         else:
+            # Reading waits for the connection (bounded by connect_timeout),
+            # so no body-idle deadline may blame the client meanwhile.
             self.conn.pause(self.conn.PAUSE_CONNECT)
+            self.conn.no_deadline()
             self._connect_task = self.shared.loop.create_task(self._connect(pool))
-        if not head.has_body:
-            return
-        self.conn.reading_body(self.gen.body_idle_timeout)
 
     async def _connect(self, pool: Pool) -> None:
         try:
@@ -342,6 +385,8 @@ class Exchange:
                 self._attach(conn)
                 self.flush_upstream()
                 self.conn.resume(self.conn.PAUSE_CONNECT)
+                if not self.request_done:
+                    self.conn.reading_body(self.gen.body_idle_timeout)
         finally:
             self.conn.flush()
 
@@ -358,6 +403,17 @@ class Exchange:
         if up is not None:
             up.abort()
         self.conn.resume(self.conn.PAUSE_CONNECT | self.conn.PAUSE_UPSTREAM)
+
+    def bad_body(self) -> None:
+        """The body broke HTTP framing (e.g. an invalid chunk size)."""
+        self.error = "bad_body"
+        self._drop_upstream()
+        self.proxying = False
+        if not self.response_started:
+            self.close = True
+            self.answer(Kind.BAD_REQUEST)
+        else:
+            self.conn.close_now()
 
     def _too_large(self) -> None:
         self.error = "body_too_large"
@@ -504,62 +560,10 @@ class Exchange:
 
     def _finish(self) -> None:
         self.finished = True
-        duration = _perf() - self.head.t0
-        stats = self.shared.stats
-        rstats = self.rstats
-        if rstats is not None:
-            rstats.in_flight -= 1
-        else:
-            rstats = stats.route(self.route_name)
-        rstats.duration.observe(duration)
-        if self.upstream_seconds >= 0:
-            rstats.upstream.observe(self.upstream_seconds)
-        rstats.response_bytes += self.bytes_out
-        pair = stats.pair(self.route_name, self.credential)
-        pair.codes[self.status] = pair.codes.get(self.status, 0) + 1
-        pair.request_bytes += self.body_in
-        if self.principal is not None:
-            tstats = stats.token(self.credential, self.token_id)
-            tstats.last_used = time.time()
-            tstats.requests += 1
-            tstats.request_bytes += self.body_in
-        access = self.shared.access
-        if access is not None:
-            head = self.head
-            access.info(
-                "request",
-                request_id=head.request_id,
-                method=head.method.decode("latin-1"),
-                path=head.path[:200].decode("latin-1") if self.route is None else None,
-                route=self.route_name,
-                credential=self.credential,
-                token_id=self.token_id or None,
-                status=self.status,
-                bytes_in=self.body_in,
-                bytes_out=self.bytes_out,
-                duration_ms=round(duration * 1000, 3),
-                upstream_ms=round(self.upstream_seconds * 1000, 3)
-                if self.upstream_seconds >= 0
-                else None,
-                client=self.conn.peer,
-                error=self.error or None,
-            )
-
-
-def record_rejected(shared: Shared, status: int, error: str, peer: str, t0: float) -> None:
-    """Account a request refused before its head was complete (414, 431, 400)."""
-    duration = _perf() - t0 if t0 else 0.0
-    stats = shared.stats
-    stats.route("unmatched").duration.observe(duration)
-    pair = stats.pair("unmatched", "none")
-    pair.codes[status] = pair.codes.get(status, 0) + 1
-    if shared.access is not None:
-        shared.access.info(
-            "request",
-            route="unmatched",
-            credential="none",
-            status=status,
-            duration_ms=round(duration * 1000, 3),
-            client=peer,
-            error=error,
-        )
+        if self.rstats is not None:
+            self.rstats.in_flight -= 1
+        body_bytes = self.shared.admission.byte_rate.get(self.credential)
+        if body_bytes is not None:
+            body_bytes.spend(self.body_in)  # paid after the fact; admission waits for repayment
+        account(self)
+        self._release()

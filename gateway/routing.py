@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from gateway.config import RouteSpec
 from gateway.errors import Protocol
+from gateway.schema import RouteSpec
 
 __all__ = ["HEALTH_PATH", "Route", "RouteTable", "Upstream", "split_target"]
 

@@ -11,56 +11,79 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 
 from gateway.auth import Authenticator
+from gateway.clients import ClientPolicy, networks, within
 from gateway.errors import ErrorRenderer
+from gateway.limits import Admission
 from gateway.routing import RouteTable
 
 if TYPE_CHECKING:
-    from gateway.config import Settings
+    from gateway.config import Credential, Settings
     from gateway.metrics import Stats
     from gateway.upstream import Pools
 
 __all__ = ["Generation", "Shared"]
 
 
-@dataclass(frozen=True, slots=True)
+class CredentialRules:
+    """Per-credential conditions checked after authentication."""
+
+    __slots__ = ("networks", "subjects")
+
+    def __init__(self, cred: Credential) -> None:
+        self.networks = networks(cred.allow_cidrs)
+        self.subjects = cred.client_cert_subjects
+
+    def permits(self, address: str) -> bool:
+        return within(address, self.networks)
+
+
 class Generation:
-    settings: Settings
-    routes: RouteTable
-    auth: Authenticator
-    errors: ErrorRenderer
-    # Precomputed so the hot path reads attributes instead of nested settings.
-    header_timeout: float = field(init=False)
-    body_idle_timeout: float = field(init=False)
-    keepalive_timeout: float = field(init=False)
-    connect_timeout: float = field(init=False)
-    response_timeout: float = field(init=False)
-    pool_idle_timeout: float = field(init=False)
+    """Everything derived from one config; replaced whole on reload."""
+
+    __slots__ = (
+        "auth",
+        "body_idle_timeout",
+        "clients",
+        "connect_timeout",
+        "credentials",
+        "errors",
+        "header_timeout",
+        "keepalive_timeout",
+        "max_connections",
+        "min_body_grace",
+        "min_body_rate",
+        "pool_idle_timeout",
+        "response_timeout",
+        "routes",
+        "settings",
+    )
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.routes = RouteTable(settings.routes)
+        self.auth = Authenticator(settings.credentials)
+        self.errors = ErrorRenderer(settings.server.realm)
+        self.clients = ClientPolicy(settings.clients)
+        self.credentials = {c.name: CredentialRules(c) for c in settings.credentials}
+        # Copied out so the hot path reads one attribute, not nested settings.
+        s, u, lim = settings.server, settings.upstream, settings.limits
+        self.header_timeout = s.header_timeout_seconds
+        self.body_idle_timeout = s.body_idle_timeout_seconds
+        self.keepalive_timeout = s.keepalive_timeout_seconds
+        self.connect_timeout = u.connect_timeout_seconds
+        self.response_timeout = u.response_timeout_seconds
+        self.pool_idle_timeout = u.pool_idle_timeout_seconds
+        self.max_connections = lim.max_connections
+        self.min_body_rate = lim.min_body_rate_bytes_per_second
+        self.min_body_grace = lim.min_body_rate_grace_seconds
 
     @classmethod
     def build(cls, settings: Settings) -> Generation:
-        return cls(
-            settings,
-            RouteTable(settings.routes),
-            Authenticator(settings.credentials),
-            ErrorRenderer(settings.server.realm),
-        )
-
-    def __post_init__(self) -> None:
-        s, u = self.settings.server, self.settings.upstream
-        for name, value in (
-            ("header_timeout", s.header_timeout_seconds),
-            ("body_idle_timeout", s.body_idle_timeout_seconds),
-            ("keepalive_timeout", s.keepalive_timeout_seconds),
-            ("connect_timeout", u.connect_timeout_seconds),
-            ("response_timeout", u.response_timeout_seconds),
-            ("pool_idle_timeout", u.pool_idle_timeout_seconds),
-        ):
-            object.__setattr__(self, name, value)
+        return cls(settings)
 
 
 class Shared:
@@ -70,6 +93,7 @@ class Shared:
         "_id_counter",
         "_id_prefix",
         "access",
+        "admission",
         "connections",
         "date_line",
         "draining",
@@ -100,6 +124,8 @@ class Shared:
         self.log = log
         self.tls = tls
         self.draining = False
+        self.admission = Admission()
+        self.admission.configure(gen.settings.limits, gen.settings.credentials, loop.time())
         self.connections: set[Any] = set()
         self.date_line = b""
         self.tick_date()

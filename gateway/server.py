@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from gateway.accounting import record_rejected
 from gateway.errors import Kind, Protocol
 from gateway.headers import REQUEST_DROP, connection_tokens, drop_listed
-from gateway.proxy import Exchange, record_rejected
+from gateway.proxy import Exchange
 from gateway.routing import split_target
 
 if TYPE_CHECKING:
@@ -31,7 +32,21 @@ __all__ = ["ClientConnection", "RequestHead"]
 _perf = time.perf_counter
 
 # Deadline kinds.
-_NONE, _HEAD, _IDLE, _BODY, _UPSTREAM, _WRITE, _LINGER = range(7)
+_NONE, _HEAD, _IDLE, _BODY, _UPSTREAM, _WRITE, _LINGER, _QUEUE = range(8)
+# RFC 4514 short names for the client-certificate subject string.
+_RDN = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "localityName": "L",
+    "stateOrProvinceName": "ST",
+}
+_OVERLOADED = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 25\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    b"too many open connections"
+)
 # After answering with "Connection: close" while the client may still be
 # sending, keep reading (and dropping) for this long so the client reads our
 # answer instead of a reset.
@@ -57,6 +72,7 @@ class RequestHead:
         "authorization",
         "bad_framing",
         "chunked",
+        "client_ip",
         "content_length",
         "expect_continue",
         "forward",
@@ -80,6 +96,7 @@ class RequestHead:
         headers: list[tuple[bytes, bytes]],
         t0: float,
         request_id: str,
+        client_header: bytes = b"x-forwarded-for",
     ) -> None:
         self.t0 = t0
         self.method: bytes = parser.get_method()
@@ -94,6 +111,7 @@ class RequestHead:
         self.expect_continue = False
         self.json = False
         self.xff: bytes | None = None
+        client_ip: bytes | None = None
         rid: bytes | None = None
         listed: list[bytes] | None = None
         forward: list[tuple[bytes, bytes]] = []
@@ -104,6 +122,8 @@ class RequestHead:
                     self.json = value[:16].lower() == b"application/json"
                 elif lname == b"x-request-id":
                     rid = value
+                elif lname == client_header:
+                    client_ip = value
                 forward.append((name, value))
             elif lname == b"authorization":
                 # A second Authorization header is ambiguous: treat as malformed.
@@ -128,6 +148,7 @@ class RequestHead:
             rid = request_id.encode()
             forward.append((b"X-Request-Id", rid))
         self.request_id = rid.decode("ascii", "replace")
+        self.client_ip = self.xff if client_header == b"x-forwarded-for" else client_ip
         self.forward = forward
         self.has_body = self.chunked or bool(self.content_length)
         if self.upgrade and self.has_body:
@@ -136,7 +157,11 @@ class RequestHead:
             self.bad_framing = True
 
     def upstream_head(self, target: bytes, host: bytes, conn: ClientConnection) -> bytes:
-        xff = conn.peer_bytes if self.xff is None else self.xff + b", " + conn.peer_bytes
+        # A forwarding chain is only kept from a trusted proxy; from anyone
+        # else it could be invented, so the upstream sees the peer alone.
+        xff = conn.peer_bytes
+        if self.xff is not None and conn.shared.gen.clients.trusted(conn.peer):
+            xff = self.xff + b", " + conn.peer_bytes
         parts = [self.method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
         for name, value in self.forward:
             parts += (name, b": ", value, b"\r\n")
@@ -154,8 +179,10 @@ class ClientConnection(asyncio.Protocol):
     PAUSE_PIPELINE = 1
     PAUSE_CONNECT = 2
     PAUSE_UPSTREAM = 4
+    PAUSE_QUEUE = 8
 
     __slots__ = (
+        "_advancing",
         "_head_bytes",
         "_headers",
         "_in_head",
@@ -167,6 +194,7 @@ class ClientConnection(asyncio.Protocol):
         "_url",
         "_write_paused",
         "active",
+        "cert_subject",
         "deadline",
         "deadline_kind",
         "out",
@@ -184,6 +212,7 @@ class ClientConnection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.peer = ""
         self.peer_bytes = b""
+        self.cert_subject = ""
         self.scheme = b"https" if shared.tls else b"http"
         self.out: list[bytes] = []
         self.active: Exchange | None = None
@@ -191,6 +220,7 @@ class ClientConnection(asyncio.Protocol):
         self._paused = 0
         self._write_paused = False
         self._lingering = False
+        self._advancing = False
         self._linger_bytes = 0
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -207,8 +237,20 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else ""
         self.peer_bytes = self.peer.encode()
-        self.shared.connections.add(self)
-        self._set_deadline(_IDLE, self.shared.gen.header_timeout)
+        shared = self.shared
+        if len(shared.connections) >= shared.gen.max_connections:
+            shared.stats.limit_rejection("connections")
+            self._lingering = True
+            self.transport.write(_OVERLOADED)
+            self.transport.close()
+            return
+        shared.connections.add(self)
+        shared.stats.open_connections += 1
+        if shared.tls:
+            cert = transport.get_extra_info("peercert")
+            if cert:
+                self.cert_subject = _subject(cert)
+        self._set_deadline(_IDLE, shared.gen.header_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self._lingering:
@@ -216,10 +258,15 @@ class ClientConnection(asyncio.Protocol):
             if self._linger_bytes > LINGER_BYTES:
                 self.close_now()
             return
-        if self.deadline_kind == _IDLE:
-            self._set_deadline(_HEAD, self.shared.gen.header_timeout)
-        elif self.deadline_kind == _BODY:
-            self.deadline = self.shared.loop.time() + self.shared.gen.body_idle_timeout
+        if self.deadline_kind == _BODY:
+            gen = self.shared.gen
+            now = self.shared.loop.time()
+            self.deadline = now + gen.body_idle_timeout
+            active = self.active
+            if gen.min_body_rate and active is not None and active.too_slow(now, len(data)):
+                active.client_timeout()
+                self.flush()
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -250,7 +297,9 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.shared.connections.discard(self)
+        if self in self.shared.connections:
+            self.shared.connections.remove(self)
+            self.shared.stats.open_connections -= 1
         self.deadline_kind = _NONE
         active, self.active = self.active, None
         self._pending.clear()
@@ -277,6 +326,8 @@ class ClientConnection(asyncio.Protocol):
             raise _Stop
         if self.active is not None:
             self.pause(self.PAUSE_PIPELINE)
+        elif self.deadline_kind == _IDLE:
+            self._set_deadline(_HEAD, self.shared.gen.header_timeout)
         self._url = b""
         self._headers = []
         self._head_bytes = 0
@@ -301,7 +352,12 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         head = RequestHead(
-            self.parser, self._url, self._headers, self._t0, self.shared.next_request_id()
+            self.parser,
+            self._url,
+            self._headers,
+            self._t0,
+            self.shared.next_request_id(),
+            self.shared.gen.clients.header,
         )
         ex = Exchange(self, head)
         if self.active is None:
@@ -348,6 +404,12 @@ class ClientConnection(asyncio.Protocol):
     def reading_body(self, timeout: float) -> None:
         self._set_deadline(_BODY, timeout)
 
+    def queue_deadline(self, timeout: float) -> None:
+        self._set_deadline(_QUEUE, timeout)
+
+    def no_deadline(self) -> None:
+        self.deadline_kind = _NONE
+
     def wait_upstream(self, timeout: float) -> None:
         if not self._write_paused:
             self._set_deadline(_UPSTREAM, timeout)
@@ -366,16 +428,22 @@ class ClientConnection(asyncio.Protocol):
         if ex.close:
             self._close_after(ex)
             return
-        if self._pending:
-            nxt = self._pending.popleft()
-            self.active = nxt
-            if not self._pending:
-                self.resume(self.PAUSE_PIPELINE)
-            self.deadline_kind = _NONE
-            nxt.start()
-            return
-        self.resume(self.PAUSE_PIPELINE)
-        self._set_deadline(_IDLE, self.shared.gen.keepalive_timeout)
+        if self._advancing:
+            return  # the loop below, further up the stack, starts the next one
+        # Pipelined requests answered synchronously finish inside start():
+        # iterate instead of recursing, however many were queued.
+        self._advancing = True
+        try:
+            while self.active is None and self._pending:
+                nxt = self._pending.popleft()
+                self.active = nxt
+                self.deadline_kind = _NONE
+                nxt.start()
+        finally:
+            self._advancing = False
+        if self.active is None and not self._lingering:
+            self.resume(self.PAUSE_PIPELINE)
+            self._set_deadline(_IDLE, self.shared.gen.keepalive_timeout)
 
     # -- internals -------------------------------------------------------------------------
     def _set_deadline(self, kind: int, timeout: float) -> None:
@@ -412,9 +480,7 @@ class ClientConnection(asyncio.Protocol):
         """A request that cannot be parsed or exceeds head limits."""
         if self.active is not None and not self._in_head and not self._pending:
             # The broken part belongs to the body of the active exchange.
-            self.active.error = "bad_body"
-            self.active.client_lost()
-            self.close_now()
+            self.active.bad_body()
             return
         self._pending.clear()
         if self.active is not None:
@@ -456,6 +522,17 @@ class ClientConnection(asyncio.Protocol):
             return
         if kind == _BODY:
             active.client_timeout()
+        elif kind == _QUEUE:
+            active.queue_timeout()
         elif kind == _UPSTREAM:
             active.upstream_timeout()
         self.flush()
+
+
+def _subject(cert: dict[str, object]) -> str:
+    """A peer certificate's subject as "CN=…,O=…" (RFC 4514 order)."""
+    parts = []
+    for rdn in cert.get("subject", ()):  # type: ignore[attr-defined]
+        for name, value in rdn:
+            parts.append(f"{_RDN.get(name, name)}={value}")
+    return ",".join(parts)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import struct
 import sys
@@ -474,6 +475,7 @@ class GatewayProcess:
     JSON log line (``event=listening``).  Always ``await stop()`` it."""
 
     config: Path
+    args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     proc: asyncio.subprocess.Process | None = None
     lines: list[dict[str, Any]] = field(default_factory=list)
@@ -492,9 +494,12 @@ class GatewayProcess:
             "run",
             "--config",
             str(self.config),
+            *self.args,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=env,
+            # Its own process group, so the finaliser can kill workers too.
+            start_new_session=True,
         )
         assert self.proc.stdout is not None
         assert self.proc.stderr is not None
@@ -548,11 +553,15 @@ class GatewayProcess:
         return rc
 
     async def stop(self) -> None:
-        """Finaliser: kill whatever is left, collect the exit status."""
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-        for task in self._readers:
-            task.cancel()
+        """Finaliser: kill whatever is left of the process group we started
+        (a supervisor's workers hold our stdout pipe too), collect the exit
+        status, and read the pipes to EOF so their transports close."""
+        if self.proc is None:
+            return
+        with suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        await self.proc.wait()
         if self._readers:
-            await asyncio.wait(self._readers, timeout=2.0)
+            _, pending = await asyncio.wait(self._readers, timeout=5.0)
+            for task in pending:
+                task.cancel()

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.conftest import OTHER_TOKEN, TOKEN, RecordingUpstream, config_text, wait_for
@@ -102,8 +103,23 @@ def test_check_config_missing_file_exits_2(tmp_path: Path) -> None:
     assert "absent.toml" in result.stderr
 
 
+async def wait_not_ready(admin_port: int, timeout: float = 10.0) -> None:
+    """/readyz turns 503 once draining has begun (the "draining" log line is
+    buffered, so it is no signal)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    async with aiohttp.ClientSession() as session:
+        while True:
+            async with session.get(f"http://127.0.0.1:{admin_port}/readyz") as resp:
+                if resp.status == 503:
+                    return
+            assert loop.time() < deadline, "/readyz never reported draining"
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(
-    upstream: RecordingUpstream, tmp_path: Path
+    upstream: RecordingUpstream, tmp_path: Path, workers: int
 ) -> None:
     token, line = hash_token()
     upstream.hold = True
@@ -117,7 +133,7 @@ async def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(
             server="drain_timeout_seconds = 10",
         )
     )
-    gw = GatewayProcess(config)
+    gw = GatewayProcess(config, ("--workers", str(workers)))
     try:
         await gw.start()
         health = await raw_request(gw.port, request_bytes("GET", "/health", token=token))
@@ -128,25 +144,41 @@ async def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(
             await wait_for(lambda: len(upstream.complete) == 1)
             assert gw.proc is not None
             gw.proc.send_signal(signal.SIGTERM)
-            await gw.wait_event("draining")
+            await wait_not_ready(gw.admin_port)
             # Stopped accepting: new connections are refused.
-            with pytest.raises(ConnectionRefusedError):
-                await asyncio.open_connection("127.0.0.1", gw.port)
+            await wait_refused(gw.port)
             assert gw.proc.returncode is None  # still waiting for the in-flight one
             upstream.release.set()
             resp = await client.response()
         assert resp.status == 200
         assert resp.body == b"stored"
-        assert await gw.wait() == 0
+        assert await gw.wait(timeout=15) == 0
     finally:
         upstream.release.set()
         await gw.stop()
+    assert gw.events("draining")
     assert gw.events("stopped")
     [access] = [e for e in gw.lines if e.get("route") == "remote_write"]
     assert (access["status"], access["credential"]) == (200, "cli")
     stdout = gw.raw_stdout.decode()
     assert token not in stdout
     assert token not in gw.stderr.decode()
+
+
+async def wait_refused(port: int, timeout: float = 5.0) -> None:
+    """Connections are refused once every listener has closed (with several
+    workers, each closes its own SO_REUSEPORT socket as it drains)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except ConnectionRefusedError:
+            return
+        writer.close()
+        await writer.wait_closed()
+        assert loop.time() < deadline, "still accepting connections while draining"
+        await asyncio.sleep(0.02)
 
 
 async def test_sigterm_when_idle_exits_0_promptly(tmp_path: Path) -> None:

@@ -66,16 +66,34 @@ async def test_request_header_hygiene(
     assert seen.headers["Content-Length"] == str(len(body))
 
 
-async def test_existing_x_forwarded_for_is_appended_to(
+async def test_forwarding_chain_from_an_untrusted_peer_is_replaced(
     start_gateway: StartGateway, upstream: RecordingUpstream
 ) -> None:
+    # Anyone can write X-Forwarded-For; from a peer that is not a trusted
+    # proxy it is not believed, so the upstream sees only the real peer.
     gw = await start_gateway(config_text(upstream.url + "/api/v1/write"))
     headers = [("X-Forwarded-For", "203.0.113.7"), ("X-Forwarded-For", "10.0.0.1")]
     resp = await raw_request(gw.port, request_bytes("POST", "/api/v1/write", headers, b"x"))
     assert resp.status == 204
     [seen] = upstream.complete
     xff = [v for n, v in seen.raw_headers if n.lower() == b"x-forwarded-for"]
-    assert xff == [b"203.0.113.7, 10.0.0.1, 127.0.0.1"]
+    assert xff == [b"127.0.0.1"]
+
+
+async def test_forwarding_chain_from_a_trusted_proxy_is_extended(
+    start_gateway: StartGateway, upstream: RecordingUpstream
+) -> None:
+    gw = await start_gateway(
+        config_text(
+            upstream.url + "/api/v1/write", extra='[clients]\ntrusted_proxies = ["127.0.0.0/8"]'
+        )
+    )
+    headers = [("X-Forwarded-For", "203.0.113.7")]
+    resp = await raw_request(gw.port, request_bytes("POST", "/api/v1/write", headers, b"x"))
+    assert resp.status == 204
+    [seen] = upstream.complete
+    xff = [v for n, v in seen.raw_headers if n.lower() == b"x-forwarded-for"]
+    assert xff == [b"203.0.113.7, 127.0.0.1"]
 
 
 async def test_request_id_is_added_when_absent(

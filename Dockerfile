@@ -1,0 +1,63 @@
+# obs-gateway container image.
+#
+#   docker build -t obs-gateway:0.1.0 .
+#   docker run --rm -p 8080:8080 -e OBS_INGEST_TOKEN=... -e OBS_SELFMON_TOKEN=... obs-gateway:0.1.0
+#
+# Config:  /etc/obs-gateway/gateway.toml (a copy of deploy/gateway.toml is
+#          baked in; mount your own file over it, read-only).
+# Tokens:  from the environment (token_env) or from files mounted under
+#          /run/secrets/ (token_file); never baked into the image.
+# Ports:   8080 public listener; 9091 admin (/metrics /livez /readyz): publish
+#          it to the scraper's network only, never to the internet.
+# Stop:    SIGTERM drains in-flight requests for drain_timeout_seconds (20 s
+#          by default) and exits 0: give `docker stop -t` / compose
+#          stop_grace_period / k8s terminationGracePeriodSeconds more than that.
+#
+# Every dependency has a manylinux wheel, so neither stage compiles anything;
+# the build stage exists to keep pip, setuptools and caches out of the image.
+
+# Pinned by version; pin by digest as well (python:3.11.14-slim-bookworm@sha256:…)
+# where the registry is reachable, and let a bot bump both.
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+# A venv without pip: the base image's pip installs into it (--python), so
+# the runtime copy carries only the gateway and its dependencies.
+RUN python -m venv --without-pip /opt/venv
+# Dependencies first, from the hash-pinned runtime lock, wheels only: this
+# layer is rebuilt only when the lock changes.
+COPY requirements-runtime.lock ./
+RUN pip --python /opt/venv/bin/python install --only-binary=:all: --require-hashes \
+        -r requirements-runtime.lock
+COPY pyproject.toml README.md ./
+COPY gateway/ gateway/
+RUN pip --python /opt/venv/bin/python install --no-deps . \
+    && /opt/venv/bin/python -m compileall -q /opt/venv/lib
+
+FROM ${PYTHON_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="obs-gateway" \
+      org.opencontainers.image.description="Authenticated streaming ingest gateway for VictoriaMetrics remote-write and OTLP/HTTP traces" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# Fixed numeric ids so Kubernetes runAsNonRoot can verify them and mounted
+# secrets can be made readable to exactly this user.
+RUN groupadd --system --gid 10001 obsgw \
+    && useradd --system --uid 10001 --gid obsgw --no-create-home --home-dir /nonexistent \
+       --shell /usr/sbin/nologin obsgw
+COPY --from=build /opt/venv /opt/venv
+COPY --chown=root:root --chmod=0644 deploy/gateway.toml /etc/obs-gateway/gateway.toml
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+USER 10001:10001
+EXPOSE 8080 9091
+# /livez answers as long as the event loop runs.  No curl in slim images:
+# the stdlib client exits non-zero on a refused connection or a non-2xx.
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9091/livez', timeout=2)"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["obs-gateway"]
+CMD ["run", "--config", "/etc/obs-gateway/gateway.toml"]

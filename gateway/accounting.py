@@ -1,0 +1,77 @@
+"""Accounting: the metrics and the one access-log line of a finished request.
+
+Called exactly once per request, after its response ended or its client
+went away.  Everything logged is a name from config, a number, or the
+client address: never a header value, so never a token.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.proxy import Exchange
+    from gateway.runtime import Shared
+
+__all__ = ["account", "record_rejected"]
+
+_perf = time.perf_counter
+
+
+def account(ex: Exchange) -> None:
+    duration = _perf() - ex.head.t0
+    stats = ex.shared.stats
+    rstats = ex.rstats
+    if rstats is None:
+        rstats = stats.route(ex.route_name)
+    rstats.duration.observe(duration)
+    if ex.upstream_seconds >= 0:
+        rstats.upstream.observe(ex.upstream_seconds)
+    rstats.response_bytes += ex.bytes_out
+    pair = stats.pair(ex.route_name, ex.credential)
+    pair.codes[ex.status] = pair.codes.get(ex.status, 0) + 1
+    pair.request_bytes += ex.body_in
+    if ex.principal is not None:
+        tstats = stats.token(ex.credential, ex.token_id)
+        tstats.last_used = time.time()
+        tstats.requests += 1
+        tstats.request_bytes += ex.body_in
+    access = ex.shared.access
+    if access is not None:
+        head = ex.head
+        access.info(
+            "request",
+            request_id=head.request_id,
+            method=head.method.decode("latin-1"),
+            path=head.path[:200].decode("latin-1") if ex.route is None else None,
+            route=ex.route_name,
+            credential=ex.credential,
+            token_id=ex.token_id or None,
+            status=ex.status,
+            bytes_in=ex.body_in,
+            bytes_out=ex.bytes_out,
+            duration_ms=round(duration * 1000, 3),
+            upstream_ms=round(ex.upstream_seconds * 1000, 3) if ex.upstream_seconds >= 0 else None,
+            client=ex.client,
+            error=ex.error or None,
+        )
+
+
+def record_rejected(shared: Shared, status: int, error: str, peer: str, t0: float) -> None:
+    """Account a request refused before its head was complete (414, 431, 400)."""
+    duration = _perf() - t0 if t0 else 0.0
+    stats = shared.stats
+    stats.route("unmatched").duration.observe(duration)
+    pair = stats.pair("unmatched", "none")
+    pair.codes[status] = pair.codes.get(status, 0) + 1
+    if shared.access is not None:
+        shared.access.info(
+            "request",
+            route="unmatched",
+            credential="none",
+            status=status,
+            duration_ms=round(duration * 1000, 3),
+            client=peer,
+            error=error,
+        )

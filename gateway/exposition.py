@@ -1,0 +1,203 @@
+"""Prometheus exposition of the gateway's counters (admin listener only).
+
+A custom collector renders a snapshot (local, or merged from workers) and
+the config-derived gauges into metric families in a private registry,
+beside the standard process and platform collectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from gateway.metrics import DURATION_BUCKETS, Snapshot
+
+__all__ = ["GatewayCollector", "build_registry"]
+
+_NB = len(DURATION_BUCKETS)
+Collect = Callable[[], Snapshot]
+
+
+def _buckets(values: list[float]) -> tuple[list[tuple[str, float]], float]:
+    cumulative, out = 0.0, []
+    for bound, n in zip((*DURATION_BUCKETS, float("inf")), values[: _NB + 1], strict=True):
+        cumulative += n
+        out.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+    return out, values[_NB + 1]
+
+
+class GatewayCollector(Collector):
+    """Renders a snapshot (local, or merged from workers) plus config gauges."""
+
+    def __init__(self, collect: Collect, config_gauges: Callable[[], Snapshot]) -> None:
+        self._collect = collect
+        self._config_gauges = config_gauges
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._collect()
+        gauges = self._config_gauges()
+        yield from self._requests(snap)
+        yield from self._routes(snap)
+        yield from self._tokens(snap, gauges)
+        yield from self._config(gauges)
+
+    @staticmethod
+    def _requests(snap: Snapshot) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "gateway_requests",
+            "Requests answered, by route, credential and status code.",
+            labels=["route", "credential", "code"],
+        )
+        req_bytes = CounterMetricFamily(
+            "gateway_request_bytes",
+            "Request body bytes received from clients.",
+            labels=["route", "credential"],
+        )
+        for route, cred, codes, nbytes in snap["pairs"]:
+            for code, n in sorted(codes.items()):
+                requests.add_metric([route, cred, code], n)
+            req_bytes.add_metric([route, cred], nbytes)
+        failures = CounterMetricFamily(
+            "gateway_auth_failures",
+            "Requests refused by authentication, by reason; credential and token_id "
+            "are set only for revoked, expired and not-yet-valid tokens.",
+            labels=["reason", "credential", "token_id"],
+        )
+        for reason, cred, tid, n in snap["auth_failures"]:
+            failures.add_metric([reason, cred, tid], n)
+        rejections = CounterMetricFamily(
+            "gateway_limit_rejections",
+            "Requests refused by a limit or address rule, by reason.",
+            labels=["reason"],
+        )
+        for reason, n in sorted(snap.get("limit_rejections", {}).items()):
+            rejections.add_metric([reason], n)
+        connections = GaugeMetricFamily(
+            "gateway_open_connections", "Client connections open on the public listener."
+        )
+        connections.add_metric([], snap.get("open_connections", 0))
+        yield from (requests, req_bytes, failures, rejections, connections)
+
+    @staticmethod
+    def _routes(snap: Snapshot) -> Iterator[Metric]:
+        duration = HistogramMetricFamily(
+            "gateway_request_duration_seconds",
+            "Whole exchange, from the request head to the last response byte.",
+            labels=["route"],
+        )
+        upstream = HistogramMetricFamily(
+            "gateway_upstream_response_seconds",
+            "From the request head sent upstream to the upstream's response head.",
+            labels=["route"],
+        )
+        resp_bytes = CounterMetricFamily(
+            "gateway_response_bytes", "Response body bytes sent to clients.", labels=["route"]
+        )
+        in_flight = GaugeMetricFamily(
+            "gateway_requests_in_flight", "Requests being proxied now.", labels=["route"]
+        )
+        errors = CounterMetricFamily(
+            "gateway_upstream_errors",
+            "Upstream failures by kind: connect, timeout, reset, protocol.",
+            labels=["route", "kind"],
+        )
+        for name, r in sorted(snap["routes"].items()):
+            buckets, total = _buckets(r["duration"])
+            duration.add_metric([name], buckets, total)
+            buckets, total = _buckets(r["upstream"])
+            upstream.add_metric([name], buckets, total)
+            resp_bytes.add_metric([name], r["response_bytes"])
+            in_flight.add_metric([name], r["in_flight"])
+            for kind, n in sorted(r["upstream_errors"].items()):
+                errors.add_metric([name, kind], n)
+        yield from (duration, upstream, resp_bytes, in_flight, errors)
+
+    @staticmethod
+    def _tokens(snap: Snapshot, gauges: Snapshot) -> Iterator[Metric]:
+        last_used = GaugeMetricFamily(
+            "gateway_credential_last_used_timestamp_seconds",
+            "When a token last authenticated a request (0: not since start).",
+            labels=["credential", "token_id"],
+        )
+        requests = CounterMetricFamily(
+            "gateway_credential_requests",
+            "Requests authenticated by each token.",
+            labels=["credential", "token_id"],
+        )
+        nbytes = CounterMetricFamily(
+            "gateway_credential_request_bytes",
+            "Request body bytes sent with each token.",
+            labels=["credential", "token_id"],
+        )
+        seen = {(c, t): (last, n, b) for c, t, last, n, b in snap["tokens"]}
+        for cred, tid in gauges.get("tokens", []):
+            last, n, b = seen.get((cred, tid), (0.0, 0, 0))
+            last_used.add_metric([cred, tid], last)
+            requests.add_metric([cred, tid], n)
+            nbytes.add_metric([cred, tid], b)
+        expiry = GaugeMetricFamily(
+            "gateway_credential_expiry_timestamp_seconds",
+            "not_after of each token that has one.",
+            labels=["credential", "token_id"],
+        )
+        for cred, tid, when in gauges.get("expiry", []):
+            expiry.add_metric([cred, tid], when)
+        yield from (last_used, requests, nbytes, expiry)
+
+    @staticmethod
+    def _config(gauges: Snapshot) -> Iterator[Metric]:
+        reloads = CounterMetricFamily(
+            "gateway_config_reloads", "Config reload attempts by result.", labels=["result"]
+        )
+        for result in ("success", "failure"):
+            reloads.add_metric([result], gauges.get("reloads", {}).get(result, 0))
+        ok = GaugeMetricFamily(
+            "gateway_config_last_reload_successful",
+            "1 if the last reload attempt succeeded (or none failed since start), else 0.",
+        )
+        ok.add_metric([], 1 if gauges.get("last_reload_ok", True) else 0)
+        yield ok
+        last = GaugeMetricFamily(
+            "gateway_config_last_reload_success_timestamp_seconds",
+            "When the serving config was loaded.",
+        )
+        last.add_metric([], gauges.get("last_reload_success", 0.0))
+        info = GaugeMetricFamily("gateway_build_info", "Build information.", labels=["version"])
+        info.add_metric([gauges.get("version", "")], 1)
+        workers = GaugeMetricFamily("gateway_workers", "Worker processes serving traffic.")
+        workers.add_metric([], gauges.get("workers", 1))
+        yield from (reloads, last, info, workers)
+        processes = gauges.get("processes") or []
+        if processes:
+            cpu = CounterMetricFamily(
+                "gateway_worker_cpu_seconds",
+                "CPU time of each worker process.",
+                labels=["worker"],
+            )
+            rss = GaugeMetricFamily(
+                "gateway_worker_resident_memory_bytes",
+                "Resident memory of each worker process.",
+                labels=["worker"],
+            )
+            for proc in processes:
+                cpu.add_metric([str(proc["index"])], proc["cpu"])
+                rss.add_metric([str(proc["index"])], proc["rss"])
+            yield from (cpu, rss)
+
+
+def build_registry(collector: GatewayCollector, *, process: bool = True) -> CollectorRegistry:
+    """A private registry: ours plus the standard process/platform collectors."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    if process:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+    return registry

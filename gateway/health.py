@@ -1,0 +1,68 @@
+"""``GET /health``: proof that a credential works, and optionally that every
+upstream accepts connections (``?deep=1``).
+
+The body names the credential, token id, scopes and seconds to expiry, and
+for a deep check each route's reachability by route name: never a secret,
+never an upstream address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+import orjson
+
+from gateway.auth import Principal
+from gateway.routing import Route
+
+__all__ = ["check_upstreams", "health_response", "wants_deep"]
+
+# A deep probe answers quickly even when an upstream black-holes SYNs.
+DEEP_TIMEOUT_SECONDS = 2.0
+
+
+def wants_deep(query: bytes) -> bool:
+    return b"deep=1" in query.split(b"&")
+
+
+async def check_upstreams(routes: Iterable[Route], timeout: float) -> dict[str, bool]:
+    """route name → whether its upstream accepted a TCP connection."""
+    loop = asyncio.get_running_loop()
+
+    async def reachable(route: Route) -> bool:
+        up = route.upstream
+        assert up is not None
+        try:
+            async with asyncio.timeout(timeout):
+                transport, _ = await loop.create_connection(asyncio.Protocol, up.host, up.port)
+        except (OSError, TimeoutError):
+            return False
+        transport.close()
+        return True
+
+    proxied = [r for r in routes if r.upstream is not None]
+    results = await asyncio.gather(*(reachable(r) for r in proxied))
+    return {r.name: ok for r, ok in zip(proxied, results, strict=True)}
+
+
+def health_response(
+    principal: Principal, now: float, upstreams: dict[str, bool] | None
+) -> tuple[int, bytes]:
+    expires_in = None
+    if principal.not_after is not None:
+        expires_in = max(0, int(principal.not_after - now))
+    doc: dict[str, object] = {
+        "status": "ok",
+        "credential": principal.credential,
+        "token_id": principal.token_id,
+        "routes": sorted(principal.routes),
+        "expires_in_seconds": expires_in,
+    }
+    status = 200
+    if upstreams is not None:
+        doc["upstreams"] = {name: "ok" if ok else "unreachable" for name, ok in upstreams.items()}
+        if not all(upstreams.values()):
+            doc["status"] = "degraded"
+            status = 503
+    return status, orjson.dumps(doc)

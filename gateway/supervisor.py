@@ -1,0 +1,284 @@
+"""The supervisor of a multi-worker gateway (``run --workers N``, N > 1).
+
+Owns no client traffic.  It validates the config, reserves the public port
+(bound with SO_REUSEPORT but not listening, so port 0 resolves once and
+every worker binds the same port), starts N workers and restarts any that
+die, pushes config on SIGHUP (validated here first), serves the admin
+listener with metrics summed across workers (counters of a worker that
+died are kept, so sums never go backwards), and on SIGTERM drains every
+worker before exiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway import log
+from gateway.admin import AdminServer
+from gateway.app import config_gauges, listen_socket
+from gateway.config import ConfigError, Settings, load
+from gateway.control import ChannelClosed, read_message, write_message
+from gateway.metrics import Snapshot, merge
+
+__all__ = ["Supervisor"]
+
+_START_TIMEOUT = 30.0
+_STATS_TIMEOUT = 2.0
+_RESTART_MAX_BACKOFF = 30.0
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: asyncio.subprocess.Process | None = None
+    writer: asyncio.StreamWriter | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    waiters: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+    reload_acks: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    last_snapshot: Snapshot | None = None
+    started_at: float = 0.0
+    backoff: float = 1.0
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, path: Path, workers: int) -> None:
+        self.settings = settings
+        self.path = path
+        self.text = path.read_text(encoding="utf-8")
+        self.workers = [_Worker(i) for i in range(workers)]
+        self.log: Any = log.get_logger()
+        self.reloads = {"success": 0, "failure": 0}
+        self.last_reload_success = time.time()
+        self.last_reload_ok = True
+        self.stopping = False
+        self.port = 0
+        self.admin_port = 0
+        self._reserved: socket.socket | None = None
+        self._retired: list[Snapshot] = []
+        self._ids = itertools.count(1)
+        self._latest: Snapshot = merge([])
+        self._admin: AdminServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- start ----------------------------------------------------------------
+    async def start(self) -> None:
+        self._reserved = listen_socket(
+            self.settings.server.listen, reuse_port=True, listen_now=False
+        )
+        self.port = self._reserved.getsockname()[1]
+        for worker in self.workers:
+            await self._spawn(worker)
+        try:
+            async with asyncio.timeout(_START_TIMEOUT):
+                for worker in self.workers:
+                    await worker.ready.wait()
+        except TimeoutError:
+            raise OSError("workers did not become ready") from None
+        await self._start_admin()
+
+    async def _spawn(self, worker: _Worker) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            worker.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "gateway",
+                "_worker",
+                "--fd",
+                str(child.fileno()),
+                "--index",
+                str(worker.index),
+                pass_fds=(child.fileno(),),
+            )
+        finally:
+            child.close()
+        reader, writer = await asyncio.open_unix_connection(sock=parent)
+        worker.writer = writer
+        worker.ready.clear()
+        worker.started_at = time.monotonic()
+        write_message(
+            writer,
+            {
+                "op": "config",
+                "text": self.text,
+                "source": str(self.path),
+                "port": self.port,
+            },
+        )
+        await writer.drain()
+        self._task(self._read(worker, reader))
+        self._task(self._watch(worker, worker.process))
+
+    def _task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _read(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
+        with contextlib.suppress(ChannelClosed, ConnectionError):
+            while True:
+                message = await read_message(reader)
+                op = message.get("op")
+                if op == "ready":
+                    worker.ready.set()
+                elif op == "stats":
+                    future = worker.waiters.pop(int(message["id"]), None)
+                    if future is not None and not future.done():
+                        future.set_result(message["snapshot"])
+                elif op == "reloaded":
+                    worker.reload_acks.put_nowait(message)
+                elif op == "failed":
+                    self.log.error(
+                        "worker_config_failed", worker=worker.index, error=message.get("error")
+                    )
+
+    async def _watch(self, worker: _Worker, process: asyncio.subprocess.Process) -> None:
+        code = await process.wait()
+        worker.ready.clear()
+        if worker.last_snapshot is not None:
+            self._retire(worker.last_snapshot)
+            worker.last_snapshot = None
+        if self.stopping:
+            return
+        self.log.error("worker_exited", worker=worker.index, code=code)
+        if time.monotonic() - worker.started_at > 60:
+            worker.backoff = 1.0
+        await asyncio.sleep(worker.backoff)
+        worker.backoff = min(worker.backoff * 2, _RESTART_MAX_BACKOFF)
+        if not self.stopping:
+            await self._spawn(worker)
+
+    def _retire(self, snapshot: Snapshot) -> None:
+        """Keep a dead worker's counters so the sums never decrease."""
+        for route in snapshot["routes"].values():
+            route["in_flight"] = 0
+        snapshot.pop("process", None)
+        self._retired = [merge([*self._retired, snapshot])]
+
+    # -- metrics ------------------------------------------------------------------
+    async def _start_admin(self) -> None:
+        async def refresh() -> None:
+            self._latest = await self.snapshot()
+
+        admin = AdminServer(lambda: self._latest, self._gauges, self.ready, refresh)
+        self.admin_port = await admin.start(self.settings.server.admin_listen)
+        self._admin = admin
+
+    def ready(self) -> bool:
+        return not self.stopping and all(w.ready.is_set() for w in self.workers)
+
+    def _gauges(self) -> Snapshot:
+        gauges = config_gauges(
+            self.settings,
+            self.reloads,
+            self.last_reload_success,
+            len(self.workers),
+            self.last_reload_ok,
+        )
+        gauges["processes"] = self._latest.get("processes", [])
+        return gauges
+
+    async def snapshot(self) -> Snapshot:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for worker in self.workers:
+            if worker.writer is None or not worker.ready.is_set():
+                continue
+            request_id = next(self._ids)
+            future: asyncio.Future[dict[str, Any]] = loop.create_future()
+            worker.waiters[request_id] = future
+            write_message(worker.writer, {"op": "stats", "id": request_id})
+            futures.append((worker, future))
+        snapshots: list[Snapshot] = []
+        processes = []
+        for worker, future in futures:
+            snap: Snapshot | None
+            try:
+                async with asyncio.timeout(_STATS_TIMEOUT):
+                    snap = await future
+            except TimeoutError:
+                snap = worker.last_snapshot  # busy or dying: its last known counters
+            if snap is not None:
+                worker.last_snapshot = snap
+                if "process" in snap:
+                    processes.append(snap["process"])
+                snapshots.append(snap)
+        merged = merge([*snapshots, *self._retired])
+        merged["processes"] = processes
+        return merged
+
+    # -- reload -------------------------------------------------------------------
+    async def reload(self) -> bool:
+        try:
+            settings = load(self.path)
+            text = self.path.read_text(encoding="utf-8")
+        except (ConfigError, OSError) as exc:
+            self.reloads["failure"] += 1
+            self.last_reload_ok = False
+            self.log.error("config_reload_failed", error=str(exc))
+            return False
+        if settings.server.listen != self.settings.server.listen:
+            self.log.warning("config_reload_listen_ignored", reason="listen changes need a restart")
+        self.settings, self.text = settings, text
+        errors = []
+        for worker in self.workers:
+            if worker.writer is None:
+                continue
+            write_message(
+                worker.writer,
+                {"op": "config", "text": text, "source": str(self.path), "port": self.port},
+            )
+            try:
+                async with asyncio.timeout(5.0):
+                    ack = await worker.reload_acks.get()
+            except TimeoutError:
+                errors.append(f"worker {worker.index}: no answer")
+                continue
+            if not ack.get("ok"):
+                errors.append(f"worker {worker.index}: {ack.get('error')}")
+        if errors:
+            self.reloads["failure"] += 1
+            self.last_reload_ok = False
+            self.log.error("config_reload_partial", errors=errors)
+            return False
+        self.reloads["success"] += 1
+        self.last_reload_ok = True
+        self.last_reload_success = time.time()
+        self.log.info("config_reloaded", source=str(self.path), workers=len(self.workers))
+        return True
+
+    # -- stop ---------------------------------------------------------------------
+    async def stop(self) -> None:
+        self.stopping = True
+        for worker in self.workers:
+            if worker.process is not None and worker.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.send_signal(signal.SIGTERM)
+        grace = self.settings.server.drain_timeout_seconds + 5.0
+        for worker in self.workers:
+            process = worker.process
+            if process is None:
+                continue
+            try:
+                async with asyncio.timeout(grace):
+                    await process.wait()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._admin is not None:
+            await self._admin.close()
+        if self._reserved is not None:
+            self._reserved.close()
+        log.flush()

@@ -1,0 +1,103 @@
+"""One worker process of a multi-worker gateway.
+
+Started by the supervisor as ``python -m gateway _worker --fd N --index I``
+with one end of a Unix socket pair.  It receives its config text over that
+channel (so every worker serves exactly what the supervisor validated),
+binds the public port with SO_REUSEPORT, answers stats and reload requests,
+and drains on SIGTERM/SIGINT or when the supervisor goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import resource
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from gateway import log
+from gateway.app import Gateway, listen_socket, split_hostport
+from gateway.config import ConfigError, Settings, loads
+from gateway.control import ChannelClosed, read_message, write_message
+
+__all__ = ["serve_worker"]
+
+
+def _settings(message: dict[str, Any]) -> Settings:
+    source = str(message["source"])
+    return loads(str(message["text"]), base=Path(source).parent, source=source)
+
+
+def process_sample() -> dict[str, float]:
+    """This process's CPU seconds and resident bytes, for the supervisor."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    with open("/proc/self/statm", encoding="ascii") as f:
+        rss_pages = int(f.read().split()[1])
+    return {"cpu": usage.ru_utime + usage.ru_stime, "rss": rss_pages * os.sysconf("SC_PAGESIZE")}
+
+
+async def serve_worker(fd: int, index: int) -> int:
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
+    first = await read_message(reader)
+    try:
+        settings = _settings(first)
+    except ConfigError as exc:
+        write_message(writer, {"op": "failed", "error": str(exc)})
+        await writer.drain()
+        return 2
+    log.configure(settings.log.level, pipe_safe=True)
+    structlog.contextvars.bind_contextvars(worker=index)
+    host, _ = split_hostport(settings.server.listen)
+    sock = listen_socket(f"[{host}]:{first['port']}", reuse_port=True)
+    gateway = Gateway(settings, admin=False, sock=sock)
+    await gateway.start()
+    # Everything allocated so far lives for the whole process: keep the
+    # cyclic collector from rescanning it on every collection.
+    gc.collect()
+    gc.freeze()
+    write_message(writer, {"op": "ready", "pid": os.getpid()})
+    await writer.drain()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # Reloads arrive over the channel; a stray SIGHUP must not kill us.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    control = loop.create_task(_control(reader, writer, gateway, stop, index))
+    await stop.wait()
+    control.cancel()
+    await gateway.drain()
+    writer.close()
+    return 0
+
+
+async def _control(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    gateway: Gateway,
+    stop: asyncio.Event,
+    index: int,
+) -> None:
+    try:
+        while True:
+            message = await read_message(reader)
+            op = message.get("op")
+            if op == "stats":
+                snapshot = gateway.stats.snapshot()
+                snapshot["process"] = {**process_sample(), "index": index}
+                write_message(writer, {"op": "stats", "id": message["id"], "snapshot": snapshot})
+            elif op == "config":
+                try:
+                    gateway.reload(_settings(message))
+                except ConfigError as exc:
+                    write_message(writer, {"op": "reloaded", "ok": False, "error": str(exc)})
+                else:
+                    write_message(writer, {"op": "reloaded", "ok": True})
+            await writer.drain()
+    except (ChannelClosed, ConnectionError):
+        stop.set()  # the supervisor is gone: finish what is in flight and exit
