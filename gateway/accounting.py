@@ -42,7 +42,7 @@ def account(ex: Exchange) -> None:
         head = ex.head
         access.info(
             "request",
-            request_id=head.request_id,
+            request_id=head.request_id.decode("ascii", "replace"),
             method=head.method.decode("latin-1"),
             path=head.path[:200].decode("latin-1") if ex.route is None else None,
             route=ex.route_name,

@@ -40,7 +40,16 @@ def within(address: str, nets: tuple[Network, ...]) -> bool:
 
 
 class ClientPolicy:
-    __slots__ = ("_allow", "_deny", "_trusted", "_trusted_cache", "header", "xff")
+    __slots__ = (
+        "_allow",
+        "_deny",
+        "_trusted",
+        "_trusted_cache",
+        "filtering",
+        "header",
+        "proxied",
+        "xff",
+    )
 
     def __init__(self, spec: ClientsSpec) -> None:
         self._trusted = networks(spec.trusted_proxies)
@@ -49,14 +58,9 @@ class ClientPolicy:
         self.header = spec.client_ip_header.lower().encode()
         self.xff = self.header == b"x-forwarded-for"
         self._trusted_cache: dict[str, bool] = {}
-
-    @property
-    def filtering(self) -> bool:
-        return bool(self._allow or self._deny)
-
-    @property
-    def proxied(self) -> bool:
-        return bool(self._trusted)
+        # Plain attributes: read on every request.
+        self.filtering = bool(self._allow or self._deny)
+        self.proxied = bool(self._trusted)
 
     def trusted(self, peer: str) -> bool:
         if not self._trusted:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from gateway.accounting import account
 from gateway.dispatch import dispatch
 from gateway.errors import CLIENT_CLOSED, Kind, Protocol
-from gateway.headers import RESPONSE_DROP, connection_tokens
+from gateway.headers import write_coalesced
 from gateway.health import DEEP_TIMEOUT_SECONDS, check_upstreams, health_response, wants_deep
 
 if TYPE_CHECKING:
@@ -193,7 +193,7 @@ class Exchange:
         if up is not None and self.up_buf:
             transport = up.transport
             if transport is not None:
-                transport.writelines(self.up_buf)
+                write_coalesced(transport, self.up_buf)
             self.up_buf = []
 
     # ------------------------------------------------------------------
@@ -213,7 +213,7 @@ class Exchange:
             self.close = True  # too much body left to read and drop
         if not head.keep_alive or self.shared.draining:
             self.close = True
-        status, data = self.gen.errors.render(
+        status, data, body_len = self.gen.errors.render(
             kind,
             self.protocol,
             head.json,
@@ -223,6 +223,7 @@ class Exchange:
             head.method == b"HEAD",
         )
         self.status = status
+        self.bytes_out += body_len
         self.response_started = self.response_done = True
         self.conn.out.append(data)
         if not self.close and not self.request_done and head.has_body:
@@ -264,6 +265,8 @@ class Exchange:
             )
         )
         self.status = status
+        if head.method != b"HEAD":
+            self.bytes_out += len(body)
         self.response_started = self.response_done = True
         self.conn.out.append(out)
         self._maybe_finish()
@@ -432,31 +435,17 @@ class Exchange:
         self,
         status: int,
         reason: bytes,
-        headers: list[tuple[bytes, bytes]],
+        headers: bytes,
         keep_alive: bool,
         chunked: bool,
         length: int | None,
     ) -> None:
+        """``headers``: the upstream's end-to-end fields, already filtered."""
         self.upstream_seconds = _perf() - self.t_sent
         self.status = status
         self.response_started = True
         head = self.head
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-        listed: list[bytes] | None = None
-        for name, value in headers:
-            lname = name.lower()
-            if lname in RESPONSE_DROP:
-                if lname == b"connection":
-                    listed = [*(listed or []), value]
-                continue
-            parts += (name, b": ", value, b"\r\n")
-        if listed is not None:
-            drop = connection_tokens(listed)
-            parts = [parts[0]] + [
-                b"".join(parts[i : i + 4])
-                for i in range(1, len(parts), 4)
-                if parts[i].lower() not in drop
-            ]
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason), headers]
         if not self.request_done or not head.keep_alive or self.shared.draining:
             self.close = True
         if length is not None:

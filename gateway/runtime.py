@@ -54,6 +54,10 @@ class Generation:
         "header_timeout",
         "keepalive_timeout",
         "max_connections",
+        "max_header_bytes",
+        "max_header_count",
+        "max_raw_head",
+        "max_url_bytes",
         "min_body_grace",
         "min_body_rate",
         "pool_idle_timeout",
@@ -78,6 +82,12 @@ class Generation:
         self.response_timeout = u.response_timeout_seconds
         self.pool_idle_timeout = u.pool_idle_timeout_seconds
         self.max_connections = lim.max_connections
+        self.max_header_bytes = s.max_header_bytes
+        self.max_header_count = s.max_header_count
+        self.max_url_bytes = s.max_url_bytes
+        # Raw bytes a head spread over several reads may take: the limits
+        # plus one full read (256 KiB in uvloop) that may carry body bytes.
+        self.max_raw_head = s.max_header_bytes + s.max_url_bytes + 256 * 1024
         self.min_body_rate = lim.min_body_rate_bytes_per_second
         self.min_body_grace = lim.min_body_rate_grace_seconds
 
@@ -131,12 +141,12 @@ class Shared:
         self.tick_date()
         # Request ids: a random per-process prefix and a counter, unique
         # across workers and restarts without a syscall per request.
-        self._id_prefix = os.urandom(6).hex()
+        self._id_prefix = os.urandom(6).hex().encode()
         self._id_counter = 0
 
     def tick_date(self) -> None:
         self.date_line = b"Date: " + formatdate(time.time(), usegmt=True).encode() + b"\r\n"
 
-    def next_request_id(self) -> str:
+    def next_request_id(self) -> bytes:
         self._id_counter += 1
-        return f"{self._id_prefix}-{self._id_counter:x}"
+        return b"%s-%x" % (self._id_prefix, self._id_counter)

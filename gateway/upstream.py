@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
+
+from gateway.headers import RESPONSE_DROP, connection_tokens
 
 if TYPE_CHECKING:
     from gateway.routing import Upstream
@@ -30,7 +33,7 @@ class ResponseSink(Protocol):
         self,
         status: int,
         reason: bytes,
-        headers: list[tuple[bytes, bytes]],
+        headers: bytes,
         keep_alive: bool,
         chunked: bool,
         length: int | None,
@@ -42,12 +45,37 @@ class ResponseSink(Protocol):
     def flush_client(self) -> None: ...
 
 
+# Response header names as sent → role; cached per spelling (bounded).
+_FORWARD, _LENGTH, _CHUNKED, _CONNECTION, _DROP = range(5)
+_RESPONSE_KNOWN: dict[bytes, int] = {}
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+# "Connection: keep-alive" / "close" name no other field: nothing to strip.
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+_KNOWN_MAX = 1024
+
+
+def _classify_response(name: bytes) -> int:
+    lname = name.lower()
+    if lname == b"content-length":
+        action = _LENGTH
+    elif lname == b"transfer-encoding":
+        action = _CHUNKED
+    elif lname == b"connection":
+        action = _CONNECTION
+    elif lname in RESPONSE_DROP:
+        action = _DROP
+    else:
+        action = _FORWARD
+    if len(_RESPONSE_KNOWN) < _KNOWN_MAX:
+        _RESPONSE_KNOWN[name] = action
+    return action
+
+
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_chunked",
         "_headers",
         "_length",
-        "_reason",
         "_status",
         "closed",
         "deadline",
@@ -65,7 +93,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.deadline = 0.0  # loop time: idle expiry in the pool, read timeout in use
         self._headers: list[tuple[bytes, bytes]] = []
-        self._reason = b""
         self._status = 0
         self._chunked = False
         self._length: int | None = None
@@ -120,32 +147,43 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink.upstream_paused(False)
 
     # -- llhttp callbacks ------------------------------------------------------
-    def on_message_begin(self) -> None:
-        self._headers = []
-        self._status = 0
-        self._reason = b""
-        self._chunked = False
-        self._length = None
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-
+    # No on_message_begin / on_status callbacks (each costs a Python call
+    # per response): state is reset when a response ends, and the reason
+    # phrase, which clients ignore (RFC 9112 §4), comes from our table.
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200:
+            self._headers = []
             return  # interim response (100 Continue, 103): not forwarded
         self._status = status
         chunked = False
         length: int | None = None
+        listed: list[bytes] | None = None
+        block: list[bytes] = []
+        known = _RESPONSE_KNOWN
         for name, value in self._headers:
-            lname = name.lower()
-            if lname == b"content-length":
+            action = known.get(name)
+            if action is None:
+                action = _classify_response(name)
+            if action == _FORWARD:
+                block += (name, b": ", value, b"\r\n")
+            elif action == _LENGTH:
                 length = int(value)  # llhttp has validated digits and uniqueness
-            elif lname == b"transfer-encoding":
+            elif action == _CHUNKED:
                 chunked = True
+            elif action == _CONNECTION:
+                listed = [*(listed or []), value]
+        if listed is not None and not all(v.lower() in _PLAIN_CONNECTION for v in listed):
+            drop = connection_tokens(listed) - RESPONSE_DROP
+            if drop:  # rare: Connection names an end-to-end field (RFC 9110 §7.6.1)
+                block = [
+                    b"".join(block[i : i + 4])
+                    for i in range(0, len(block), 4)
+                    if block[i].lower() not in drop
+                ]
         if status in (204, 304):
             length = 0
         self._chunked = chunked
@@ -153,8 +191,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.sink is not None:
             self.sink.response_head(
                 status,
-                self._reason,
-                self._headers,
+                _REASONS.get(status, b""),
+                b"".join(block),
                 self.parser.should_keep_alive(),
                 chunked,
                 length,
@@ -169,6 +207,7 @@ class UpstreamConnection(asyncio.Protocol):
             return  # end of an interim response
         sink, self.sink = self.sink, None
         self._status = 0
+        self._headers = []
         if sink is not None:
             sink.response_complete()
 

@@ -5,18 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, MutableMapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+)
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import structlog
 import uvloop
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway import log
 from gateway.app import Gateway
 from gateway.config import Settings, loads
+
+if TYPE_CHECKING:
+    from tests.support import RawUpstream, UpstreamBehaviour
 
 TOKEN = "test-token-0123456789abcdef-ingest"
 OTHER_TOKEN = "test-token-0123456789abcdef-other"
@@ -86,8 +97,12 @@ max_body_bytes = {max_body_bytes}
 
 
 @pytest.fixture
-def log_capture() -> Iterator[list[MutableMapping[str, Any]]]:
-    """Every structlog event the gateway emits during the test, as dicts."""
+def log_capture(start_gateway: StartGateway) -> Iterator[list[MutableMapping[str, Any]]]:
+    """Every structlog event the gateway emits during the test, as dicts.
+
+    Depends on ``start_gateway`` so that capture begins after the gateway's
+    ``log.configure`` (which would otherwise replace the capturing processors).
+    """
     with structlog.testing.capture_logs() as events:
         yield events
 
@@ -115,17 +130,33 @@ async def start_gateway() -> AsyncIterator[StartGateway]:
 
 @dataclass
 class Recorded:
+    """One request as the upstream saw it, filled in while its body streams.
+
+    ``complete`` is set only when the upstream's HTTP parser saw the whole
+    body (final chunk, or Content-Length bytes); a request the gateway
+    aborted ends with ``error`` set instead.
+    """
+
     method: str
     path_qs: str
-    headers: dict[str, str]
+    # Case-insensitive: aiohttp canonicalises some names (X-Request-ID).
+    headers: CIMultiDict[str]
     raw_headers: list[tuple[bytes, bytes]]
-    body: bytes
     chunked: bool
+    body: bytes = b""
+    received: int = 0
+    sha256: str = ""
+    complete: bool = False
+    error: str | None = None
 
 
 @dataclass
 class RecordingUpstream:
-    """A real aiohttp server that records what reaches it."""
+    """A real aiohttp server that records what reaches it.
+
+    Set ``hold`` to keep answers back until ``release`` is set (a slow
+    upstream); ``keep_bodies=False`` keeps only length and sha256.
+    """
 
     url: str = ""
     requests: list[Recorded] = field(default_factory=list)
@@ -133,33 +164,75 @@ class RecordingUpstream:
     response_body: bytes = b""
     response_headers: dict[str, str] = field(default_factory=dict)
     handler: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
+    keep_bodies: bool = True
+    hold: bool = False
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def complete(self) -> list[Recorded]:
+        return [r for r in self.requests if r.complete]
 
 
 @pytest.fixture
-async def upstream(aiohttp_server: Any) -> RecordingUpstream:
+async def upstream(aiohttp_server: Any) -> AsyncIterator[RecordingUpstream]:
     rec = RecordingUpstream()
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if rec.handler is not None:
             return await rec.handler(request)
-        body = await request.content.read()
-        rec.requests.append(
-            Recorded(
-                request.method,
-                request.path_qs,
-                dict(request.headers),
-                list(request.raw_headers),
-                body,
-                request.headers.get("Transfer-Encoding", "").lower() == "chunked",
-            )
+        seen = Recorded(
+            request.method,
+            request.path_qs,
+            CIMultiDict(request.headers),
+            list(request.raw_headers),
+            request.headers.get("Transfer-Encoding", "").lower() == "chunked",
         )
+        rec.requests.append(seen)
+        hasher = hashlib.sha256()
+        parts: list[bytes] = []
+        try:
+            async for chunk in request.content.iter_any():
+                seen.received += len(chunk)
+                hasher.update(chunk)
+                if rec.keep_bodies:
+                    parts.append(chunk)
+        except BaseException as exc:  # the gateway aborted the request mid-body
+            seen.error = type(exc).__name__
+            raise
+        seen.body = b"".join(parts)
+        seen.sha256 = hasher.hexdigest()
+        seen.complete = True
+        if rec.hold:
+            await rec.release.wait()
         return web.Response(status=rec.status, body=rec.response_body, headers=rec.response_headers)
 
     app = web.Application(client_max_size=1024**3)
     app.router.add_route("*", "/{tail:.*}", handle)
     server = await aiohttp_server(app, auto_decompress=False)
     rec.url = f"http://127.0.0.1:{server.port}"
-    return rec
+    yield rec
+    rec.release.set()  # never leave a held handler behind for server shutdown
+
+
+StartRawUpstream = Callable[["UpstreamBehaviour"], Awaitable["RawUpstream"]]
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[StartRawUpstream]:
+    """Start raw TCP upstreams (tests.support behaviours); closed at teardown."""
+    from tests.support import RawUpstream  # noqa: PLC0415  (support imports this module: no cycle at import time)
+
+    started: list[RawUpstream] = []
+
+    async def start(behaviour: UpstreamBehaviour) -> RawUpstream:
+        up = RawUpstream(behaviour)
+        await up.start()
+        started.append(up)
+        return up
+
+    yield start
+    for up in started:
+        await up.close()
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -1,0 +1,238 @@
+"""The real CLI as a process (DESIGN §6): ``run`` serves until SIGTERM, then
+lets an in-flight request finish with its real status and exits 0;
+``check-config`` exits 0 or 2 naming the key; ``hash-token`` prints a token
+and the config line for its digest, which then authenticates."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import OTHER_TOKEN, TOKEN, RecordingUpstream, config_text, wait_for
+from tests.support import GatewayProcess, raw_client, raw_request, request_bytes, scrape
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=env,
+    )
+
+
+def hash_token() -> tuple[str, str]:
+    result = run_cli("hash-token")
+    assert result.returncode == 0, result.stderr
+    token = re.search(r"^token:\s+(\S+)$", result.stdout, re.MULTILINE)
+    line = re.search(r'^config: (token_sha256 = "([0-9a-f]{64})")$', result.stdout, re.MULTILINE)
+    assert token, result.stdout
+    assert line, result.stdout
+    return token.group(1), line.group(1)
+
+
+def test_hash_token_prints_a_fresh_token_and_its_digest_line() -> None:
+    token, line = hash_token()
+    # 256 bits, URL-safe base64 without padding: 43 characters.
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", token)
+    assert line == f'token_sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"'
+    assert hash_token()[0] != token
+
+
+def single_credential(line: str) -> str:
+    return f'[[credentials]]\nname = "cli"\n{line}\nroutes = ["remote_write", "otlp_traces"]\n'
+
+
+def test_check_config_ok_prints_the_matrix(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(config_text())
+    result = run_cli("check-config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "config OK" in result.stdout
+    matrix = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:5]}
+    assert matrix["credential"] == ["remote_write", "otlp_traces", "health"]
+    assert matrix["ingest"] == ["yes", "yes", "yes"]
+    assert matrix["other"] == ["yes", "-", "yes"]
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        (("http://127.0.0.1:9/v1/traces", "not-a-url"), "routes[1].upstream"),
+        (("[server]", "[server]\nlisten_port = 80"), "server.listen_port"),
+        (('name = "other"', 'name = "ingest"'), "credentials[1].name"),
+    ],
+)
+def test_check_config_bad_exits_2_naming_the_key(
+    tmp_path: Path, change: tuple[str, str], key: str
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(config_text().replace(*change))
+    result = run_cli("check-config", str(config))
+    assert result.returncode == 2
+    assert key in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_unset_token_env_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(config_text(credentials=single_credential('token_env = "OBS_TEST_UNSET"')))
+    env = {k: v for k, v in os.environ.items() if k != "OBS_TEST_UNSET"}
+    result = run_cli("check-config", str(config), env=env)
+    assert result.returncode == 2
+    assert "credentials[0].token_env" in result.stderr
+    # run refuses the same config without serving.
+    assert run_cli("run", "--config", str(config), env=env).returncode == 2
+
+
+def test_check_config_missing_file_exits_2(tmp_path: Path) -> None:
+    result = run_cli("check-config", str(tmp_path / "absent.toml"))
+    assert result.returncode == 2
+    assert "absent.toml" in result.stderr
+
+
+async def wait_not_ready(admin_port: int, timeout: float = 10.0) -> None:
+    """/readyz turns 503 once draining has begun (the "draining" log line is
+    buffered, so it is no signal)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    async with aiohttp.ClientSession() as session:
+        while True:
+            async with session.get(f"http://127.0.0.1:{admin_port}/readyz") as resp:
+                if resp.status == 503:
+                    return
+            assert loop.time() < deadline, "/readyz never reported draining"
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(
+    upstream: RecordingUpstream, tmp_path: Path, workers: int
+) -> None:
+    token, line = hash_token()
+    upstream.hold = True
+    upstream.status = 200
+    upstream.response_body = b"stored"
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        config_text(
+            upstream.url + "/api/v1/write",
+            credentials=single_credential(line),
+            server="drain_timeout_seconds = 10",
+        )
+    )
+    gw = GatewayProcess(config, ("--workers", str(workers)))
+    try:
+        await gw.start()
+        health = await raw_request(gw.port, request_bytes("GET", "/health", token=token))
+        assert health.status == 200
+        assert json.loads(health.body)["credential"] == "cli"
+        async with raw_client(gw.port) as client:
+            await client.send(request_bytes("POST", "/api/v1/write", body=b"slow", token=token))
+            await wait_for(lambda: len(upstream.complete) == 1)
+            assert gw.proc is not None
+            gw.proc.send_signal(signal.SIGTERM)
+            await wait_not_ready(gw.admin_port)
+            # Stopped accepting: new connections are refused.
+            await wait_refused(gw.port)
+            assert gw.proc.returncode is None  # still waiting for the in-flight one
+            upstream.release.set()
+            resp = await client.response()
+        assert resp.status == 200
+        assert resp.body == b"stored"
+        assert await gw.wait(timeout=15) == 0
+    finally:
+        upstream.release.set()
+        await gw.stop()
+    assert gw.events("draining")
+    assert gw.events("stopped")
+    [access] = [e for e in gw.lines if e.get("route") == "remote_write"]
+    assert (access["status"], access["credential"]) == (200, "cli")
+    stdout = gw.raw_stdout.decode()
+    assert token not in stdout
+    assert token not in gw.stderr.decode()
+
+
+async def wait_refused(port: int, timeout: float = 5.0) -> None:
+    """Connections are refused once every listener has closed (with several
+    workers, each closes its own SO_REUSEPORT socket as it drains)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except ConnectionRefusedError:
+            return
+        writer.close()
+        await writer.wait_closed()
+        assert loop.time() < deadline, "still accepting connections while draining"
+        await asyncio.sleep(0.02)
+
+
+async def test_sigterm_when_idle_exits_0_promptly(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(config_text())
+    gw = GatewayProcess(config)
+    try:
+        await gw.start()
+        # An idle keep-alive connection does not hold the drain up.
+        async with raw_client(gw.port) as client:
+            await client.send(request_bytes("GET", "/health"))
+            assert (await client.response()).status == 200
+            assert gw.proc is not None
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            gw.proc.send_signal(signal.SIGTERM)
+            assert await gw.wait() == 0
+            assert loop.time() - started < 5.0
+            assert await client.closed()
+    finally:
+        await gw.stop()
+
+
+async def test_sighup_reloads_a_good_config_and_keeps_serving_on_a_bad_one(
+    upstream: RecordingUpstream, tmp_path: Path
+) -> None:
+    config = tmp_path / "gateway.toml"
+    original = config_text(upstream.url + "/api/v1/write")
+    config.write_text(original)
+    gw = GatewayProcess(config)
+
+    async def status_with(token: str) -> int:
+        data = request_bytes("POST", "/api/v1/write", body=b"x", token=token)
+        return (await raw_request(gw.port, data)).status
+
+    try:
+        await gw.start()
+        assert gw.proc is not None
+        assert await status_with(OTHER_TOKEN) == 204
+        # A good config without the "other" credential: its token stops working.
+        without_other = original[: original.index('[[credentials]]\nname = "other"')]
+        config.write_text(without_other)
+        gw.proc.send_signal(signal.SIGHUP)
+        await gw.wait_event("config_reloaded")
+        assert await status_with(OTHER_TOKEN) == 401
+        assert await status_with(TOKEN) == 204
+        # A bad config is rejected, logged and counted; the last good one serves.
+        config.write_text(without_other.replace("http://", "ftp://", 1))
+        gw.proc.send_signal(signal.SIGHUP)
+        failed = await gw.wait_event("config_reload_failed")
+        assert "routes[0].upstream" in failed["error"]
+        assert await status_with(TOKEN) == 204
+        metrics = await scrape(gw.admin_port)
+        assert metrics.value("gateway_config_reloads_total", result="success") == 1
+        assert metrics.value("gateway_config_reloads_total", result="failure") == 1
+    finally:
+        await gw.stop()

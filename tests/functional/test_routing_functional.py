@@ -1,0 +1,139 @@
+"""DESIGN §3 rows 3-4 and the exact-match rule over real sockets: an
+authenticated unknown path is 404, a wrong method 405 + Allow, and no path
+trick (dot segments, double slashes, percent-encoding, trailing junk) ever
+reaches an upstream."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.app import Gateway
+from tests.conftest import StartGateway, StartRawUpstream, config_text
+from tests.support import (
+    ROUTE_IDS,
+    ROUTES,
+    THREE_CREDENTIALS,
+    RawUpstream,
+    RouteCase,
+    answer_with,
+    assert_error_body,
+    raw_client,
+    raw_request,
+    request_bytes,
+    scrape,
+)
+
+OK_204 = b"HTTP/1.1 204 No Content\r\n\r\n"
+
+
+@pytest.fixture
+async def setup(
+    start_gateway: StartGateway, raw_upstream: StartRawUpstream
+) -> tuple[Gateway, RawUpstream]:
+    up = await raw_upstream(answer_with(OK_204))
+    text = config_text(
+        up.url + "/api/v1/write", up.url + "/v1/traces", credentials=THREE_CREDENTIALS
+    )
+    return await start_gateway(text), up
+
+
+TRICKS = [
+    "/api/v1/write/",
+    "/api/v1/write/../x",
+    "/api/v1/write/..",
+    "/x/../api/v1/write",
+    "//api/v1/write",
+    "/api//v1/write",
+    "/./api/v1/write",
+    "/api/v1/./write",
+    "/api/v1/%2e%2e/v1/write",
+    "/api/v1/write/%2e%2e/x",
+    "/%61pi/v1/write",
+    "/api/v1/write%2F",
+    "/api/v1/write%00",
+    "/api/v1/write;jsessionid=1",
+    "/API/V1/WRITE",
+    "/api/v1/writex",
+    "/api/v1/wr",
+    "/v1/traces/",
+    "/v1/traces/../traces",
+    "/v1//traces",
+    "/v1/%74races",
+    "/health/",
+    "/healthz",
+    "*",
+]
+
+
+@pytest.mark.parametrize("path", TRICKS)
+async def test_path_tricks_are_404_and_never_reach_an_upstream(
+    setup: tuple[Gateway, RawUpstream], path: str
+) -> None:
+    gw, up = setup
+    resp = await raw_request(gw.port, request_bytes("POST", path, body=b"payload"))
+    assert resp.status in (400, 404), resp
+    if resp.status == 404:
+        assert_error_body(resp, None)
+    assert up.connections == 0
+    # Positive control: the same gateway does reach this upstream.
+    ok = await raw_request(gw.port, request_bytes("POST", "/api/v1/write", body=b"payload"))
+    assert ok.status == 204
+    assert up.connections == 1
+    [seen] = up.requests
+    assert seen.startswith(b"POST /api/v1/write HTTP/1.1\r\n")
+
+
+async def test_absolute_form_maps_to_the_path_only(setup: tuple[Gateway, RawUpstream]) -> None:
+    # RFC 9112 §3.2.2: servers accept absolute-form; the authority is not a route key.
+    gw, up = setup
+    resp = await raw_request(
+        gw.port, request_bytes("POST", "http://evil.example/api/v1/write?x=1", body=b"p")
+    )
+    assert resp.status == 204
+    [seen] = up.requests
+    assert seen.startswith(b"POST /api/v1/write?x=1 HTTP/1.1\r\n")
+    assert b"evil.example" not in seen
+
+
+@pytest.mark.parametrize("path", ["/nope", "/", "/metrics", "/api/v1/query", "/v1/logs"])
+async def test_authenticated_unknown_path_is_404(
+    setup: tuple[Gateway, RawUpstream], path: str
+) -> None:
+    gw, up = setup
+    for method in ("GET", "POST"):
+        resp = await raw_request(gw.port, request_bytes(method, path, body=b"x"))
+        assert resp.status == 404
+        assert resp.get("WWW-Authenticate") is None
+        assert_error_body(resp, None)
+    metrics = await scrape(gw.admin_port)
+    assert metrics.value("gateway_requests_total", route="unmatched", code="404") == 2
+    assert up.connections == 0
+
+
+@pytest.mark.parametrize("case", ROUTES, ids=ROUTE_IDS)
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
+async def test_wrong_method_is_405_with_allow(
+    setup: tuple[Gateway, RawUpstream], case: RouteCase, method: str
+) -> None:
+    gw, up = setup
+    async with raw_client(gw.port) as client:
+        await client.send(request_bytes(method, case.path))
+        # A HEAD answer has no body: read the head only.
+        resp = await (client.head_response() if method == "HEAD" else client.response())
+    assert resp.status == 405
+    assert resp.get("Allow") == "POST"
+    if method != "HEAD":
+        assert_error_body(resp, case)
+    assert up.connections == 0
+
+
+async def test_405_keeps_the_connection_for_the_next_request(
+    setup: tuple[Gateway, RawUpstream],
+) -> None:
+    gw, up = setup
+    async with raw_client(gw.port) as client:
+        await client.send(request_bytes("GET", "/api/v1/write"))
+        assert (await client.response()).status == 405
+        await client.send(request_bytes("POST", "/api/v1/write", body=b"ok"))
+        assert (await client.response()).status == 204
+    assert len(up.requests) == 1
