@@ -23,7 +23,7 @@ response_timeout_seconds = 0.5
 
 
 @pytest.fixture
-async def raw_upstream() -> AsyncIterator[RawUpstream]:
+async def strict_upstream() -> AsyncIterator[RawUpstream]:
     up = RawUpstream()
     await up.start()
     yield up

@@ -32,13 +32,13 @@ def _logged_clients(events: list[MutableMapping[str, Any]]) -> list[str]:
 
 async def test_untrusted_peer_cannot_choose_its_address(
     start_gateway: StartGateway,
-    raw_upstream: RawUpstream,
+    strict_upstream: RawUpstream,
     log_capture: list[MutableMapping[str, Any]],
 ) -> None:
     """No trusted proxies: XFF / CF-Connecting-IP are ignored for decisions
     and replaced upstream; a deny list on the peer still applies."""
     gw = await start_gateway(
-        hostile_config(raw_upstream, extra=_clients(deny='["203.0.113.0/24"]'))
+        hostile_config(strict_upstream, extra=_clients(deny='["203.0.113.0/24"]'))
     )
     spoof = [
         ("X-Forwarded-For", "203.0.113.9"),
@@ -46,14 +46,16 @@ async def test_untrusted_peer_cannot_choose_its_address(
         ("X-Real-IP", "203.0.113.9"),
     ]
     assert (await _ask(gw.port, spoof)).status == 204
-    [req] = raw_upstream.requests
+    [req] = strict_upstream.requests
     assert req.all("X-Forwarded-For") == ["127.0.0.1"]
     assert _logged_clients(log_capture) == ["127.0.0.1"]
     # Denying the real peer works, whatever the headers claim.
-    gw2 = await start_gateway(hostile_config(raw_upstream, extra=_clients(deny='["127.0.0.0/8"]')))
+    gw2 = await start_gateway(
+        hostile_config(strict_upstream, extra=_clients(deny='["127.0.0.0/8"]'))
+    )
     resp = await _ask(gw2.port, [("X-Forwarded-For", "198.51.100.1")])
     assert resp.status == 403
-    assert len(raw_upstream.requests) == 1
+    assert len(strict_upstream.requests) == 1
 
 
 TRUSTED = {"trusted_proxies": '["127.0.0.1/32", "10.0.0.0/8"]'}
@@ -78,23 +80,23 @@ async def test_trusted_proxy_chain_resolution(
     xff: str,
     client: str,
     start_gateway: StartGateway,
-    raw_upstream: RawUpstream,
+    strict_upstream: RawUpstream,
     log_capture: list[MutableMapping[str, Any]],
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream, extra=_clients(**TRUSTED)))
+    gw = await start_gateway(hostile_config(strict_upstream, extra=_clients(**TRUSTED)))
     assert (await _ask(gw.port, [("X-Forwarded-For", xff)])).status == 204
     assert _logged_clients(log_capture) == [client]
-    [req] = raw_upstream.requests
+    [req] = strict_upstream.requests
     # From a trusted proxy the chain is kept and the peer appended.
     assert req.all("X-Forwarded-For") == [f"{xff}, 127.0.0.1"]
 
 
 async def test_deny_list_applies_to_the_resolved_address(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     gw = await start_gateway(
         hostile_config(
-            raw_upstream,
+            strict_upstream,
             extra=_clients(**TRUSTED, deny='["203.0.113.0/24", "2001:db8::/32"]'),
         )
     )
@@ -108,27 +110,29 @@ async def test_deny_list_applies_to_the_resolved_address(
     resp = await _ask(gw.port, [("X-Forwarded-For", "203.0.113.9, 10.9.9.9")])
     assert resp.status == 403
     assert (await _ask(gw.port, [("X-Forwarded-For", "198.51.100.1")])).status == 204
-    assert len(raw_upstream.requests) == 1
+    assert len(strict_upstream.requests) == 1
     assert gw.stats.limit_rejections == {"client_denied": 9}
 
 
 async def test_allow_list_refuses_everyone_else(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     gw = await start_gateway(
-        hostile_config(raw_upstream, extra=_clients(**TRUSTED, allow='["198.51.100.0/24"]'))
+        hostile_config(strict_upstream, extra=_clients(**TRUSTED, allow='["198.51.100.0/24"]'))
     )
     assert (await _ask(gw.port, [("X-Forwarded-For", "198.51.100.7")])).status == 204
     assert (await _ask(gw.port, [("X-Forwarded-For", "203.0.113.7")])).status == 403
     assert (await _ask(gw.port, [])).status == 403  # the proxy itself is not allowed
     assert (await _ask(gw.port, [("X-Forwarded-For", "not-an-ip")])).status == 403
-    assert len(raw_upstream.requests) == 1
+    assert len(strict_upstream.requests) == 1
 
 
-async def test_deny_wins_over_allow(start_gateway: StartGateway, raw_upstream: RawUpstream) -> None:
+async def test_deny_wins_over_allow(
+    start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
     gw = await start_gateway(
         hostile_config(
-            raw_upstream,
+            strict_upstream,
             extra=_clients(**TRUSTED, allow='["198.51.100.0/24"]', deny='["198.51.100.66/32"]'),
         )
     )
@@ -138,12 +142,12 @@ async def test_deny_wins_over_allow(start_gateway: StartGateway, raw_upstream: R
 
 async def test_cf_connecting_ip_replaces_xff_when_configured(
     start_gateway: StartGateway,
-    raw_upstream: RawUpstream,
+    strict_upstream: RawUpstream,
     log_capture: list[MutableMapping[str, Any]],
 ) -> None:
     gw = await start_gateway(
         hostile_config(
-            raw_upstream,
+            strict_upstream,
             extra=_clients(
                 **TRUSTED, client_ip_header='"CF-Connecting-IP"', deny='["203.0.113.0/24"]'
             ),
@@ -175,12 +179,12 @@ routes = ["remote_write"]
 
 
 async def test_per_credential_allow_cidrs(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """A stolen token is useless from outside its sender's network."""
     gw = await start_gateway(
         hostile_config(
-            raw_upstream,
+            strict_upstream,
             extra=_clients(**TRUSTED),
             credentials=_credentials('["198.51.100.0/24"]'),
         )
@@ -192,17 +196,19 @@ async def test_per_credential_allow_cidrs(
     assert (await _ask(gw.port, outside, token=OTHER_TOKEN)).status == 204
     # Unauthenticated from outside: 401, the credential's rule is not revealed.
     assert (await _ask(gw.port, outside, token="nope-0123456789abcdef")).status == 401
-    assert [r.body for r in raw_upstream.requests] == [b"x", b"x"]
+    assert [r.body for r in strict_upstream.requests] == [b"x", b"x"]
     assert gw.stats.limit_rejections == {"client_denied": 1}
 
 
 async def test_denied_otlp_client_gets_403_protobuf(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream, extra=_clients(deny='["127.0.0.1/32"]')))
+    gw = await start_gateway(
+        hostile_config(strict_upstream, extra=_clients(deny='["127.0.0.1/32"]'))
+    )
     async with await RawConn.open(gw.port) as conn:
         await conn.send(request("POST", "/v1/traces", b"x", token=TOKEN))
         resp = await conn.response()
     assert resp.status == 403
     assert resp.header("Content-Type") == "application/x-protobuf"
-    assert raw_upstream.conns == []
+    assert strict_upstream.conns == []

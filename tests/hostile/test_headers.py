@@ -43,9 +43,9 @@ END_TO_END = [
 
 
 async def test_hop_by_hop_and_listed_request_headers_never_reach_upstream(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     data = request(
         "POST",
         "/api/v1/write",
@@ -58,18 +58,18 @@ async def test_hop_by_hop_and_listed_request_headers_never_reach_upstream(
         await conn.send(data)
         resp = await conn.response()
     assert resp.status == 204
-    [req] = raw_upstream.requests
+    [req] = strict_upstream.requests
     names = req.names()
     for name, _ in HOP_BY_HOP_REQUEST:
         if name.lower() not in ("x-forwarded-for", "x-forwarded-proto"):
             assert name.lower() not in names, name
     assert "authorization" not in names
-    assert b"secret-" not in raw_upstream.received
-    assert TOKEN.encode() not in raw_upstream.received
+    assert b"secret-" not in strict_upstream.received
+    assert TOKEN.encode() not in strict_upstream.received
     for name, value in END_TO_END:
         assert req.all(name) == [value], name
     # Rebuilt by the gateway, never taken from an untrusted client.
-    assert req.all("Host") == [f"127.0.0.1:{raw_upstream.port}"]
+    assert req.all("Host") == [f"127.0.0.1:{strict_upstream.port}"]
     assert req.all("X-Forwarded-For") == ["127.0.0.1"]
     assert req.all("X-Forwarded-Proto") == ["http"]
     assert req.all("Content-Length") == ["7"]
@@ -77,11 +77,11 @@ async def test_hop_by_hop_and_listed_request_headers_never_reach_upstream(
 
 
 async def test_connection_cannot_strip_what_the_gateway_adds(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """Listing X-Forwarded-For / Host / Content-Length in Connection must not
     remove the gateway's own fields (a known proxy-confusion trick)."""
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     data = request(
         "POST",
         "/api/v1/write",
@@ -93,16 +93,16 @@ async def test_connection_cannot_strip_what_the_gateway_adds(
         await conn.send(data)
         resp = await conn.response()
     assert resp.status == 204
-    [req] = raw_upstream.requests
+    [req] = strict_upstream.requests
     assert req.all("X-Forwarded-For") == ["127.0.0.1"]
     assert len(req.all("Host")) == 1
     assert req.all("Content-Length") == ["4"]
     assert req.body == b"abcd"
-    assert raw_upstream.errors == []
+    assert strict_upstream.errors == []
 
 
 async def test_hop_by_hop_response_headers_never_reach_client(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     async def responder(conn: UpConn, req: ParsedRequest) -> None:
         await conn.write(
@@ -117,8 +117,8 @@ async def test_hop_by_hop_response_headers_never_reach_client(
             b"\r\n"
         )
 
-    raw_upstream.responder = responder
-    gw = await start_gateway(hostile_config(raw_upstream))
+    strict_upstream.responder = responder
+    gw = await start_gateway(hostile_config(strict_upstream))
     async with await RawConn.open(gw.port) as conn:
         await conn.send(request("POST", "/api/v1/write", b"x", token=TOKEN))
         resp = await conn.response()
@@ -130,7 +130,7 @@ async def test_hop_by_hop_response_headers_never_reach_client(
 
 
 async def test_response_framing_is_rebuilt(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """A chunked upstream answer reaches the client with one framing header."""
 
@@ -140,8 +140,8 @@ async def test_response_framing_is_rebuilt(
             b"Content-Type: text/plain\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
         )
 
-    raw_upstream.responder = responder
-    gw = await start_gateway(hostile_config(raw_upstream))
+    strict_upstream.responder = responder
+    gw = await start_gateway(hostile_config(strict_upstream))
     async with await RawConn.open(gw.port) as conn:
         await conn.send(request("POST", "/api/v1/write", b"x", token=TOKEN))
         resp = await conn.response()
@@ -151,9 +151,9 @@ async def test_response_framing_is_rebuilt(
 
 
 async def test_two_authorization_headers_are_refused(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     data = request(
         "POST", "/api/v1/write", b"x", token=TOKEN, headers=[("Authorization", "Bearer x")]
     )
@@ -161,7 +161,7 @@ async def test_two_authorization_headers_are_refused(
         await conn.send(data)
         resp = await conn.response()
     assert resp.status == 401
-    assert raw_upstream.conns == []
+    assert strict_upstream.conns == []
 
 
 @pytest.mark.parametrize(
@@ -169,9 +169,9 @@ async def test_two_authorization_headers_are_refused(
     ["Basic dXNlcjpwYXNz", "Bearer", "Bearer ", f"Bearer  {TOKEN} x", f"Token {TOKEN}", TOKEN],
 )
 async def test_malformed_authorization_is_401(
-    value: str, start_gateway: StartGateway, raw_upstream: RawUpstream
+    value: str, start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     data = request("POST", "/api/v1/write", b"x", headers=[("Authorization", value)])
     async with await RawConn.open(gw.port) as conn:
         await conn.send(data)
@@ -184,7 +184,7 @@ async def test_malformed_authorization_is_401(
         is not None
     )
     assert TOKEN.encode() not in resp.body
-    assert raw_upstream.conns == []
+    assert strict_upstream.conns == []
 
 
 async def _head_status(port: int, data: bytes) -> tuple[list[int], bytes]:
@@ -195,19 +195,21 @@ async def _head_status(port: int, data: bytes) -> tuple[list[int], bytes]:
     return parse_statuses(stream), stream
 
 
-async def test_huge_header_is_431(start_gateway: StartGateway, raw_upstream: RawUpstream) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+async def test_huge_header_is_431(
+    start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    gw = await start_gateway(hostile_config(strict_upstream))
     data = request("POST", "/api/v1/write", b"x", token=TOKEN, headers=[("X-Big", "a" * 20_000)])
     statuses, stream = await _head_status(gw.port, data)
     assert statuses == [431]
     assert b"aaaa" not in stream
-    assert raw_upstream.conns == []
+    assert strict_upstream.conns == []
 
 
 async def test_many_headers_are_431_and_the_limit_itself_passes(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     # Host, Authorization and Content-Length count too: 97 + 3 = 100 (the default).
     ok = request(
         "POST",
@@ -217,7 +219,7 @@ async def test_many_headers_are_431_and_the_limit_itself_passes(
         headers=[(f"X-H{i}", "v") for i in range(97)],
     )
     assert (await _head_status(gw.port, ok))[0] == [204]
-    [req] = raw_upstream.requests
+    [req] = strict_upstream.requests
     assert req.header("X-H96") == "v"
     too_many = request(
         "POST",
@@ -227,15 +229,15 @@ async def test_many_headers_are_431_and_the_limit_itself_passes(
         headers=[(f"X-H{i}", "v") for i in range(98)],
     )
     assert (await _head_status(gw.port, too_many))[0] == [431]
-    assert len(raw_upstream.requests) == 1
+    assert len(strict_upstream.requests) == 1
 
 
 async def test_many_tiny_headers_over_the_byte_limit_are_431(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """Header bytes are counted across fields, not per field."""
     gw = await start_gateway(
-        hostile_config(raw_upstream, server="max_header_count = 1000\nmax_header_bytes = 4096")
+        hostile_config(strict_upstream, server="max_header_count = 1000\nmax_header_bytes = 4096")
     )
     data = request(
         "POST",
@@ -245,25 +247,25 @@ async def test_many_tiny_headers_over_the_byte_limit_are_431(
         headers=[(f"X-{i:04}", "v" * 40) for i in range(200)],
     )
     assert (await _head_status(gw.port, data))[0] == [431]
-    assert raw_upstream.conns == []
+    assert strict_upstream.conns == []
 
 
 async def test_431_is_answered_before_authentication(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     data = request("POST", "/api/v1/write", b"x", headers=[("X-Big", "a" * 20_000)])
     assert (await _head_status(gw.port, data))[0] == [431]
 
 
 async def test_long_url_is_414_and_the_limit_itself_passes(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     prefix = "/api/v1/write?q="
     at_limit = prefix + "a" * (8192 - len(prefix))
     assert (await _head_status(gw.port, request("POST", at_limit, b"x", token=TOKEN)))[0] == [204]
-    [req] = raw_upstream.requests
+    [req] = strict_upstream.requests
     assert req.target == at_limit
     over = at_limit + "a"
     assert (await _head_status(gw.port, request("POST", over, b"x", token=TOKEN)))[0] == [414]
@@ -271,14 +273,14 @@ async def test_long_url_is_414_and_the_limit_itself_passes(
     statuses, stream = await _head_status(gw.port, request("POST", huge, b"x"))
     assert statuses == [414]
     assert len(stream) < 1000
-    assert len(raw_upstream.requests) == 1
+    assert len(strict_upstream.requests) == 1
 
 
 async def test_head_over_limit_in_tiny_segments_is_431(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """The limit holds however the head is split across reads."""
-    gw = await start_gateway(hostile_config(raw_upstream, server="header_timeout_seconds = 5.0"))
+    gw = await start_gateway(hostile_config(strict_upstream, server="header_timeout_seconds = 5.0"))
     data = request("POST", "/api/v1/write", b"x", token=TOKEN, headers=[("X-Big", "b" * 17_000)])
     async with await RawConn.open(gw.port) as conn:
         for i in range(0, len(data), 1000):
@@ -288,4 +290,4 @@ async def test_head_over_limit_in_tiny_segments_is_431(
                 break
         stream = await conn.eof()
     assert parse_statuses(stream) == [431]
-    assert raw_upstream.conns == []
+    assert strict_upstream.conns == []

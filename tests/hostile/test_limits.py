@@ -76,10 +76,10 @@ def _assert_overloaded(resp: Response, path: str) -> None:
 
 
 async def test_max_connections_refuses_the_extra_connection(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     gw = await start_gateway(
-        hostile_config(raw_upstream, extra="[limits]\nmax_connections = 3"),
+        hostile_config(strict_upstream, extra="[limits]\nmax_connections = 3"),
     )
     held = [await RawConn.open(gw.port) for _ in range(3)]
     try:
@@ -101,7 +101,7 @@ async def test_max_connections_refuses_the_extra_connection(
     finally:
         for conn in held:
             await conn.close()
-    assert [r.body for r in raw_upstream.requests] == [b"held", b"later"]
+    assert [r.body for r in strict_upstream.requests] == [b"held", b"later"]
 
 
 CONCURRENCY = """
@@ -113,13 +113,13 @@ queue_timeout_seconds = 0.3
 
 
 async def test_concurrency_queue_then_refusal(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    holding = Holding(raw_upstream)
-    gw = await start_gateway(hostile_config(raw_upstream, extra=CONCURRENCY))
+    holding = Holding(strict_upstream)
+    gw = await start_gateway(hostile_config(strict_upstream, extra=CONCURRENCY))
     async with await RawConn.open(gw.port) as first, await RawConn.open(gw.port) as queued:
         await _send(first, "/api/v1/write", b"hold")
-        await wait_for(lambda: len(raw_upstream.requests) == 1)
+        await wait_for(lambda: len(strict_upstream.requests) == 1)
         t_queued = time.monotonic()
         await _send(queued, "/api/v1/write", b"queued")
         assert gw.shared is not None
@@ -135,22 +135,22 @@ async def test_concurrency_queue_then_refusal(
         assert 0.25 <= time.monotonic() - t_queued <= 0.3 + 1.0
         holding.release.set()
         assert (await first.response()).status == 204
-    assert [r.body for r in raw_upstream.requests] == [b"hold"]
+    assert [r.body for r in strict_upstream.requests] == [b"hold"]
     assert gw.stats.limit_rejections == {"concurrency": 2, "queue_timeout": 1}
 
 
 async def test_queued_requests_are_admitted_in_order(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    holding = Holding(raw_upstream)
+    holding = Holding(strict_upstream)
     extra = "[limits]\nmax_concurrent_requests = 1\nqueue_size = 4\nqueue_timeout_seconds = 5"
-    gw = await start_gateway(hostile_config(raw_upstream, extra=extra))
+    gw = await start_gateway(hostile_config(strict_upstream, extra=extra))
     assert gw.shared is not None
     waiters = gw.shared.admission.slots.waiters
     conns = [await RawConn.open(gw.port) for _ in range(4)]
     try:
         await _send(conns[0], "/api/v1/write", b"hold")
-        await wait_for(lambda: len(raw_upstream.requests) == 1)
+        await wait_for(lambda: len(strict_upstream.requests) == 1)
         for i, conn in enumerate(conns[1:], start=1):
             await _send(conn, "/v1/traces" if i % 2 else "/api/v1/write", b"q%d" % i)
             await wait_for(lambda i=i: len(waiters) == i)  # type: ignore[misc]
@@ -160,23 +160,23 @@ async def test_queued_requests_are_admitted_in_order(
         for conn in conns:
             await conn.close()
     assert statuses == [204, 204, 204, 204]
-    assert [r.body for r in raw_upstream.requests] == [b"hold", b"q1", b"q2", b"q3"]
+    assert [r.body for r in strict_upstream.requests] == [b"hold", b"q1", b"q2", b"q3"]
 
 
 async def test_per_credential_concurrency_leaves_others_alone(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    holding = Holding(raw_upstream)
+    holding = Holding(strict_upstream)
     gw = await start_gateway(
         hostile_config(
-            raw_upstream,
+            strict_upstream,
             extra="[limits]\nqueue_size = 0",
             credentials=_credentials("max_concurrent_requests = 1"),
         )
     )
     async with await RawConn.open(gw.port) as first:
         await _send(first, "/api/v1/write", b"hold")
-        await wait_for(lambda: len(raw_upstream.requests) == 1)
+        await wait_for(lambda: len(strict_upstream.requests) == 1)
         for path in ("/api/v1/write", "/v1/traces"):
             resp, elapsed = await _timed(gw.port, path, b"second")
             _assert_overloaded(resp, path)
@@ -184,15 +184,15 @@ async def test_per_credential_concurrency_leaves_others_alone(
         assert (await _ask(gw.port, "/api/v1/write", b"other", OTHER_TOKEN)).status == 204
         holding.release.set()
         assert (await first.response()).status == 204
-    assert [r.body for r in raw_upstream.requests] == [b"hold", b"other"]
+    assert [r.body for r in strict_upstream.requests] == [b"hold", b"other"]
 
 
 async def test_request_rate_limit_per_credential(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     gw = await start_gateway(
         hostile_config(
-            raw_upstream,
+            strict_upstream,
             credentials=_credentials("rate_limit_requests_per_second = 2\nrate_limit_burst = 3"),
         )
     )
@@ -209,15 +209,17 @@ async def test_request_rate_limit_per_credential(
     while (await _ask(gw.port, "/api/v1/write", b"refilled")).status != 204:
         assert time.monotonic() < deadline, "rate bucket never refilled"
         await asyncio.sleep(0.1)
-    assert [r.body for r in raw_upstream.requests][:4] == [b"0", b"1", b"2", b"other"]
-    assert raw_upstream.requests[-1].body == b"refilled"
+    assert [r.body for r in strict_upstream.requests][:4] == [b"0", b"1", b"2", b"other"]
+    assert strict_upstream.requests[-1].body == b"refilled"
 
 
 async def test_byte_rate_limit_per_credential(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     gw = await start_gateway(
-        hostile_config(raw_upstream, credentials=_credentials("rate_limit_bytes_per_second = 1000"))
+        hostile_config(
+            strict_upstream, credentials=_credentials("rate_limit_bytes_per_second = 1000")
+        )
     )
     assert (await _ask(gw.port, "/api/v1/write", b"b" * 5000)).status == 204
     for path in ("/api/v1/write", "/v1/traces"):
@@ -226,7 +228,7 @@ async def test_byte_rate_limit_per_credential(
         assert elapsed < IMMEDIATE
     assert (await _ask(gw.port, "/api/v1/write", b"other", OTHER_TOKEN)).status == 204
     assert gw.stats.limit_rejections == {"byte_rate": 2}
-    assert len(raw_upstream.requests) == 2
+    assert len(strict_upstream.requests) == 2
 
 
 THROTTLE = """
@@ -241,9 +243,9 @@ auth_failure_window_seconds = 60
 
 @pytest.mark.parametrize("bad", ["wrong-token-0123456789abcdef", None])
 async def test_auth_failures_throttle_that_address_only(
-    bad: str | None, start_gateway: StartGateway, raw_upstream: RawUpstream
+    bad: str | None, start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream, extra=THROTTLE))
+    gw = await start_gateway(hostile_config(strict_upstream, extra=THROTTLE))
     attacker = [("X-Forwarded-For", "198.51.100.7")]
     t0 = time.monotonic()
     for _ in range(3):
@@ -262,19 +264,19 @@ async def test_auth_failures_throttle_that_address_only(
     neighbour = [("X-Forwarded-For", "198.51.100.8")]
     assert (await _ask(gw.port, "/api/v1/write", b"neighbour", headers=neighbour)).status == 204
     assert (await _ask(gw.port, "/api/v1/write", b"proxy")).status == 204
-    assert [r.body for r in raw_upstream.requests] == [b"neighbour", b"proxy"]
+    assert [r.body for r in strict_upstream.requests] == [b"neighbour", b"proxy"]
     assert gw.stats.limit_rejections == {"auth_throttle": 2}
     reason = "missing" if bad is None else "unknown"
     assert sum(n for k, n in gw.stats.auth_failures.items() if k[0] == reason) == 3
 
 
 async def test_throttle_window_expires(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     extra = THROTTLE.replace(
         "auth_failure_window_seconds = 60", "auth_failure_window_seconds = 0.5"
     )
-    gw = await start_gateway(hostile_config(raw_upstream, extra=extra))
+    gw = await start_gateway(hostile_config(strict_upstream, extra=extra))
     for _ in range(3):
         assert (await _ask(gw.port, "/api/v1/write", b"x", "bad-token-0123456789")).status == 401
     _assert_overloaded(await _ask(gw.port, "/api/v1/write", b"x"), "/api/v1/write")
@@ -282,11 +284,11 @@ async def test_throttle_window_expires(
     while (await _ask(gw.port, "/api/v1/write", b"after")).status != 204:
         assert time.monotonic() < deadline, "throttle never expired"
         await asyncio.sleep(0.1)
-    assert raw_upstream.requests[-1].body == b"after"
+    assert strict_upstream.requests[-1].body == b"after"
 
 
 async def test_every_ending_returns_its_concurrency_slot(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """With one slot and no queue, a leaked slot would refuse the probe."""
     release = asyncio.Event()
@@ -299,9 +301,9 @@ async def test_every_ending_returns_its_concurrency_slot(
             return
         await conn.write(b"HTTP/1.1 204 No Content\r\n\r\n")
 
-    raw_upstream.responder = respond
+    strict_upstream.responder = respond
     extra = "[limits]\nmax_concurrent_requests = 1\nqueue_size = 1\nqueue_timeout_seconds = 5"
-    gw = await start_gateway(hostile_config(raw_upstream, extra=extra))
+    gw = await start_gateway(hostile_config(strict_upstream, extra=extra))
     assert gw.shared is not None
     slots = gw.shared.admission.slots
 
@@ -335,14 +337,14 @@ async def test_every_ending_returns_its_concurrency_slot(
 
 
 async def test_client_leaving_while_queued_gives_up_its_place(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """A queued request whose client has gone must leave the queue and never
     be forwarded when a slot frees (the upstream would do work for nobody)."""
-    holding = Holding(raw_upstream)
+    holding = Holding(strict_upstream)
     extra = "[limits]\nmax_concurrent_requests = 1\nqueue_size = 1\nqueue_timeout_seconds = 5"
     gw = await start_gateway(
-        hostile_config(raw_upstream, extra=extra, upstream="response_timeout_seconds = 30")
+        hostile_config(strict_upstream, extra=extra, upstream="response_timeout_seconds = 30")
     )
     assert gw.shared is not None
     slots = gw.shared.admission.slots
@@ -359,4 +361,4 @@ async def test_client_leaving_while_queued_gives_up_its_place(
             holding.release.set()
             assert (await holder.response()).status == 204
     await wait_for(lambda: slots.in_use == 0)
-    assert b"queued" not in raw_upstream.received
+    assert b"queued" not in strict_upstream.received

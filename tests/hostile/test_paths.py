@@ -63,14 +63,14 @@ async def _status(port: int, method: str, target: bytes, token: str | None) -> l
 
 @pytest.mark.parametrize("target", TRICKS)
 async def test_path_trick_is_404_with_token_and_401_without(
-    target: str, start_gateway: StartGateway, raw_upstream: RawUpstream
+    target: str, start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     raw = target.encode()
     assert await _status(gw.port, "POST", raw, TOKEN) == [404]
     assert await _status(gw.port, "POST", raw, None) == [401]
     assert await _status(gw.port, "POST", raw, "wrong-token-0123456789") == [401]
-    assert raw_upstream.conns == []
+    assert strict_upstream.conns == []
 
 
 @pytest.mark.parametrize(
@@ -86,18 +86,18 @@ async def test_path_trick_is_404_with_token_and_401_without(
     ids=["nul_end", "nul_mid", "del", "space", "relative", "encoded_first_slash"],
 )
 async def test_unparseable_target_is_400(
-    target: bytes, start_gateway: StartGateway, raw_upstream: RawUpstream
+    target: bytes, start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     assert await _status(gw.port, "POST", target, TOKEN) == [400]
-    assert raw_upstream.conns == []
+    assert strict_upstream.conns == []
 
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "HEAD"])
 async def test_wrong_method_on_a_route_is_405_with_allow(
-    method: str, start_gateway: StartGateway, raw_upstream: RawUpstream
+    method: str, start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     head = method == "HEAD"
     data = f"{method} /api/v1/write HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
     async with await RawConn.open(gw.port) as conn:
@@ -105,47 +105,47 @@ async def test_wrong_method_on_a_route_is_405_with_allow(
         resp = await conn.response(head=head)
     assert resp.status == 405
     assert resp.header("Allow") == "POST"
-    assert raw_upstream.conns == []
+    assert strict_upstream.conns == []
 
 
 async def test_lowercase_method_is_400(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     assert await _status(gw.port, "post", b"/api/v1/write", TOKEN) == [400]
-    assert raw_upstream.conns == []
+    assert strict_upstream.conns == []
 
 
 async def test_query_cannot_change_the_path(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """Everything after "?" is query: forwarded as query, after the route's path."""
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     target = b"/api/v1/write?x=/../../v1/traces&y=%2F..%2F#frag"
     assert await _status(gw.port, "POST", target, TOKEN) == [204]
-    [req] = raw_upstream.requests
+    [req] = strict_upstream.requests
     assert req.path == "/api/v1/write"
     assert req.target == "/api/v1/write?x=/../../v1/traces&y=%2F..%2F#frag"
 
 
 async def test_absolute_form_goes_to_the_configured_upstream(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """RFC 9112 §3.2.2: absolute-form is accepted, but its authority never
     chooses where the request goes or what Host the upstream sees."""
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     target = b"http://169.254.169.254:80/api/v1/write?a=1"
     assert await _status(gw.port, "POST", target, TOKEN) == [204]
-    [req] = raw_upstream.requests
+    [req] = strict_upstream.requests
     assert req.target == "/api/v1/write?a=1"
-    assert req.all("Host") == [f"127.0.0.1:{raw_upstream.port}"]
+    assert req.all("Host") == [f"127.0.0.1:{strict_upstream.port}"]
 
 
 @pytest.mark.parametrize("method", ["CONNECT", "OPTIONS"])
 async def test_proxy_style_targets_are_not_routes(
-    method: str, start_gateway: StartGateway, raw_upstream: RawUpstream
+    method: str, start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     target = b"127.0.0.1:22" if method == "CONNECT" else b"*"
     data = (
         method.encode()
@@ -158,4 +158,4 @@ async def test_proxy_style_targets_are_not_routes(
         conn.half_close()
         stream = await conn.eof()
     assert parse_statuses(stream) in ([404], [400])
-    assert raw_upstream.conns == []
+    assert strict_upstream.conns == []

@@ -47,9 +47,9 @@ async def _trickle(conn: RawConn, data: bytes, every: float, closed: asyncio.Eve
 
 
 async def test_slowloris_head_is_closed_at_the_header_timeout(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     head = _head("/api/v1/write", 4) + b"abcd"
     async with await RawConn.open(gw.port) as conn:
         t0 = time.monotonic()
@@ -63,13 +63,13 @@ async def test_slowloris_head_is_closed_at_the_header_timeout(
     # whole head, not on the gap between bytes.
     assert HEADER_TIMEOUT - 0.05 <= elapsed <= HEADER_TIMEOUT + SLACK, elapsed
     assert parse_statuses(stream) in ([], [408])
-    assert raw_upstream.conns == []
+    assert strict_upstream.conns == []
 
 
 async def test_silent_connection_is_closed_at_the_header_timeout(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     async with await RawConn.open(gw.port) as conn:
         t0 = time.monotonic()
         assert await conn.closed_within(HEADER_TIMEOUT + SLACK)
@@ -77,12 +77,12 @@ async def test_silent_connection_is_closed_at_the_header_timeout(
 
 
 async def test_slowloris_on_a_kept_alive_connection(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """The second head on a connection has its own header deadline."""
     gw = await start_gateway(
         hostile_config(
-            raw_upstream,
+            strict_upstream,
             server=f"header_timeout_seconds = {HEADER_TIMEOUT}\nkeepalive_timeout_seconds = 30",
         )
     )
@@ -98,15 +98,15 @@ async def test_slowloris_on_a_kept_alive_connection(
         closed.set()
         await sender
         assert time.monotonic() - t0 <= HEADER_TIMEOUT + SLACK
-    assert [r.body for r in raw_upstream.requests] == [b"one"]
+    assert [r.body for r in strict_upstream.requests] == [b"one"]
 
 
 async def test_idle_keep_alive_connection_is_closed(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     gw = await start_gateway(
         hostile_config(
-            raw_upstream, server="header_timeout_seconds = 5\nkeepalive_timeout_seconds = 0.5"
+            strict_upstream, server="header_timeout_seconds = 5\nkeepalive_timeout_seconds = 0.5"
         )
     )
     async with await RawConn.open(gw.port) as conn:
@@ -129,13 +129,13 @@ async def test_stalled_body_is_timed_out_and_never_completed_upstream(
     status: int,
     content_type: str,
     start_gateway: StartGateway,
-    raw_upstream: RawUpstream,
+    strict_upstream: RawUpstream,
     log_capture: list[MutableMapping[str, Any]],
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     async with await RawConn.open(gw.port) as conn:
         await conn.send(_head(path, 1000) + b"x" * 100)
-        await wait_for(lambda: len(raw_upstream.received) > 100)  # streaming began
+        await wait_for(lambda: len(strict_upstream.received) > 100)  # streaming began
         t0 = time.monotonic()
         resp = await conn.response(timeout=BODY_IDLE + SLACK + 1)
         elapsed = time.monotonic() - t0
@@ -146,24 +146,24 @@ async def test_stalled_body_is_timed_out_and_never_completed_upstream(
     if status == 503:
         assert resp.header("Retry-After") == "1"
     assert elapsed <= BODY_IDLE + SLACK
-    await wait_for(lambda: all(c.closed.is_set() for c in raw_upstream.conns))
-    assert raw_upstream.requests == []
+    await wait_for(lambda: all(c.closed.is_set() for c in strict_upstream.conns))
+    assert strict_upstream.requests == []
     assert [e.get("error") for e in log_capture if e.get("event") == "request"] == [
         "client_timeout"
     ]
 
 
 async def test_stalled_json_otlp_body_gets_a_json_status(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     async with await RawConn.open(gw.port) as conn:
         await conn.send(_head("/v1/traces", 1000, "Content-Type: application/json\r\n") + b"{")
         resp = await conn.response(timeout=BODY_IDLE + SLACK + 1)
     assert resp.status == 503
     assert resp.header("Content-Type") == "application/json"
     assert resp.body.startswith(b'{"code":14')
-    assert raw_upstream.requests == []
+    assert strict_upstream.requests == []
 
 
 MIN_RATE = """
@@ -175,11 +175,13 @@ SLOW_BODY_SERVER = "header_timeout_seconds = 2\nbody_idle_timeout_seconds = 2"
 
 
 async def test_trickling_body_below_the_minimum_rate_is_cut(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """20 bytes every 100 ms (200 B/s) never trips the idle timeout, but is
     under the 1000 B/s floor: cut after the grace period with a 408."""
-    gw = await start_gateway(hostile_config(raw_upstream, server=SLOW_BODY_SERVER, extra=MIN_RATE))
+    gw = await start_gateway(
+        hostile_config(strict_upstream, server=SLOW_BODY_SERVER, extra=MIN_RATE)
+    )
     async with await RawConn.open(gw.port) as conn:
         await conn.send(_head("/api/v1/write", 100_000))
         t0 = time.monotonic()
@@ -202,15 +204,17 @@ async def test_trickling_body_below_the_minimum_rate_is_cut(
         await sender
     assert resp.status == 408
     assert 0.3 <= elapsed <= 0.3 + SLACK, elapsed
-    await wait_for(lambda: all(c.closed.is_set() for c in raw_upstream.conns))
-    assert raw_upstream.requests == []
+    await wait_for(lambda: all(c.closed.is_set() for c in strict_upstream.conns))
+    assert strict_upstream.requests == []
 
 
 async def test_steady_body_above_the_minimum_rate_passes(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """The floor does not hurt a slow but honest sender (4x the minimum)."""
-    gw = await start_gateway(hostile_config(raw_upstream, server=SLOW_BODY_SERVER, extra=MIN_RATE))
+    gw = await start_gateway(
+        hostile_config(strict_upstream, server=SLOW_BODY_SERVER, extra=MIN_RATE)
+    )
     chunk, n = b"z" * 200, 10  # 200 bytes / 50 ms = 4000 B/s for 0.5 s
     async with await RawConn.open(gw.port) as conn:
         await conn.send(_head("/api/v1/write", len(chunk) * n))
@@ -219,7 +223,7 @@ async def test_steady_body_above_the_minimum_rate_passes(
             await asyncio.sleep(0.05)
         resp = await conn.response()
     assert resp.status == 204
-    [req] = raw_upstream.requests
+    [req] = strict_upstream.requests
     assert req.body == chunk * n
 
 
@@ -229,10 +233,10 @@ async def test_client_disconnect_mid_body_never_completes_upstream(
     how: str,
     framing: str,
     start_gateway: StartGateway,
-    raw_upstream: RawUpstream,
+    strict_upstream: RawUpstream,
     log_capture: list[MutableMapping[str, Any]],
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     part = b"p" * 50_000
     if framing == "chunked":
         head = _head("/api/v1/write", 0).replace(
@@ -243,14 +247,14 @@ async def test_client_disconnect_mid_body_never_completes_upstream(
         data = _head("/api/v1/write", 100_000) + part
     conn = await RawConn.open(gw.port)
     await conn.send(data)
-    await wait_for(lambda: b"ppppp" in raw_upstream.received)
+    await wait_for(lambda: b"ppppp" in strict_upstream.received)
     if how == "rst":
         conn.abort()
     else:
         await conn.close()
-    await wait_for(lambda: all(c.closed.is_set() for c in raw_upstream.conns))
-    assert raw_upstream.requests == []
-    [up] = raw_upstream.conns
+    await wait_for(lambda: all(c.closed.is_set() for c in strict_upstream.conns))
+    assert strict_upstream.requests == []
+    [up] = strict_upstream.conns
     body = bytes(up.data).partition(b"\r\n\r\n")[2]
     assert body.count(b"p") == len(body.strip(b"0123456789abcdef\r\n"))  # nothing but ours
     assert len(body) < len(data)
@@ -287,14 +291,14 @@ IDLE_CONNECTIONS = 2000
 
 
 async def test_thousands_of_idle_connections_do_not_delay_a_valid_request(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """2000 connections each holding a half-sent head, next to one real
     sender: its request is answered at once, and the sweeper then closes
     every idle one at the header timeout."""
     header_timeout = 3.0
     gw: Gateway = await start_gateway(
-        hostile_config(raw_upstream, server=f"header_timeout_seconds = {header_timeout}")
+        hostile_config(strict_upstream, server=f"header_timeout_seconds = {header_timeout}")
     )
     partial = b"POST /api/v1/write HTTP/1.1\r\nHost: gw\r\nX-Slow: "
     conns = await _open_many(gw.port, IDLE_CONNECTIONS, partial)
@@ -307,7 +311,7 @@ async def test_thousands_of_idle_connections_do_not_delay_a_valid_request(
             elapsed = time.monotonic() - t0
         assert resp.status == 204
         assert elapsed < 0.5, elapsed
-        assert [r.body for r in raw_upstream.requests] == [b"valid"]
+        assert [r.body for r in strict_upstream.requests] == [b"valid"]
         # The sweeper closes them all at the header deadline (one pass, no per-connection timers).
         await wait_for(lambda: gw.stats.open_connections == 0, header_timeout + 3.0)
         closed = await asyncio.gather(*(c.closed_within(2.0) for c in conns))

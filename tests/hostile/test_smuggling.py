@@ -78,15 +78,15 @@ HEAD_ATTACKS = {
 
 @pytest.mark.parametrize("name", sorted(HEAD_ATTACKS))
 async def test_malformed_framing_is_400_and_nothing_reaches_upstream(
-    name: str, start_gateway: StartGateway, raw_upstream: RawUpstream
+    name: str, start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     stream = await _exchange(gw.port, HEAD_ATTACKS[name])
     assert parse_statuses(stream) == [400], stream[:300]
-    await _settled(raw_upstream)
-    assert raw_upstream.requests == []
-    assert b"SMUGGLED" not in raw_upstream.received
-    assert raw_upstream.errors == []
+    await _settled(strict_upstream)
+    assert strict_upstream.requests == []
+    assert b"SMUGGLED" not in strict_upstream.received
+    assert strict_upstream.errors == []
 
 
 # Transfer codings the gateway cannot pass on undecoded (RFC 9112 §6.1):
@@ -105,15 +105,15 @@ CODING_ATTACKS = {
 
 @pytest.mark.parametrize("name", sorted(CODING_ATTACKS))
 async def test_unsupported_transfer_coding_is_400(
-    name: str, start_gateway: StartGateway, raw_upstream: RawUpstream
+    name: str, start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     stream = await _exchange(gw.port, CODING_ATTACKS[name])
     assert parse_statuses(stream)[:1] == [400], stream[:300]
     assert b"204" not in stream.split(b"\r\n")[0]
-    await _settled(raw_upstream)
-    assert raw_upstream.requests == []
-    assert b"SMUGGLED" not in raw_upstream.received
+    await _settled(strict_upstream)
+    assert strict_upstream.requests == []
+    assert b"SMUGGLED" not in strict_upstream.received
 
 
 # Broken chunked bodies: the head was valid and authenticated, so the
@@ -135,41 +135,41 @@ CHUNK_ATTACKS = {
 
 @pytest.mark.parametrize("name", sorted(CHUNK_ATTACKS))
 async def test_invalid_chunk_is_400_and_upstream_never_sees_complete_body(
-    name: str, start_gateway: StartGateway, raw_upstream: RawUpstream
+    name: str, start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     data = RW + b"Transfer-Encoding: chunked\r\n\r\n" + CHUNK_ATTACKS[name]
     stream = await _exchange(gw.port, data)
     assert parse_statuses(stream) == [400], stream[:300]
-    await _settled(raw_upstream)
-    assert raw_upstream.requests == []
-    for conn in raw_upstream.conns:
+    await _settled(strict_upstream)
+    assert strict_upstream.requests == []
+    for conn in strict_upstream.conns:
         # Whatever was streamed never ends with the last-chunk marker.
         assert not conn.data.endswith(b"0\r\n\r\n")
         assert conn.closed.is_set() or not conn.data
-    assert b"SMUGGLED" not in raw_upstream.received
+    assert b"SMUGGLED" not in strict_upstream.received
 
 
 async def test_request_hidden_in_chunk_data_stays_body(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """A chunk whose data looks like an end marker plus a request is data."""
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     payload = b"0\r\n\r\n" + SMUGGLED
     data = RW + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(payload) + payload
     data += b"\r\n0\r\n\r\n"
     stream = await _exchange(gw.port, data)
     assert parse_statuses(stream) == [204]
-    [req] = raw_upstream.requests
+    [req] = strict_upstream.requests
     assert (req.method, req.target, req.body) == ("POST", "/api/v1/write", payload)
     assert req.chunked
-    assert raw_upstream.errors == []
+    assert strict_upstream.errors == []
 
 
 async def test_chunk_extensions_and_trailers_are_not_forwarded(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     data = (
         RW
         + b"Transfer-Encoding: chunked\r\n\r\n"
@@ -178,68 +178,68 @@ async def test_chunk_extensions_and_trailers_are_not_forwarded(
     )
     stream = await _exchange(gw.port, data)
     assert parse_statuses(stream) == [204]
-    [req] = raw_upstream.requests
+    [req] = strict_upstream.requests
     assert req.body == b"abcdefg"
     assert req.trailers == []
-    assert b"evil" not in raw_upstream.received
-    assert b"ext=" not in raw_upstream.received
+    assert b"evil" not in strict_upstream.received
+    assert b"ext=" not in strict_upstream.received
 
 
 async def test_authorization_in_trailers_does_not_authenticate(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     data = (
         b"POST /api/v1/write HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"4\r\nabcd\r\n0\r\n" + AUTH + b"\r\n"
     )
     stream = await _exchange(gw.port, data)
     assert parse_statuses(stream) == [401]
-    assert raw_upstream.conns == []
+    assert strict_upstream.conns == []
 
 
 async def test_body_of_a_locally_answered_request_is_not_parsed_as_a_request(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """/health with a body that is itself a request: one answer, no proxying."""
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     data = b"GET /health HTTP/1.1\r\nHost: gw\r\n" + AUTH
     data += b"Content-Length: %d\r\n\r\n" % len(SMUGGLED) + SMUGGLED
     stream = await _exchange(gw.port, data)
     assert parse_statuses(stream) == [200]
-    assert raw_upstream.conns == []
+    assert strict_upstream.conns == []
 
 
 async def test_unauthenticated_body_is_not_parsed_as_a_request(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     data = b"POST /api/v1/write HTTP/1.1\r\nHost: gw\r\n"
     data += b"Content-Length: %d\r\n\r\n" % len(SMUGGLED) + SMUGGLED
     stream = await _exchange(gw.port, data)
     assert parse_statuses(stream) == [401]
-    assert raw_upstream.conns == []
+    assert strict_upstream.conns == []
 
 
 async def test_content_length_body_forwarded_exactly(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """Bytes after Content-Length are the next request, parsed on their own."""
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     first = RW + b"Content-Length: 4\r\n\r\nabcd"
     stream = await _exchange(gw.port, first + SMUGGLED)
     assert parse_statuses(stream) == [204, 204]
-    assert [(r.target, r.body) for r in raw_upstream.requests] == [
+    assert [(r.target, r.body) for r in strict_upstream.requests] == [
         ("/api/v1/write", b"abcd"),
         ("/v1/traces", b"SMUGGLED"),
     ]
-    for req in raw_upstream.requests:
+    for req in strict_upstream.requests:
         assert req.all("Content-Length") == [str(len(req.body))]
         assert req.header("Transfer-Encoding") is None
 
 
 async def test_pipelined_requests_answered_in_order(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """The first request's upstream answers last; answers still come in order."""
     release = asyncio.Event()
@@ -257,8 +257,8 @@ async def test_pipelined_requests_answered_in_order(
                 b"Content-Length: 6\r\nX-Which: second\r\n\r\nsecond"
             )
 
-    raw_upstream.responder = responder
-    gw = await start_gateway(hostile_config(raw_upstream))
+    strict_upstream.responder = responder
+    gw = await start_gateway(hostile_config(strict_upstream))
     async with await RawConn.open(gw.port) as conn:
         await conn.send(
             request("POST", "/api/v1/write", b"first", token=TOKEN)
@@ -268,25 +268,25 @@ async def test_pipelined_requests_answered_in_order(
             + request("POST", "/api/v1/write", b"x")  # no token
         )
         # Reading is paused while the first is in flight: nothing else is sent.
-        await wait_for(lambda: len(raw_upstream.requests) == 1)
+        await wait_for(lambda: len(strict_upstream.requests) == 1)
         release.set()
         responses = [await conn.response() for _ in range(5)]
     assert [r.status for r in responses] == [204, 200, 200, 404, 401]
     assert responses[0].header("X-Which") == "first"
     assert responses[1].body == b"second"
-    assert [r.body for r in raw_upstream.requests] == [b"first", b"second"]
-    assert raw_upstream.errors == []
+    assert [r.body for r in strict_upstream.requests] == [b"first", b"second"]
+    assert strict_upstream.errors == []
 
 
 async def test_many_pipelined_requests_in_one_segment(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     n = 200
     data = b"".join(request("POST", "/api/v1/write", b"%d" % i, token=TOKEN) for i in range(n))
     stream = await _exchange(gw.port, data)
     assert parse_statuses(stream) == [204] * n
-    assert [r.body for r in raw_upstream.requests] == [b"%d" % i for i in range(n)]
+    assert [r.body for r in strict_upstream.requests] == [b"%d" % i for i in range(n)]
 
 
 @pytest.mark.parametrize(
@@ -298,30 +298,30 @@ async def test_many_pipelined_requests_in_one_segment(
     ids=["http10", "connection_close"],
 )
 async def test_bytes_after_a_closing_request_do_not_void_it(
-    head: bytes, start_gateway: StartGateway, raw_upstream: RawUpstream
+    head: bytes, start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """RFC 9112 §9.6: the request carrying "close" is answered; what follows
     it on the connection is not processed (and does not cancel it)."""
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     data = head + b"Content-Length: 4\r\n\r\nabcd" + SMUGGLED
     stream = await _exchange(gw.port, data)
     assert parse_statuses(stream) == [204], stream[:300]
-    [req] = raw_upstream.requests
+    [req] = strict_upstream.requests
     assert req.body == b"abcd"
-    assert b"SMUGGLED" not in raw_upstream.received
+    assert b"SMUGGLED" not in strict_upstream.received
 
 
 async def test_upgrade_is_never_honoured(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """An Upgrade request is proxied as plain HTTP (Upgrade stripped) and the
     connection ends after it: the bytes after it are never taken as HTTP."""
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     data = RW + b"Connection: Upgrade\r\nUpgrade: h2c\r\nContent-Length: 0\r\n\r\n" + SMUGGLED
     stream = await _exchange(gw.port, data)
     assert parse_statuses(stream) == [204]
-    [req] = raw_upstream.requests
+    [req] = strict_upstream.requests
     assert req.body == b""
     assert "upgrade" not in req.names()
     assert "connection" not in req.names()
-    assert b"SMUGGLED" not in raw_upstream.received
+    assert b"SMUGGLED" not in strict_upstream.received

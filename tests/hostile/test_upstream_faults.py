@@ -33,10 +33,10 @@ async def _hang(conn: UpConn, req: ParsedRequest) -> None:
 
 @pytest.mark.parametrize(("path", "route"), ROUTES)
 async def test_hanging_upstream_is_504_and_the_connection_survives(
-    path: str, route: str, start_gateway: StartGateway, raw_upstream: RawUpstream
+    path: str, route: str, start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    raw_upstream.responder = _hang
-    gw = await start_gateway(hostile_config(raw_upstream))
+    strict_upstream.responder = _hang
+    gw = await start_gateway(hostile_config(strict_upstream))
     async with await RawConn.open(gw.port) as conn:
         t0 = time.monotonic()
         await conn.send(request("POST", path, b"data", token=TOKEN))
@@ -45,12 +45,12 @@ async def test_hanging_upstream_is_504_and_the_connection_survives(
         assert resp.status == 504
         assert RESPONSE_TIMEOUT - 0.05 <= elapsed <= RESPONSE_TIMEOUT + SLACK
         # The hung upstream connection is given up, never reused.
-        await wait_for(raw_upstream.conns[0].closed.is_set)
-        raw_upstream.responder = respond_204
+        await wait_for(strict_upstream.conns[0].closed.is_set)
+        strict_upstream.responder = respond_204
         await conn.send(request("POST", path, b"again", token=TOKEN))
         assert (await conn.response()).status == 204
-    assert [r.body for r in raw_upstream.requests] == [b"data", b"again"]
-    assert len(raw_upstream.conns) == 2
+    assert [r.body for r in strict_upstream.requests] == [b"data", b"again"]
+    assert len(strict_upstream.conns) == 2
     assert gw.stats.routes[route].upstream_errors == {"timeout": 1}
 
 
@@ -95,17 +95,17 @@ FAULTS = {
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 @pytest.mark.parametrize(("path", "route"), ROUTES)
 async def test_broken_upstream_answer_is_502(
-    fault: str, path: str, route: str, start_gateway: StartGateway, raw_upstream: RawUpstream
+    fault: str, path: str, route: str, start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    raw_upstream.responder = FAULTS[fault]  # type: ignore[assignment]
-    gw = await start_gateway(hostile_config(raw_upstream))
+    strict_upstream.responder = FAULTS[fault]  # type: ignore[assignment]
+    gw = await start_gateway(hostile_config(strict_upstream))
     async with await RawConn.open(gw.port) as conn:
         await conn.send(request("POST", path, b"data", token=TOKEN))
         resp = await conn.response(timeout=RESPONSE_TIMEOUT + SLACK)
         assert resp.status == 502
         assert b"127.0.0.1" not in resp.body  # never an upstream address
         # The client connection stays usable.
-        raw_upstream.responder = respond_204
+        strict_upstream.responder = respond_204
         await conn.send(request("POST", path, b"next", token=TOKEN))
         assert (await conn.response()).status == 204
     assert sum(gw.stats.routes[route].upstream_errors.values()) == 1
@@ -113,13 +113,13 @@ async def test_broken_upstream_answer_is_502(
 
 @pytest.mark.parametrize(("path", "route"), ROUTES)
 async def test_refused_upstream_is_502(
-    path: str, route: str, start_gateway: StartGateway, raw_upstream: RawUpstream
+    path: str, route: str, start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]  # bound, never listening: connections are refused
-        raw_upstream.port = dead
-        gw = await start_gateway(hostile_config(raw_upstream))
+        strict_upstream.port = dead
+        gw = await start_gateway(hostile_config(strict_upstream))
         async with await RawConn.open(gw.port) as conn:
             await conn.send(request("POST", path, b"data", token=TOKEN))
             resp = await conn.response()
@@ -128,7 +128,7 @@ async def test_refused_upstream_is_502(
 
 
 async def test_slow_but_live_upstream_is_passed_through(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """Each gap is under the response timeout, the total is well over it."""
 
@@ -140,8 +140,8 @@ async def test_slow_but_live_upstream_is_passed_through(
             await conn.write(b"%x\r\n%s\r\n" % (len(part), part))
         await conn.write(b"0\r\n\r\n")
 
-    raw_upstream.responder = slow
-    gw = await start_gateway(hostile_config(raw_upstream))
+    strict_upstream.responder = slow
+    gw = await start_gateway(hostile_config(strict_upstream))
     async with await RawConn.open(gw.port) as conn:
         t0 = time.monotonic()
         await conn.send(request("POST", "/v1/traces", b"data", token=TOKEN))
@@ -152,7 +152,7 @@ async def test_slow_but_live_upstream_is_passed_through(
 
 
 async def test_upstream_stalling_mid_body_truncates_the_response(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """Status already sent: the client must see a cut connection, not a
     complete short response it would take for success."""
@@ -161,24 +161,24 @@ async def test_upstream_stalling_mid_body_truncates_the_response(
         await conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"h" * 10)
         await asyncio.Event().wait()
 
-    raw_upstream.responder = stall
-    gw = await start_gateway(hostile_config(raw_upstream))
+    strict_upstream.responder = stall
+    gw = await start_gateway(hostile_config(strict_upstream))
     async with await RawConn.open(gw.port) as conn:
         await conn.send(request("POST", "/v1/traces", b"data", token=TOKEN))
         with pytest.raises(Closed):
             await conn.response(timeout=RESPONSE_TIMEOUT + SLACK + 1)
-    await wait_for(raw_upstream.conns[0].closed.is_set)
+    await wait_for(strict_upstream.conns[0].closed.is_set)
 
 
 async def test_upstream_closing_mid_body_truncates_the_response(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     async def cut(conn: UpConn, req: ParsedRequest) -> None:
         await conn.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
         conn.writer.close()
 
-    raw_upstream.responder = cut
-    gw = await start_gateway(hostile_config(raw_upstream))
+    strict_upstream.responder = cut
+    gw = await start_gateway(hostile_config(strict_upstream))
     async with await RawConn.open(gw.port) as conn:
         await conn.send(request("POST", "/v1/traces", b"data", token=TOKEN))
         with pytest.raises(Closed):
@@ -186,7 +186,7 @@ async def test_upstream_closing_mid_body_truncates_the_response(
 
 
 async def test_upstream_answering_before_the_body_ends(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     """An early 413 from the upstream is passed through verbatim; the rest of
     the client's body is not wanted and the upstream connection is dropped."""
@@ -195,12 +195,14 @@ async def test_upstream_answering_before_the_body_ends(
         await conn.head_seen.wait()
         await conn.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!")
 
-    gw = await start_gateway(hostile_config(raw_upstream, server="body_idle_timeout_seconds = 5"))
+    gw = await start_gateway(
+        hostile_config(strict_upstream, server="body_idle_timeout_seconds = 5")
+    )
 
     async def watcher(conn: UpConn) -> None:
         asyncio.get_running_loop().create_task(early(conn))
 
-    raw_upstream.on_connect = watcher
+    strict_upstream.on_connect = watcher
     async with await RawConn.open(gw.port) as conn:
         await conn.send(
             b"POST /api/v1/write HTTP/1.1\r\nHost: gw\r\n"
@@ -212,20 +214,20 @@ async def test_upstream_answering_before_the_body_ends(
         assert resp.body == b"too big!"
         assert resp.header("Connection") == "close"
         assert await conn.closed_within(3.0)
-    await wait_for(raw_upstream.conns[0].closed.is_set)
-    assert raw_upstream.requests == []
+    await wait_for(strict_upstream.conns[0].closed.is_set)
+    assert strict_upstream.requests == []
 
 
 async def test_upstream_5xx_is_passed_through_verbatim(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     async def five_hundred(conn: UpConn, req: ParsedRequest) -> None:
         await conn.write(
             b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\nX-Vm: 1\r\n\r\noops"
         )
 
-    raw_upstream.responder = five_hundred
-    gw = await start_gateway(hostile_config(raw_upstream))
+    strict_upstream.responder = five_hundred
+    gw = await start_gateway(hostile_config(strict_upstream))
     async with await RawConn.open(gw.port) as conn:
         await conn.send(request("POST", "/api/v1/write", b"data", token=TOKEN))
         resp = await conn.response()
@@ -233,15 +235,15 @@ async def test_upstream_5xx_is_passed_through_verbatim(
 
 
 async def test_pooled_connection_closed_by_upstream_is_not_reused(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    gw = await start_gateway(hostile_config(raw_upstream))
+    gw = await start_gateway(hostile_config(strict_upstream))
     async with await RawConn.open(gw.port) as conn:
         await conn.send(request("POST", "/api/v1/write", b"one", token=TOKEN))
         assert (await conn.response()).status == 204
         # The upstream closes its idle keep-alive connection (its own idle timeout).
-        raw_upstream.conns[0].writer.close()
-        await wait_for(raw_upstream.conns[0].closed.is_set)
+        strict_upstream.conns[0].writer.close()
+        await wait_for(strict_upstream.conns[0].closed.is_set)
         # Wait until the gateway has seen the FIN and dropped the pooled
         # socket (internal state: there is no public signal for it).
         assert gw.shared is not None
@@ -249,17 +251,19 @@ async def test_pooled_connection_closed_by_upstream_is_not_reused(
         await wait_for(lambda: not pool._idle)
         await conn.send(request("POST", "/api/v1/write", b"two", token=TOKEN))
         assert (await conn.response()).status == 204
-    assert [r.body for r in raw_upstream.requests] == [b"one", b"two"]
+    assert [r.body for r in strict_upstream.requests] == [b"one", b"two"]
 
 
 async def test_client_leaving_while_upstream_works_aborts_upstream(
-    start_gateway: StartGateway, raw_upstream: RawUpstream
+    start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
-    raw_upstream.responder = _hang
-    gw = await start_gateway(hostile_config(raw_upstream, upstream="response_timeout_seconds = 30"))
+    strict_upstream.responder = _hang
+    gw = await start_gateway(
+        hostile_config(strict_upstream, upstream="response_timeout_seconds = 30")
+    )
     conn = await RawConn.open(gw.port)
     await conn.send(request("POST", "/api/v1/write", b"data", token=TOKEN))
-    await wait_for(lambda: len(raw_upstream.requests) == 1)
+    await wait_for(lambda: len(strict_upstream.requests) == 1)
     conn.abort()
-    await wait_for(raw_upstream.conns[0].closed.is_set)
+    await wait_for(strict_upstream.conns[0].closed.is_set)
     assert gw.stats.pairs["remote_write", "ingest"].codes == {499: 1}

@@ -1,0 +1,340 @@
+"""TLS on the public listener: versions, handshake timeout, certificate swap
+on reload without dropping open connections (in-process and through the
+real CLI with SIGHUP), required client certificates, and the per-credential
+client-certificate subject condition."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import ssl
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from gateway.config import ConfigError, loads
+from tests.conftest import OTHER_TOKEN, TOKEN, StartGateway, sha256, wait_for
+from tests.hostile.conftest import FAST_SERVER, hostile_config
+from tests.hostile.pki import Issued, Pki
+from tests.hostile.support import RawConn, RawUpstream, Response, parse_statuses, request
+from tests.support import GatewayProcess
+
+SLACK = 1.0
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return Pki(tmp_path)
+
+
+def _tls(server: Issued, client_auth: str = "none", ca: Path | None = None) -> str:
+    text = f'\n[server.tls]\ncert_file = "{server.cert}"\nkey_file = "{server.key}"\n'
+    if ca is not None:
+        text += f'client_ca_file = "{ca}"\nclient_auth = "{client_auth}"\n'
+    return FAST_SERVER + text
+
+
+async def _tls_conn(port: int, ctx: ssl.SSLContext) -> RawConn:
+    return await RawConn.open(port, ssl=ctx, server_hostname="localhost")
+
+
+def _peer_der(conn: RawConn) -> bytes:
+    sslobj = conn.writer.get_extra_info("ssl_object")
+    assert sslobj is not None
+    der = sslobj.getpeercert(binary_form=True)
+    assert der is not None
+    return bytes(der)
+
+
+async def _post(conn: RawConn, body: bytes, token: str = TOKEN) -> Response:
+    await conn.send(request("POST", "/api/v1/write", body, token=token))
+    return await conn.response()
+
+
+async def _refused(port: int, ctx: ssl.SSLContext) -> bool:
+    """True when no HTTP exchange is possible over this TLS setup."""
+    try:
+        async with await _tls_conn(port, ctx) as conn:
+            # TLS 1.3: a client-certificate failure arrives after the
+            # client-side handshake completes, on the first read.
+            await conn.send(request("POST", "/api/v1/write", b"sneak", token=TOKEN))
+            await conn.response(timeout=3.0)
+    except (ssl.SSLError, ConnectionError, OSError, EOFError) as exc:
+        del exc
+        return True
+    except Exception as exc:  # Closed: the server hung up without an answer
+        return type(exc).__name__ == "Closed"
+    return False
+
+
+async def test_tls_request_reaches_upstream_as_https(
+    pki: Pki, start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    cert = pki.server("gw-1")
+    gw = await start_gateway(hostile_config(strict_upstream, server=_tls(cert)))
+    async with await _tls_conn(gw.port, pki.client_context()) as conn:
+        assert _peer_der(conn) == cert.der
+        resp = await _post(conn, b"secret-payload")
+        assert resp.status == 204
+        sslobj = conn.writer.get_extra_info("ssl_object")
+        assert sslobj.version() in ("TLSv1.2", "TLSv1.3")
+        assert sslobj.selected_alpn_protocol() in (None, "http/1.1")
+    [req] = strict_upstream.requests
+    assert req.body == b"secret-payload"
+    assert req.all("X-Forwarded-Proto") == ["https"]
+
+
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1], ids=["tls1.0", "tls1.1"]
+)
+async def test_tls_below_1_2_is_refused(
+    version: ssl.TLSVersion,
+    pki: Pki,
+    start_gateway: StartGateway,
+    strict_upstream: RawUpstream,
+) -> None:
+    gw = await start_gateway(hostile_config(strict_upstream, server=_tls(pki.server("gw"))))
+    ctx = pki.client_context()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # deprecated: that is the point
+        ctx.minimum_version = version
+        ctx.maximum_version = version
+    with contextlib.suppress(ssl.SSLError):
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # let the client offer the old version at all
+    # The server answers the old ClientHello with an alert or a reset; a
+    # client that could not even offer the version fails differently.
+    with pytest.raises((ssl.SSLError, ConnectionResetError)) as refused:
+        async with await _tls_conn(gw.port, ctx):
+            pass
+    assert "NO_PROTOCOLS_AVAILABLE" not in str(refused.value), "the client never offered it"
+    tls12 = pki.client_context()
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    async with await _tls_conn(gw.port, tls12) as conn:
+        assert (await _post(conn, b"ok")).status == 204
+    assert [r.body for r in strict_upstream.requests] == [b"ok"]
+
+
+async def test_plain_http_on_the_tls_port_gets_nothing(
+    pki: Pki, start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    gw = await start_gateway(hostile_config(strict_upstream, server=_tls(pki.server("gw"))))
+    async with await RawConn.open(gw.port) as conn:
+        await conn.send(request("POST", "/api/v1/write", b"x", token=TOKEN))
+        stream = await conn.eof(timeout=3.0)
+    assert parse_statuses(stream) == []
+    assert strict_upstream.conns == []
+
+
+@pytest.mark.parametrize("sent", [b"", b"\x16\x03\x01\x02\x00\x01"], ids=["silent", "partial"])
+async def test_stalled_tls_handshake_is_closed_at_the_header_timeout(
+    sent: bytes, pki: Pki, start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    gw = await start_gateway(hostile_config(strict_upstream, server=_tls(pki.server("gw"))))
+    async with await RawConn.open(gw.port) as conn:
+        t0 = time.monotonic()
+        if sent:
+            await conn.send(sent)
+        assert await conn.closed_within(0.5 + SLACK + 1)
+        assert time.monotonic() - t0 <= 0.5 + SLACK
+    await wait_for(lambda: gw.stats.open_connections == 0)
+
+
+async def test_certificate_swap_on_reload_keeps_open_connections(
+    pki: Pki, start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    first = pki.server("gw-first")
+    text = hostile_config(
+        strict_upstream, server=_tls(first).replace("keepalive_timeout_seconds = 2.0", "")
+    )
+    gw = await start_gateway(text)
+    ctx = pki.client_context()
+    async with await _tls_conn(gw.port, ctx) as old:
+        assert (await _post(old, b"before")).status == 204
+        # A certificate manager renews in place (same paths), then SIGHUP.
+        second = pki.server("gw-second")
+        assert second.cert == first.cert
+        gw.reload(loads(text))
+        async with await _tls_conn(gw.port, ctx) as new:
+            assert _peer_der(new) == second.der
+            assert (await _post(new, b"new")).status == 204
+        # The connection opened before the swap is still the same, still works.
+        assert _peer_der(old) == first.der
+        assert (await _post(old, b"after")).status == 204
+    assert [r.body for r in strict_upstream.requests] == [b"before", b"new", b"after"]
+
+
+async def test_mismatched_certificate_and_key_are_a_config_error(pki: Pki) -> None:
+    one, two = pki.server("one", "one"), pki.server("two", "two")
+    broken = Issued(one.cert, two.key, one.der)
+    with pytest.raises(ConfigError, match=r"server\.tls\.key_file"):
+        loads(hostile_config(_DummyUp(), server=_tls(broken)))
+    missing = Issued(one.cert.with_name("nope.crt"), one.key, one.der)
+    with pytest.raises(ConfigError, match=r"server\.tls\.cert_file"):
+        loads(hostile_config(_DummyUp(), server=_tls(missing)))
+
+
+class _DummyUp(RawUpstream):
+    """An upstream address for configs that are never served."""
+
+
+async def test_required_client_certificate(
+    pki: Pki, start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    server = _tls(pki.server("gw"), "required", pki.client_ca_file)
+    gw = await start_gateway(hostile_config(strict_upstream, server=server))
+    assert await _refused(gw.port, pki.client_context())
+    intruder = pki.client("origin-pull", "Cloudflare", foreign=True)
+    assert await _refused(gw.port, pki.client_context(intruder))
+    good = pki.client("origin-pull", "Cloudflare")
+    async with await _tls_conn(gw.port, pki.client_context(good)) as conn:
+        assert (await _post(conn, b"with-cert")).status == 204
+    assert [r.body for r in strict_upstream.requests] == [b"with-cert"]
+    assert b"sneak" not in strict_upstream.received
+
+
+def _subject_credentials(subject: str) -> str:
+    return f"""
+[[credentials]]
+name = "ingest"
+token_sha256 = "{sha256(TOKEN.encode())}"
+routes = ["remote_write", "otlp_traces"]
+client_cert_subjects = ["{subject}"]
+
+[[credentials]]
+name = "other"
+token_sha256 = "{sha256(OTHER_TOKEN.encode())}"
+routes = ["remote_write"]
+"""
+
+
+async def test_client_certificate_subject_per_credential(
+    pki: Pki, start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    """A stolen token is useless without the matching client certificate."""
+    server = _tls(pki.server("gw"), "optional", pki.client_ca_file)
+    gw = await start_gateway(
+        hostile_config(
+            strict_upstream,
+            server=server,
+            credentials=_subject_credentials("CN=origin-pull,O=Cloudflare"),
+        )
+    )
+    right = pki.client("origin-pull", "Cloudflare")
+    wrong = pki.client("intruder", "Cloudflare")
+    cases = [
+        (None, TOKEN, 401),
+        (wrong, TOKEN, 401),
+        (right, TOKEN, 204),
+        (None, OTHER_TOKEN, 204),  # a credential without the condition
+        (wrong, OTHER_TOKEN, 204),
+    ]
+    for client, token, status in cases:
+        async with await _tls_conn(gw.port, pki.client_context(client)) as conn:
+            resp = await _post(conn, b"%d" % status, token)
+            assert resp.status == status, (client, token)
+    assert [r.body for r in strict_upstream.requests] == [b"204"] * 3
+    failures = {k: n for k, n in gw.stats.auth_failures.items() if k[0] == "client_cert"}
+    assert sum(failures.values()) == 2
+
+
+# Cloudflare's origin-pull client certificate names itself in this order
+# (DER: C, O, OU, L, ST, CN), with a comma inside the organisation.
+CLOUDFLARE_LIKE = x509.Name(
+    [
+        x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "CloudFlare, Inc."),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Origin Pull"),
+        x509.NameAttribute(NameOID.LOCALITY_NAME, "San Francisco"),
+        x509.NameAttribute(NameOID.STATE_OR_PROVINCE_NAME, "California"),
+        x509.NameAttribute(NameOID.COMMON_NAME, "origin-pull.cloudflare.net"),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example"),
+                x509.NameAttribute(NameOID.COMMON_NAME, "origin"),
+            ]
+        ),
+        CLOUDFLARE_LIKE,
+    ],
+    ids=["o_then_cn", "cloudflare_like"],
+)
+async def test_client_certificate_subject_in_rfc4514_form(
+    subject: x509.Name, pki: Pki, start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    """The subject string of a certificate in the usual DER order (O before
+    CN), written the RFC 4514 way (as README's "CN=origin,O=Example" and the
+    gateway's docstring say; what `openssl x509 -nameopt RFC2253` prints),
+    must match that certificate."""
+    rfc4514 = subject.rfc4514_string()
+    server = _tls(pki.server("gw"), "optional", pki.client_ca_file)
+    gw = await start_gateway(
+        hostile_config(
+            strict_upstream,
+            server=server,
+            credentials=_subject_credentials(rfc4514.replace("\\", "\\\\")),
+        )
+    )
+    client = pki.client("origin", None, subject=subject)
+    async with await _tls_conn(gw.port, pki.client_context(client)) as conn:
+        assert (await _post(conn, b"x")).status == 204, rfc4514
+
+
+async def test_sighup_swaps_certificates_in_every_worker(
+    pki: Pki, tmp_path: Path, strict_upstream: RawUpstream
+) -> None:
+    """The real CLI (default workers): SIGHUP re-reads the certificate files;
+    an open keep-alive connection survives; a broken pair is refused and the
+    current certificate keeps serving."""
+    first = pki.server("gw-first")
+    config = tmp_path / "gateway.toml"
+    text = hostile_config(strict_upstream, server=_tls(first)).replace(
+        "keepalive_timeout_seconds = 2.0", "keepalive_timeout_seconds = 30"
+    )
+    config.write_text(text)
+    proc = GatewayProcess(config)
+    try:
+        await proc.start()
+        assert proc.proc is not None
+        ctx = pki.client_context()
+        async with await _tls_conn(proc.port, ctx) as old:
+            assert (await _post(old, b"before")).status == 204
+            second = pki.server("gw-second")
+            os.kill(proc.proc.pid, signal.SIGHUP)
+            await _wait_events(proc, "config_reloaded", 1)
+            # Every worker serves the new certificate to new connections.
+            for _ in range(6):
+                async with await _tls_conn(proc.port, ctx) as new:
+                    assert _peer_der(new) == second.der
+            assert (await _post(old, b"after")).status == 204
+            assert _peer_der(old) == first.der
+            # A key that does not match: refused, the second cert stays.
+            third = pki.server("gw-third", "third")
+            second.key.write_bytes(third.key.read_bytes())
+            os.kill(proc.proc.pid, signal.SIGHUP)
+            await _wait_events(proc, "config_reload_failed", 1)
+            async with await _tls_conn(proc.port, ctx) as new:
+                assert _peer_der(new) == second.der
+                assert (await _post(new, b"still")).status == 204
+    finally:
+        await proc.stop()
+    assert [r.body for r in strict_upstream.requests] == [b"before", b"after", b"still"]
+
+
+async def _wait_events(proc: GatewayProcess, name: str, n: int, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while len(proc.events(name)) < n:
+        assert loop.time() < deadline, f"no {name} event: {bytes(proc.stderr)[-500:]!r}"
+        await asyncio.sleep(0.05)
