@@ -128,7 +128,7 @@ class RawConn:
             while True:
                 try:
                     chunk = await self.reader.read(65536)
-                except (ConnectionResetError, BrokenPipeError):
+                except OSError:  # reset, broken pipe, ENOTCONN: closed all the same
                     return bytes(data)
                 if not chunk:
                     return bytes(data)

@@ -9,6 +9,7 @@ never a complete body for a request that was refused midway.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -325,3 +326,28 @@ async def test_upgrade_is_never_honoured(
     assert "upgrade" not in req.names()
     assert "connection" not in req.names()
     assert b"SMUGGLED" not in strict_upstream.received
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"POST /api/v1/write HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"POST /nope HTTP/1.1\r\nHost: gw\r\n" + AUTH + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+    ids=["401", "404"],
+)
+async def test_refused_chunked_request_followed_by_a_bad_chunk(
+    data: bytes,
+    start_gateway: StartGateway,
+    strict_upstream: RawUpstream,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Answered (and write_eof'd) at its head, then a parse error in the same
+    segment: one answer, a clean close, and no exception escaping the
+    protocol callback (asyncio's "Fatal error on transport")."""
+    gw = await start_gateway(hostile_config(strict_upstream))
+    stream = await _exchange(gw.port, data)
+    assert len(parse_statuses(stream)) == 1
+    await wait_for(lambda: gw.stats.open_connections == 0)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors[0].getMessage() + str(errors[0].exc_info)
