@@ -26,9 +26,13 @@ run: $(VENV)/.installed
 	fi; \
 	exec $(BIN)/obs-gateway run --config $(CONFIG)
 
-## test: the whole suite: unit, functional (loopback sockets) and integration (real VictoriaMetrics, vmagent, Prometheus, OTel SDK)
+## test: the whole suite: unit, functional (loopback sockets), hostile (attacks, fuzzing) and integration (real VictoriaMetrics, vmagent, Prometheus, OTel SDK); not the soak
 test: $(VENV)/.installed
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not soak"
+
+## soak: minutes of mixed load on the real CLI with reloads and upstream restarts (SOAK_SECONDS, default 100)
+soak: $(VENV)/.installed
+	$(BIN)/pytest -m soak -o timeout=300 -s tests/soak
 
 ## check: lint, format and type gates
 check: $(VENV)/.installed
