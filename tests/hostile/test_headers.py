@@ -291,3 +291,34 @@ async def test_head_over_limit_in_tiny_segments_is_431(
         stream = await conn.eof()
     assert parse_statuses(stream) == [431]
     assert strict_upstream.conns == []
+
+
+@pytest.mark.parametrize("value", ["r" * 200, "\u00e9t\u00e9"], ids=["over_128_bytes", "not_ascii"])
+async def test_unusable_request_id_is_replaced_not_duplicated(
+    value: str, start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    """The upstream sees one X-Request-Id: the gateway's own when the
+    client's cannot be used (two would leave the upstream to guess)."""
+    gw = await start_gateway(hostile_config(strict_upstream))
+    data = request("POST", "/api/v1/write", b"x", token=TOKEN, headers=[("X-Request-Id", value)])
+    async with await RawConn.open(gw.port) as conn:
+        await conn.send(data)
+        assert (await conn.response()).status == 204
+    [req] = strict_upstream.requests
+    ids = req.all("X-Request-Id")
+    assert len(ids) == 1, ids
+    assert ids[0] != value
+
+
+async def test_usable_request_id_is_kept_once(
+    start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    gw = await start_gateway(hostile_config(strict_upstream))
+    data = request(
+        "POST", "/api/v1/write", b"x", token=TOKEN, headers=[("X-Request-Id", "abc-123")]
+    )
+    async with await RawConn.open(gw.port) as conn:
+        await conn.send(data)
+        assert (await conn.response()).status == 204
+    [req] = strict_upstream.requests
+    assert req.all("X-Request-Id") == ["abc-123"]
