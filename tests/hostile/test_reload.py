@@ -89,7 +89,7 @@ async def test_unservable_config_is_a_failed_reload_and_later_reloads_work(
         config.write_text(bad)
         os.kill(proc.proc.pid, signal.SIGHUP)
         # Refused and said so, like any invalid config.
-        await _events(proc, ("config_reload_failed", "config_reload_partial"), 1, 15.0)
+        await _events(proc, ("config_reload_failed", "config_reload_partial"), 1, 5.0)
         assert await _post(proc.port, b"old-config") == 204
         config.write_text(good)
         os.kill(proc.proc.pid, signal.SIGHUP)
