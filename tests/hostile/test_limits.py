@@ -20,6 +20,7 @@ from tests.hostile.support import (
     UpConn,
     request,
 )
+from tests.support import scrape
 
 # A refusal must not park the connection: it is answered within this.
 IMMEDIATE = 0.25
@@ -362,3 +363,40 @@ async def test_client_leaving_while_queued_gives_up_its_place(
             assert (await holder.response()).status == 204
     await wait_for(lambda: slots.in_use == 0)
     assert b"queued" not in strict_upstream.received
+
+
+async def test_refusals_are_counted_by_reason_on_the_admin_listener(
+    start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    """What operators alert on: gateway_limit_rejections_total{reason} and
+    gateway_open_connections, as scraped from /metrics."""
+    extra = (
+        '[clients]\ntrusted_proxies = ["127.0.0.1/32"]\ndeny = ["203.0.113.0/24"]\n'
+        "[limits]\nmax_connections = 2\nauth_failure_limit = 1"
+    )
+    gw = await start_gateway(
+        hostile_config(
+            strict_upstream,
+            extra=extra,
+            credentials=_credentials("rate_limit_requests_per_second = 1"),
+        )
+    )
+    denied = [("X-Forwarded-For", "203.0.113.5")]
+    assert (await _ask(gw.port, "/api/v1/write", b"x", headers=denied)).status == 403
+    bad = [("X-Forwarded-For", "198.51.100.5")]
+    assert (
+        await _ask(gw.port, "/api/v1/write", b"x", "bad-0123456789abcdef", headers=bad)
+    ).status == 401
+    _assert_overloaded(await _ask(gw.port, "/v1/traces", b"x", headers=bad), "/v1/traces")
+    assert (await _ask(gw.port, "/api/v1/write", b"x")).status == 204
+    _assert_overloaded(await _ask(gw.port, "/api/v1/write", b"x"), "/api/v1/write")
+    async with await RawConn.open(gw.port) as one, await RawConn.open(gw.port) as two:
+        await wait_for(lambda: gw.stats.open_connections == 2)
+        async with await RawConn.open(gw.port) as three:
+            assert (await three.response()).status == 503
+        metrics = await scrape(gw.admin_port)
+        assert metrics.value("gateway_open_connections") == 2
+        del one, two
+    for reason, n in {"client_denied": 1, "auth_throttle": 1, "rate": 1, "connections": 1}.items():
+        assert metrics.value("gateway_limit_rejections_total", reason=reason) == n, reason
+    assert metrics.value("gateway_limit_rejections_total", reason="concurrency") == 0
