@@ -120,10 +120,14 @@ class Authenticator:
     def authenticate(self, header: bytes | None, now: float) -> Principal | Failure:
         if header is None:
             return MISSING
-        if len(header) > MAX_AUTHORIZATION_BYTES or header[:7].lower() != _SCHEME:
+        if len(header) > MAX_AUTHORIZATION_BYTES:
+            return MALFORMED
+        # Whitespace around a field value is not part of it (RFC 9110 §5.5).
+        header = header.strip(b" \t")
+        if header[:7].lower() != _SCHEME:
             return MALFORMED
         token = header[7:].lstrip(b" ")
-        if not token or b" " in token:
+        if not token or b" " in token or b"\t" in token:
             return MALFORMED
         digest = _sha256(token).digest()
         found: _Entry | None = None

@@ -188,6 +188,7 @@ async def _until_stopped(
     for task in tasks:
         task.cancel()
     log.get_logger().info("draining", timeout_seconds=current().server.drain_timeout_seconds)
+    log.flush()
 
 
 async def _supervise(settings: Settings, path: Path, workers: int) -> int:

@@ -18,7 +18,7 @@ policy lives in this one table, per route protocol:
     UPSTREAM_CONNECT   502                   502
     UPSTREAM_RESET     502                   502
     UPSTREAM_PROTOCOL  502                   502
-    UPSTREAM_TIMEOUT   504                   504
+    UPSTREAM_TIMEOUT   504                   504                  (no answer in time)
     INTERNAL           503 + Retry-After     503 + Retry-After    (never 500: OTLP drops it)
 
 Bodies: remote-write and plain get one short ``text/plain`` line; OTLP gets a

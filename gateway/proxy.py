@@ -42,7 +42,7 @@ _perf = time.perf_counter
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _FAILURES = {
     "connect": Kind.UPSTREAM_CONNECT,
-    "connect_timeout": Kind.UPSTREAM_TIMEOUT,
+    "connect_timeout": Kind.UPSTREAM_CONNECT,  # unreachable: nothing was sent
     "timeout": Kind.UPSTREAM_TIMEOUT,
     "reset": Kind.UPSTREAM_RESET,
     "protocol": Kind.UPSTREAM_PROTOCOL,

@@ -500,6 +500,9 @@ class ClientConnection(asyncio.Protocol):
                 self.active = nxt
                 self.deadline_kind = _NONE
                 nxt.start()
+                # Started outside the client's data_received (often from the
+                # upstream's, as the previous answer ended): send its head now.
+                nxt.flush_upstream()
         finally:
             self._advancing = False
         if self.active is None and not self._lingering:
