@@ -58,7 +58,7 @@ LINGER_BYTES = 64 * 1024 * 1024
 # from request to request, so the lowercasing and set lookups are done
 # once per spelling (bounded; unusual spellings just pay them again).
 _FORWARD, _AUTHORIZATION, _CONTENT_LENGTH, _CONTENT_TYPE, _DROP = range(5)
-_TRANSFER_ENCODING, _REQUEST_ID, _CONNECTION, _EXPECT, _XFF, _CLIENT_IP = range(5, 11)
+_TRANSFER_ENCODING, _REQUEST_ID, _CONNECTION, _EXPECT, _XFF, _CLIENT_IP, _HOST = range(5, 12)
 _SPECIAL = {
     b"authorization": _AUTHORIZATION,
     b"content-length": _CONTENT_LENGTH,
@@ -70,6 +70,7 @@ _SPECIAL = {
     b"x-forwarded-for": _XFF,
     b"cf-connecting-ip": _CLIENT_IP,
     b"x-real-ip": _CLIENT_IP,
+    b"host": _HOST,
 }
 _KNOWN: dict[bytes, tuple[bytes, int]] = {}
 _KNOWN_MAX = 1024
@@ -112,6 +113,7 @@ class RequestHead:
         "http11",
         "json",
         "keep_alive",
+        "malformed",
         "method",
         "path",
         "query",
@@ -132,7 +134,8 @@ class RequestHead:
     ) -> None:
         self.t0 = t0
         self.method: bytes = parser.get_method()
-        self.http11 = parser.get_http_version() == "1.1"
+        version = parser.get_http_version()
+        self.http11 = version == "1.1"
         self.keep_alive: bool = parser.should_keep_alive()
         self.upgrade: bool = parser.should_upgrade()
         self.path, self.query = split_target(url)
@@ -144,6 +147,7 @@ class RequestHead:
         self.json = False
         self.xff: bytes | None = None
         client_ips: dict[bytes, bytes] | None = None
+        hosts = 0
         rid: bytes | None = None
         listed: list[bytes] | None = None
         forward: list[tuple[bytes, bytes]] = []
@@ -181,6 +185,8 @@ class RequestHead:
                 self.expect_continue = value.strip().lower() == b"100-continue"
             elif action == _XFF:
                 self.xff = value if self.xff is None else self.xff + b", " + value
+            elif action == _HOST:
+                hosts += 1
             else:  # _CLIENT_IP: CF-Connecting-IP / X-Real-IP
                 if client_ips is None:
                     client_ips = {}
@@ -198,6 +204,12 @@ class RequestHead:
             self.client_ip = client_ips.get(client_header) if client_ips else None
         self.forward = forward
         self.has_body = self.chunked or bool(self.content_length)
+        # RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host; and only
+        # HTTP/1.x is spoken here (a 2.0 request line is not HTTP/2).
+        self.malformed = (hosts != 1 if self.http11 else hosts > 1) or version not in (
+            "1.1",
+            "1.0",
+        )
         if self.upgrade and self.has_body:
             # llhttp stops parsing at an Upgrade head, so its body would be
             # taken for the next request.  We never upgrade.
