@@ -47,15 +47,13 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.scheduled = 0.0
         self.sent = 0.0
-        self.lost = asyncio.get_running_loop().create_future()
+        self.busy = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        if not self.lost.done():
-            self.lost.set_result(None)
         self.client.lost(self)
 
     def data_received(self, data: bytes) -> None:
@@ -67,18 +65,25 @@ class _Conn(asyncio.Protocol):
                 self.transport.close()
 
     def on_message_complete(self) -> None:
+        end = _perf()
+        self.busy = False
         status = self.parser.get_status_code()
-        self.client.done(self, self.scheduled, self.sent, _perf(), status)
+        # nginx closes a connection after keepalive_requests (1000): such a
+        # connection is not reused; a fresh one replaces it when it closes.
+        reuse = self.parser.should_keep_alive()
+        self.client.done(self, self.scheduled, self.sent, end, status, reuse=reuse)
 
     def send(self, scheduled: float, request: bytes) -> None:
         assert self.transport is not None
+        self.busy = True
         self.scheduled = scheduled
         self.sent = _perf()
         self.transport.write(request)
 
 
 class _Client:
-    def __init__(self, request: bytes, measure_from: float) -> None:
+    def __init__(self, port: int, request: bytes, measure_from: float) -> None:
+        self.port = port
         self.request = request
         self.measure_from = measure_from
         self.idle: deque[_Conn] = deque()
@@ -89,6 +94,9 @@ class _Client:
         self.completed = 0
         self.total = -1  # set once every request has been submitted
         self.all_done = asyncio.Event()
+        self.conns: set[_Conn] = set()
+        self.closing = False
+        self._reconnects: set[asyncio.Task[None]] = set()
 
     def submit(self, scheduled: float) -> None:
         if self.idle:
@@ -96,7 +104,21 @@ class _Client:
         else:
             self.queue.append(scheduled)
 
-    def done(self, conn: _Conn, scheduled: float, sent: float, end: float, status: int) -> None:
+    async def connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        _t, conn = await loop.create_connection(lambda: _Conn(self), "127.0.0.1", self.port)
+        self.conns.add(conn)
+        self._free(conn)
+
+    def _free(self, conn: _Conn) -> None:
+        if self.queue:
+            conn.send(self.queue.popleft(), self.request)
+        else:
+            self.idle.append(conn)
+
+    def done(
+        self, conn: _Conn, scheduled: float, sent: float, end: float, status: int, *, reuse: bool
+    ) -> None:
         self.completed += 1
         if self.completed == self.total:
             self.all_done.set()
@@ -105,27 +127,29 @@ class _Client:
         if scheduled >= self.measure_from:
             self.service.append(end - sent)
             self.intended.append(end - scheduled)
-        if self.queue:
-            conn.send(self.queue.popleft(), self.request)
-        else:
-            self.idle.append(conn)
+        if reuse:
+            self._free(conn)
 
     def lost(self, conn: _Conn) -> None:
+        self.conns.discard(conn)
         if conn in self.idle:
             self.idle.remove(conn)
+        if conn.busy:
+            self.errors += 1  # its request will never be answered
+            self.completed += 1
+        if not self.closing:
+            task = asyncio.get_running_loop().create_task(self.connect())
+            self._reconnects.add(task)
+            task.add_done_callback(self._reconnects.discard)
 
 
 async def run(
     port: int, request: bytes, rate: float, duration: float, connections: int, warmup: float
 ) -> dict[str, float]:
-    loop = asyncio.get_running_loop()
     start = _perf() + 0.05
-    client = _Client(request, measure_from=start + warmup)
-    conns = []
+    client = _Client(port, request, measure_from=start + warmup)
     for _ in range(connections):
-        _t, conn = await loop.create_connection(lambda: _Conn(client), "127.0.0.1", port)
-        conns.append(conn)
-        client.idle.append(conn)
+        await client.connect()
     total = int(rate * (warmup + duration))
     interval = 1.0 / rate
     i = 0
@@ -144,7 +168,8 @@ async def run(
             async with asyncio.timeout(5.0):
                 await client.all_done.wait()
     elapsed = _perf() - start
-    for conn in conns:
+    client.closing = True
+    for conn in list(client.conns):
         if conn.transport is not None:
             conn.transport.close()
     service = sorted(client.service)

@@ -75,12 +75,21 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _target(
-    text: str, value: float | None, threshold: float, lower_is_better: bool, unit: str
+    text: str,
+    value: float | None,
+    threshold: float,
+    lower_is_better: bool,
+    unit: str,
+    per_cpu: float | None = None,
 ) -> dict[str, Any]:
+    """One issue-5 target.  ``per_cpu`` restates a throughput ratio as the
+    ratio of CPU per request (other / gateway): throughput per CPU-second,
+    which the shared machine's noise barely moves."""
+    row: dict[str, Any] = {"target": text, "unit": unit, "per_cpu": per_cpu}
     if value is None or math.isnan(value):
-        return {"target": text, "measured": None, "unit": unit, "result": "n/a"}
+        return {**row, "measured": None, "result": "n/a"}
     ok = value <= threshold if lower_is_better else value >= threshold
-    return {"target": text, "measured": value, "unit": unit, "result": "pass" if ok else "MISS"}
+    return {**row, "measured": value, "result": "pass" if ok else "MISS"}
 
 
 def _get(thr: dict[str, Any], target: str, wl: str, metric: str) -> float | None:
@@ -96,6 +105,10 @@ def _targets(
     result: dict[str, Any], thr: dict[str, Any], lat: dict[str, Any]
 ) -> list[dict[str, Any]]:
     gw = "gateway"
+
+    def cpu(other: str, wl: str) -> float | None:
+        return _ratio(_get(thr, other, wl, "cpu_us_per_req"), _get(thr, gw, wl, "cpu_us_per_req"))
+
     out = [
         _target(
             "1 KiB: gateway CPU/request ≤ 2× tuned nginx",
@@ -110,6 +123,7 @@ def _targets(
             3.0,
             False,
             "×",
+            cpu("vmauth", "1k"),
         ),
         _target(
             "1 MiB: gateway MB/s ≥ 1.0× tuned nginx",
@@ -117,6 +131,7 @@ def _targets(
             1.0,
             False,
             "×",
+            cpu(BASE, "1m"),
         ),
         _target(
             "64 KiB: gateway req/s ≥ 5× seed-default nginx",
@@ -124,6 +139,7 @@ def _targets(
             5.0,
             False,
             "×",
+            cpu("nginx-seed", "64k"),
         ),
     ]
     stream = result.get("stream")
@@ -208,9 +224,16 @@ def table(result: dict[str, Any]) -> str:
                 f"| {target} | {_fmt(row['p50_ms'], 3)} | {_fmt(row['p99_ms'], 3)} "
                 f"| {_fmt(row.get('added_p99_ms'), 3)} | {row['errors']:.0f} |"
             )
-    lines += ["", "| issue 5 target | measured | result |", "|---|--:|---|"]
+    lines += [
+        "",
+        "| issue 5 target | measured | result | same ratio from CPU/request |",
+        "|---|--:|---|--:|",
+    ]
     for t in s["targets"]:
-        lines.append(f"| {t['target']} | {_fmt(t['measured'], 2)} {t['unit']} | {t['result']} |")
+        per_cpu = f"{_fmt(t['per_cpu'], 2)} ×" if t.get("per_cpu") is not None else ""
+        lines.append(
+            f"| {t['target']} | {_fmt(t['measured'], 2)} {t['unit']} | {t['result']} | {per_cpu} |"
+        )
     return "\n".join(lines)
 
 
