@@ -22,8 +22,6 @@ import hmac
 from dataclasses import dataclass, field
 from typing import Any
 
-import jwt
-
 from gateway.config import Credential, JwtConfig
 from gateway.credentials import JwtKey
 
@@ -156,6 +154,10 @@ class Authenticator:
             if now < valid_until:
                 return principal
             del self._jwt_cache[digest]
+        # Imported on first use: pyjwt and cryptography cost ~20 MB per
+        # process, which a gateway without JWT credentials never needs.
+        import jwt  # noqa: PLC0415
+
         try:
             kid = jwt.get_unverified_header(token).get("kid")
         except (jwt.PyJWTError, ValueError, TypeError):

@@ -26,6 +26,7 @@ import uvloop
 from gateway import __version__, log
 from gateway.app import Gateway
 from gateway.config import ConfigError, Settings, expiry_warnings, load
+from gateway.memory import tune_malloc
 from gateway.watch import watch_files
 
 __all__ = ["main"]
@@ -55,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("run", "_worker"):
+        tune_malloc()
     if args.command == "hash-token":
         return _hash_token()
     if args.command == "_worker":
