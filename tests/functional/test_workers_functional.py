@@ -3,7 +3,6 @@ counters, keeps a killed worker's counts, and replaces the worker."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 from pathlib import Path
@@ -12,6 +11,12 @@ from tests.conftest import RecordingUpstream, config_text, wait_for
 from tests.support import GatewayProcess, raw_request, request_bytes, scrape
 
 REQUESTS = 40
+
+
+def _children(pid: int) -> set[int]:
+    """The supervisor's worker processes (procfs, a local read)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return {int(p) for p in text.split()}
 
 
 async def _send(port: int, n: int) -> None:
@@ -45,25 +50,18 @@ async def test_counters_add_up_across_workers_and_survive_a_worker_death(
 
         # Kill one worker outright: its counts stay in the sums, and the
         # supervisor starts a replacement that serves.
-        children = [
-            int(p)
-            for p in Path(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/children")  # type: ignore[union-attr]
-            .read_text()
-            .split()
-        ]
+        assert gw.proc is not None
+        pid = gw.proc.pid
+        children = _children(pid)
         assert len(children) == 2
-        os.kill(children[0], signal.SIGKILL)
+        victim = min(children)
+        os.kill(victim, signal.SIGKILL)
 
-        async def replaced() -> bool:
-            path = Path(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/children")  # type: ignore[union-attr]
-            now = {int(p) for p in path.read_text().split()}
-            return len(now) == 2 and children[0] not in now
+        def replaced() -> bool:
+            now = _children(pid)
+            return len(now) == 2 and victim not in now
 
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 15
-        while not await replaced():
-            assert loop.time() < deadline, "the killed worker was not replaced"
-            await asyncio.sleep(0.05)
+        await wait_for(replaced, timeout=15)
         await wait_for(lambda: bool(gw.events("worker_exited")), timeout=5)
         await _send(gw.port, REQUESTS)
         after = await scrape(gw.admin_port)
