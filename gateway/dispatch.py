@@ -22,8 +22,8 @@ from gateway.routing import HEALTH
 
 if TYPE_CHECKING:
     from gateway.proxy import Exchange
+    from gateway.request import RequestHead
     from gateway.runtime import Generation
-    from gateway.server import RequestHead
 
 __all__ = ["dispatch"]
 

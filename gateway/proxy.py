@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     from gateway.auth import Principal
     from gateway.limits import Slots
     from gateway.metrics import RouteStats
+    from gateway.request import RequestHead
     from gateway.routing import Route
-    from gateway.server import ClientConnection, RequestHead
+    from gateway.server import ClientConnection
     from gateway.upstream import Pool, UpstreamConnection
 
 __all__ = ["DISCARD_LIMIT", "Exchange"]
@@ -294,8 +295,15 @@ class Exchange:
             assert up is not None
             head = self.head
             # Body bytes parsed while queued land after the head, in order.
+            conn = self.conn
             self.up_buf.append(
-                head.upstream_head(route.target(head.query), up.host_header, self.conn)
+                head.upstream_head(
+                    route.target(head.query),
+                    up.host_header,
+                    conn.peer_bytes,
+                    self.gen.clients.proxied and self.gen.clients.trusted(conn.peer),
+                    conn.scheme,
+                )
             )
         admission = self.shared.admission
         own = admission.credential_slots.get(self.credential)
