@@ -203,10 +203,10 @@ class ErrorRenderer:
         close: bool,
         extra: bytes = b"",
         head_only: bool = False,
-    ) -> tuple[int, bytes]:
-        """(status, response bytes).  ``date_line`` is ``b"Date: …\\r\\n"``."""
+    ) -> tuple[int, bytes, int]:
+        """(status, response bytes, body length).  ``date_line`` is ``b"Date: …\\r\\n"``."""
         status, head, body = self._cache[kind, protocol, as_json]
         conn = b"Connection: close\r\n" if close else b""
         if head_only:
             body = b""
-        return status, b"".join((head, date_line, conn, extra, b"\r\n", body))
+        return status, b"".join((head, date_line, conn, extra, b"\r\n", body)), len(body)

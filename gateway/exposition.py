@@ -99,7 +99,9 @@ class GatewayCollector(Collector):
             labels=["route"],
         )
         resp_bytes = CounterMetricFamily(
-            "gateway_response_bytes", "Response body bytes sent to clients.", labels=["route"]
+            "gateway_response_bytes",
+            "Response body bytes sent to clients: upstream answers and the gateway's own.",
+            labels=["route"],
         )
         in_flight = GaugeMetricFamily(
             "gateway_requests_in_flight", "Requests being proxied now.", labels=["route"]

@@ -9,12 +9,15 @@ an upstream must never see it.
 
 from __future__ import annotations
 
+import asyncio
+
 __all__ = [
     "HOP_BY_HOP",
     "REQUEST_DROP",
     "RESPONSE_DROP",
     "connection_tokens",
     "drop_listed",
+    "write_coalesced",
 ]
 
 HOP_BY_HOP = frozenset(
@@ -61,3 +64,18 @@ def drop_listed(
 ) -> list[tuple[bytes, bytes]]:
     """Remove the fields a Connection header named (rare: off the fast path)."""
     return [(n, v) for n, v in headers if n.lower() not in listed]
+
+
+# Small pieces are joined into one buffer: one plain write() costs less in
+# uvloop than writelines() (per-buffer bookkeeping, then writev).  Large
+# bodies go as they are, without a copy.
+_JOIN_BELOW = 64 * 1024
+
+
+def write_coalesced(transport: asyncio.WriteTransport, pieces: list[bytes]) -> None:
+    if len(pieces) == 1:
+        transport.write(pieces[0])
+    elif sum(map(len, pieces)) < _JOIN_BELOW:
+        transport.write(b"".join(pieces))
+    else:
+        transport.writelines(pieces)

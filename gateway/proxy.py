@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from gateway.accounting import account
 from gateway.dispatch import dispatch
 from gateway.errors import CLIENT_CLOSED, Kind, Protocol
-from gateway.headers import RESPONSE_DROP, connection_tokens
+from gateway.headers import RESPONSE_DROP, connection_tokens, write_coalesced
 from gateway.health import DEEP_TIMEOUT_SECONDS, check_upstreams, health_response, wants_deep
 
 if TYPE_CHECKING:
@@ -193,7 +193,7 @@ class Exchange:
         if up is not None and self.up_buf:
             transport = up.transport
             if transport is not None:
-                transport.writelines(self.up_buf)
+                write_coalesced(transport, self.up_buf)
             self.up_buf = []
 
     # ------------------------------------------------------------------
@@ -213,7 +213,7 @@ class Exchange:
             self.close = True  # too much body left to read and drop
         if not head.keep_alive or self.shared.draining:
             self.close = True
-        status, data = self.gen.errors.render(
+        status, data, body_len = self.gen.errors.render(
             kind,
             self.protocol,
             head.json,
@@ -223,6 +223,7 @@ class Exchange:
             head.method == b"HEAD",
         )
         self.status = status
+        self.bytes_out += body_len
         self.response_started = self.response_done = True
         self.conn.out.append(data)
         if not self.close and not self.request_done and head.has_body:
@@ -264,6 +265,8 @@ class Exchange:
             )
         )
         self.status = status
+        if head.method != b"HEAD":
+            self.bytes_out += len(body)
         self.response_started = self.response_done = True
         self.conn.out.append(out)
         self._maybe_finish()

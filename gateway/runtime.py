@@ -54,6 +54,9 @@ class Generation:
         "header_timeout",
         "keepalive_timeout",
         "max_connections",
+        "max_header_bytes",
+        "max_header_count",
+        "max_raw_head",
         "min_body_grace",
         "min_body_rate",
         "pool_idle_timeout",
@@ -78,6 +81,11 @@ class Generation:
         self.response_timeout = u.response_timeout_seconds
         self.pool_idle_timeout = u.pool_idle_timeout_seconds
         self.max_connections = lim.max_connections
+        self.max_header_bytes = s.max_header_bytes
+        self.max_header_count = s.max_header_count
+        # Raw bytes a head spread over several reads may take: the limits
+        # plus one full read (256 KiB in uvloop) that may carry body bytes.
+        self.max_raw_head = s.max_header_bytes + s.max_url_bytes + 256 * 1024
         self.min_body_rate = lim.min_body_rate_bytes_per_second
         self.min_body_grace = lim.min_body_rate_grace_seconds
 

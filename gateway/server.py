@@ -20,7 +20,7 @@ import httptools
 
 from gateway.accounting import record_rejected
 from gateway.errors import Kind, Protocol
-from gateway.headers import REQUEST_DROP, connection_tokens, drop_listed
+from gateway.headers import REQUEST_DROP, connection_tokens, drop_listed, write_coalesced
 from gateway.proxy import Exchange
 from gateway.routing import split_target
 
@@ -52,6 +52,38 @@ _OVERLOADED = (
 # answer instead of a reset.
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 64 * 1024 * 1024
+
+
+# How each request header is treated, by its name as sent.  Names repeat
+# from request to request, so the lowercasing and set lookups are done
+# once per spelling (bounded; unusual spellings just pay them again).
+_FORWARD, _AUTHORIZATION, _CONTENT_LENGTH, _CONTENT_TYPE, _DROP = range(5)
+_TRANSFER_ENCODING, _REQUEST_ID, _CONNECTION, _EXPECT, _XFF, _CLIENT_IP = range(5, 11)
+_SPECIAL = {
+    b"authorization": _AUTHORIZATION,
+    b"content-length": _CONTENT_LENGTH,
+    b"content-type": _CONTENT_TYPE,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"x-request-id": _REQUEST_ID,
+    b"connection": _CONNECTION,
+    b"expect": _EXPECT,
+    b"x-forwarded-for": _XFF,
+    b"cf-connecting-ip": _CLIENT_IP,
+    b"x-real-ip": _CLIENT_IP,
+}
+_KNOWN: dict[bytes, tuple[bytes, int]] = {}
+_KNOWN_MAX = 1024
+
+
+def _classify(name: bytes) -> tuple[bytes, int]:
+    lname = name.lower()
+    action = _SPECIAL.get(lname)
+    if action is None:
+        action = _DROP if lname in REQUEST_DROP else _FORWARD
+    entry = (lname, action)
+    if len(_KNOWN) < _KNOWN_MAX:
+        _KNOWN[name] = entry
+    return entry
 
 
 class _Reject(Exception):
@@ -111,44 +143,59 @@ class RequestHead:
         self.expect_continue = False
         self.json = False
         self.xff: bytes | None = None
-        client_ip: bytes | None = None
+        client_ips: dict[bytes, bytes] | None = None
         rid: bytes | None = None
         listed: list[bytes] | None = None
         forward: list[tuple[bytes, bytes]] = []
-        for name, value in headers:
-            lname = name.lower()
-            if lname not in REQUEST_DROP:
-                if lname == b"content-type":
-                    self.json = value[:16].lower() == b"application/json"
-                elif lname == b"x-request-id":
-                    rid = value
-                elif lname == client_header:
-                    client_ip = value
-                forward.append((name, value))
-            elif lname == b"authorization":
+        known = _KNOWN
+        for header in headers:
+            name, value = header
+            entry = known.get(name)
+            if entry is None:
+                entry = _classify(name)
+            action = entry[1]
+            if action == _FORWARD:
+                forward.append(header)
+            elif action == _AUTHORIZATION:
                 # A second Authorization header is ambiguous: treat as malformed.
                 self.authorization = value if self.authorization is None else b"\x00"
-            elif lname == b"content-length":
+            elif action == _CONTENT_LENGTH:
                 self.content_length = int(value)  # llhttp validated it
-            elif lname == b"transfer-encoding":
+            elif action == _CONTENT_TYPE:
+                self.json = value[:16].lower() == b"application/json"
+                forward.append(header)
+            elif action == _DROP:
+                pass
+            elif action == _TRANSFER_ENCODING:
                 self.chunked = True
                 # llhttp only insists that chunked comes last; other codings
                 # would reach the upstream undecoded.  RFC 9112 §6.1.
                 if value.strip().lower() != b"chunked":
                     self.bad_framing = True
-            elif lname == b"connection":
+            elif action == _REQUEST_ID:
+                rid = value
+                forward.append(header)
+            elif action == _CONNECTION:
                 listed = [*(listed or []), value]
-            elif lname == b"expect":
+            elif action == _EXPECT:
                 self.expect_continue = value.strip().lower() == b"100-continue"
-            elif lname == b"x-forwarded-for":
+            elif action == _XFF:
                 self.xff = value if self.xff is None else self.xff + b", " + value
+            else:  # _CLIENT_IP: CF-Connecting-IP / X-Real-IP
+                if client_ips is None:
+                    client_ips = {}
+                client_ips[entry[0]] = value
+                forward.append(header)
         if listed is not None:
             forward = drop_listed(forward, connection_tokens(listed))
         if rid is None or len(rid) > 128 or not rid.isascii():
             rid = request_id.encode()
             forward.append((b"X-Request-Id", rid))
         self.request_id = rid.decode("ascii", "replace")
-        self.client_ip = self.xff if client_header == b"x-forwarded-for" else client_ip
+        if client_header == b"x-forwarded-for":
+            self.client_ip = self.xff
+        else:
+            self.client_ip = client_ips.get(client_header) if client_ips else None
         self.forward = forward
         self.has_body = self.chunked or bool(self.content_length)
         if self.upgrade and self.has_body:
@@ -190,6 +237,7 @@ class ClientConnection(asyncio.Protocol):
         "_lingering",
         "_paused",
         "_pending",
+        "_raw_head",
         "_t0",
         "_url",
         "_write_paused",
@@ -225,6 +273,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
+        self._raw_head = 0
         self._in_head = False
         self._t0 = 0.0
         self.deadline = 0.0
@@ -258,7 +307,15 @@ class ClientConnection(asyncio.Protocol):
             if self._linger_bytes > LINGER_BYTES:
                 self.close_now()
             return
-        if self.deadline_kind == _BODY:
+        if self._in_head:
+            # llhttp buffers a header line until it ends: bound the raw bytes
+            # of a head that spans reads (one read may also carry some body).
+            self._raw_head += len(data)
+            if self._raw_head > self.shared.gen.max_raw_head:
+                self._reject(Kind.HEADERS_TOO_LARGE)
+                self.flush()
+                return
+        elif self.deadline_kind == _BODY:
             gen = self.shared.gen
             now = self.shared.loop.time()
             self.deadline = now + gen.body_idle_timeout
@@ -331,6 +388,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._head_bytes = 0
+        self._raw_head = 0
         self._in_head = True
         self._t0 = _perf()
 
@@ -340,17 +398,16 @@ class ClientConnection(asyncio.Protocol):
             raise _Reject(Kind.URL_TOO_LONG)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            return  # trailer fields of a chunked body: not forwarded
-        headers = self._headers
-        headers.append((name, value))
-        self._head_bytes += len(name) + len(value)
-        server = self.shared.gen.settings.server
-        if len(headers) > server.max_header_count or self._head_bytes > server.max_header_bytes:
-            raise _Reject(Kind.HEADERS_TOO_LARGE)
+        if self._in_head:  # after the head: chunked trailer fields, not forwarded
+            self._headers.append((name, value))
+            self._head_bytes += len(name) + len(value)
+            if self._head_bytes > self.shared.gen.max_header_bytes:
+                raise _Reject(Kind.HEADERS_TOO_LARGE)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if len(self._headers) > self.shared.gen.max_header_count:
+            raise _Reject(Kind.HEADERS_TOO_LARGE)
         head = RequestHead(
             self.parser,
             self._url,
@@ -385,7 +442,7 @@ class ClientConnection(asyncio.Protocol):
         if out:
             transport = self.transport
             if transport is not None and not transport.is_closing():
-                transport.writelines(out)
+                write_coalesced(transport, out)
             self.out = []
 
     def pause(self, reason: int) -> None:
@@ -488,7 +545,7 @@ class ClientConnection(asyncio.Protocol):
             self._after_current_close()
             return
         errors = self.shared.gen.errors
-        status, data = errors.render(kind, Protocol.PLAIN, False, self.shared.date_line, True)
+        status, data, _ = errors.render(kind, Protocol.PLAIN, False, self.shared.date_line, True)
         self.out.append(data)
         self._lingering = True
         self.flush()
