@@ -10,6 +10,7 @@ import math
 import socket
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import orjson
@@ -430,3 +431,28 @@ async def test_check_config_names_the_shorthand_token_default(
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0
     assert "  ingest/default: - → -" in out.decode().splitlines()
+
+
+async def test_a_forgotten_sender_stays_named_and_does_not_lock_out_rotated_ones(
+    tmp_path: Path, upstream: RecordingUpstream, gateway_process: StartProcess
+) -> None:
+    """After a rotation, one sender still retries with the revoked token
+    (vmagent retries a 401 forever: several queues, backoff from 1 s), from
+    the address its rotated neighbours share (a k3s node's egress, a NAT, or
+    a proxy not listed in trusted_proxies).  The operator must keep seeing
+    *which* token it holds, and the rotated senders must keep writing."""
+    current, retired = new_token(), new_token()
+    credentials = ingest(token_block("2026-11", current), revoked_block("2026-10", retired))
+    gw = await start(tmp_path, upstream, gateway_process, credentials)
+
+    forgotten = [(await call("POST", gw.url + WRITE, retired, BODY)).status for _ in range(40)]
+    rotated = await call("POST", gw.url + WRITE, current, BODY)
+    metrics = await gw.metrics()
+    revoked = metrics.get(
+        "gateway_auth_failures_total", reason="revoked", credential="ingest", token_id="2026-10"
+    )
+    # The throttle may answer the forgotten sender 429 rather than 401 (it
+    # retries both), but not at the rotated senders' or the diagnosis' cost.
+    observed = f"forgotten sender got {dict(Counter(forgotten))}"
+    assert rotated.status == 204, observed
+    assert revoked == 40, observed
