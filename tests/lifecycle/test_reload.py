@@ -333,7 +333,30 @@ async def test_watch_picks_up_a_rotated_secret_without_a_signal(
     health = await call("GET", gw.url + "/health", other)
     assert health.status == 200
     assert health.json()["credential"] == "other"
-    assert (await gw.metrics()).value("gateway_config_reloads_total", result="success") == 2
+
+    # A broken edit is refused and said so (the ObsGatewayConfigReloadFailed
+    # path on Kubernetes); the next good edit is picked up again.
+    good = config.read_text()
+    since = gw.mark()
+    write_atomic(config, good.replace('name = "other"', 'name = "other"\nroutes = "oops"', 1))
+    failed = await gw.wait_event(
+        ("config_reloaded", "config_reload_failed", "config_reload_partial"), since
+    )
+    assert failed["event"] == "config_reload_failed", failed
+    metrics = await gw.metrics()
+    assert metrics.value("gateway_config_last_reload_successful") == 0
+    assert (await call("GET", gw.url + "/health", other)).status == 200  # old config serves
+    since = gw.mark()
+    write_atomic(config, good.replace('name = "other"', 'name = "other2"', 1))
+    outcome = await gw.wait_event(
+        ("config_reloaded", "config_reload_failed", "config_reload_partial"), since
+    )
+    assert outcome["event"] == "config_reloaded", outcome
+    assert (await call("GET", gw.url + "/health", other)).json()["credential"] == "other2"
+    metrics = await gw.metrics()
+    assert metrics.value("gateway_config_reloads_total", result="success") == 3
+    assert metrics.value("gateway_config_reloads_total", result="failure") == 1
+    assert metrics.value("gateway_config_last_reload_successful") == 1
 
 
 async def test_sighup_right_after_listening_reloads(
