@@ -52,14 +52,6 @@ def dispatch(ex: Exchange, gen: Generation, head: RequestHead) -> None:
     mono = shared.loop.time()
     principal = gen.auth.authenticate(head.authorization, time.time())
     if isinstance(principal, Failure):
-        throttle = admission.throttle
-        if throttle.limit and throttle.blocked(client, mono):
-            # Checked after the token (~1 µs): senders sharing an address
-            # (Cloudflare, a load balancer) keep working while one of them
-            # presents a bad token.
-            stats.limit_rejection("auth_throttle")
-            ex.refuse(Kind.OVERLOADED, "auth_throttled")
-            return
         _auth_failed(ex, principal, head, mono)
         return
     ex.principal = principal
@@ -111,10 +103,20 @@ def dispatch(ex: Exchange, gen: Generation, head: RequestHead) -> None:
 
 
 def _auth_failed(ex: Exchange, failure: Failure, head: RequestHead, mono: float) -> None:
-    ex.shared.stats.auth_failure(failure.reason, failure.credential, failure.token_id)
-    ex.shared.admission.throttle.failed(ex.client, mono)
-    # revoked / expired / not yet valid: the log names the token id, so the
-    # operator learns which sender still holds an old secret.
+    stats = ex.shared.stats
+    # Counted with its reason even when throttled: revoked / expired / not
+    # yet valid name the token id, so the operator learns which sender still
+    # holds an old secret, however often it retries.
+    stats.auth_failure(failure.reason, failure.credential, failure.token_id)
     ex.token_id = failure.token_id
+    throttle = ex.shared.admission.throttle
+    if throttle.limit and throttle.blocked(ex.client, mono):
+        # Checked after the token (~1 µs): senders sharing an address
+        # (Cloudflare, a NAT, a load balancer) keep working while one of
+        # them presents a bad token; only the failures get 429/503.
+        stats.limit_rejection("auth_throttle")
+        ex.refuse(Kind.OVERLOADED, "auth_" + failure.reason)
+        return
+    throttle.failed(ex.client, mono)
     kind = Kind.AUTH_MISSING if head.authorization is None else Kind.AUTH_INVALID
     ex.refuse(kind, "auth_" + failure.reason)
