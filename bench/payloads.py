@@ -20,6 +20,8 @@ from pathlib import Path
 
 import cramjam
 
+from gateway.protowire import length_delimited, varint
+
 __all__ = [
     "OTLP_HEADERS",
     "REMOTE_WRITE_HEADERS",
@@ -42,21 +44,9 @@ OTLP_HEADERS = {
 
 
 # -- protobuf wire format (https://protobuf.dev/programming-guides/encoding/) --
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
-def _ld(field: int, data: bytes) -> bytes:
-    """A length-delimited field (wire type 2): strings, bytes, messages."""
-    return _varint(field << 3 | 2) + _varint(len(data)) + data
+_ld = length_delimited
 
 
 def _str(field: int, text: str) -> bytes:
@@ -65,15 +55,15 @@ def _str(field: int, text: str) -> bytes:
 
 def _int(field: int, n: int) -> bytes:
     """A varint field (wire type 0); negative int64 take ten bytes."""
-    return _varint(field << 3) + _varint(n & 0xFFFFFFFFFFFFFFFF)
+    return varint(field << 3) + varint(n)
 
 
 def _double(field: int, x: float) -> bytes:
-    return _varint(field << 3 | 1) + struct.pack("<d", x)
+    return varint(field << 3 | 1) + struct.pack("<d", x)
 
 
 def _fixed64(field: int, n: int) -> bytes:
-    return _varint(field << 3 | 1) + struct.pack("<Q", n)
+    return varint(field << 3 | 1) + struct.pack("<Q", n)
 
 
 # -- Prometheus remote-write 1.0 (prompb/remote.proto, types.proto) -------------

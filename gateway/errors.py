@@ -34,6 +34,8 @@ import enum
 
 import orjson
 
+from gateway.protowire import varint
+
 __all__ = ["CLIENT_CLOSED", "ErrorRenderer", "Kind", "Protocol", "status_of"]
 
 # nginx's convention for "client closed the connection before the answer";
@@ -123,22 +125,10 @@ def status_of(kind: Kind, protocol: Protocol) -> int:
     return otlp if protocol is Protocol.OTLP else rw
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def rpc_status_protobuf(code: int, message: str) -> bytes:
     """google.rpc.Status{code=1 (int32), message=2 (string)} in wire format."""
     msg = message.encode()
-    return b"\x08" + _varint(code) + b"\x12" + _varint(len(msg)) + msg
+    return b"\x08" + varint(code) + b"\x12" + varint(len(msg)) + msg
 
 
 class ErrorRenderer:
