@@ -131,6 +131,13 @@ def _matrix(settings: Settings) -> str:
             lines.append(f"  {cred.name}/{t.id}: {_when(t.not_before)} → {_when(t.not_after)}")
         for r in cred.revoked:
             lines.append(f"  {cred.name}/{r.id}: revoked {_when(r.revoked_at)}")
+        if cred.jwt is not None:
+            jwt = cred.jwt
+            for k in jwt.keys:
+                lines.append(
+                    f"  {cred.name}/{k.kid or 'jwt'}: JWT {','.join(jwt.algorithms)} "
+                    f"iss={jwt.issuer} aud={jwt.audience} (validity from each token's exp)"
+                )
     return "\n".join(lines)
 
 
