@@ -69,6 +69,16 @@ fmt: $(VENV)/.installed
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+## bench: nginx (seed, tuned) / vmauth / direct vs the gateway (~8 min on 2 cores; bench/README.md).
+##        QUICK=1: gateway vs tuned nginx at 1 KiB, one run; BENCH_ARGS="--only gateway --sizes 1m ..."
+bench: $(VENV)/.installed
+	$(BIN)/python -m bench $(if $(QUICK),--quick) $(BENCH_ARGS)
+
+## bench-profile: py-spy (and perf, if installed) profile of the gateway under 1 KiB load
+.PHONY: bench-profile
+bench-profile: $(VENV)/.installed
+	$(BIN)/python -m bench profile $(PROFILE_ARGS)
+
 ## lock: re-pin every dependency (needs network)
 lock: | $(BIN)/python
 	$(BIN)/python -m pip install --quiet uv

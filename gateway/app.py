@@ -72,7 +72,7 @@ def config_gauges(
 ) -> Snapshot:
     """Metric values that come from config rather than traffic."""
     return {
-        "tokens": [[c.name, t.id] for c in settings.credentials for t in c.tokens],
+        "tokens": [[c.name, tid] for c in settings.credentials for tid in c.token_ids],
         "expiry": [
             [c.name, t.id, t.not_after]
             for c in settings.credentials

@@ -22,8 +22,6 @@ import hmac
 from dataclasses import dataclass, field
 from typing import Any
 
-import jwt
-
 from gateway.config import Credential, JwtConfig
 from gateway.credentials import JwtKey
 
@@ -120,10 +118,14 @@ class Authenticator:
     def authenticate(self, header: bytes | None, now: float) -> Principal | Failure:
         if header is None:
             return MISSING
-        if len(header) > MAX_AUTHORIZATION_BYTES or header[:7].lower() != _SCHEME:
+        if len(header) > MAX_AUTHORIZATION_BYTES:
+            return MALFORMED
+        # Whitespace around a field value is not part of it (RFC 9110 §5.5).
+        header = header.strip(b" \t")
+        if header[:7].lower() != _SCHEME:
             return MALFORMED
         token = header[7:].lstrip(b" ")
-        if not token or b" " in token:
+        if not token or b" " in token or b"\t" in token:
             return MALFORMED
         digest = _sha256(token).digest()
         found: _Entry | None = None
@@ -152,6 +154,10 @@ class Authenticator:
             if now < valid_until:
                 return principal
             del self._jwt_cache[digest]
+        # Imported on first use: pyjwt and cryptography cost ~20 MB per
+        # process, which a gateway without JWT credentials never needs.
+        import jwt  # noqa: PLC0415
+
         try:
             kid = jwt.get_unverified_header(token).get("kid")
         except (jwt.PyJWTError, ValueError, TypeError):

@@ -26,6 +26,7 @@ import uvloop
 from gateway import __version__, log
 from gateway.app import Gateway
 from gateway.config import ConfigError, Settings, expiry_warnings, load
+from gateway.memory import tune_malloc
 from gateway.watch import watch_files
 
 __all__ = ["main"]
@@ -55,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("run", "_worker"):
+        tune_malloc()
     if args.command == "hash-token":
         return _hash_token()
     if args.command == "_worker":
@@ -103,7 +106,8 @@ def _hash_token() -> int:
     digest = hashlib.sha256(token.encode()).hexdigest()
     print(f"token:  {token}")  # noqa: T201
     print(f'config: token_sha256 = "{digest}"')  # noqa: T201
-    print("Give the token to the sender; put only the sha256 line in the config.")  # noqa: T201
+    print(f'        (in a [[credentials.tokens]] entry: sha256 = "{digest}")')  # noqa: T201
+    print("Give the token to the sender; put only the digest in the config.")  # noqa: T201
     return 0
 
 
@@ -127,6 +131,13 @@ def _matrix(settings: Settings) -> str:
             lines.append(f"  {cred.name}/{t.id}: {_when(t.not_before)} → {_when(t.not_after)}")
         for r in cred.revoked:
             lines.append(f"  {cred.name}/{r.id}: revoked {_when(r.revoked_at)}")
+        if cred.jwt is not None:
+            jwt = cred.jwt
+            for k in jwt.keys:
+                lines.append(
+                    f"  {cred.name}/{k.kid or 'jwt'}: JWT {','.join(jwt.algorithms)} "
+                    f"iss={jwt.issuer} aud={jwt.audience} (validity from each token's exp)"
+                )
     return "\n".join(lines)
 
 
@@ -153,29 +164,56 @@ def _log_expiry(settings: Settings) -> None:
     log.flush()
 
 
-async def _until_stopped(
-    current: Callable[[], Settings], reload: Callable[[], Awaitable[bool]]
-) -> None:
-    """Serve until SIGTERM/SIGINT; reload on SIGHUP and, if enabled, on file change."""
+async def _lifecycle(
+    settings: Settings,
+    workers: int,
+    start: Callable[[], Awaitable[tuple[int, int]]],
+    current: Callable[[], Settings],
+    reload: Callable[[], Awaitable[bool]],
+    stop: Callable[[], Awaitable[None]],
+) -> int:
+    """Start, serve until SIGTERM/SIGINT, drain.  SIGHUP (and, if enabled, a
+    file change) reloads.  Handlers are installed before anything listens:
+    a SIGHUP that arrives during start-up is applied once serving, never
+    the default action (which would kill the process)."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    logger = log.get_logger()
+    stopping = asyncio.Event()
     lock = asyncio.Lock()  # one reload at a time, in arrival order
     tasks: set[asyncio.Task[None]] = set()
+    started = False
+    pending_reload = False
 
     async def reload_once() -> None:
         async with lock:
             if await reload():
                 _log_expiry(current())
 
-    def on_sighup() -> None:
+    def spawn_reload() -> None:
         task = loop.create_task(reload_once())
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
+    def on_sighup() -> None:
+        nonlocal pending_reload
+        if started:
+            spawn_reload()
+        else:
+            pending_reload = True
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
-    settings = current()
+    try:
+        port, admin_port = await start()
+    except OSError as exc:
+        logger.error("listen_failed", error=exc.strerror or str(exc))
+        await stop()
+        return 1
+    started = True
+    _listening(settings, port, admin_port, workers)
+    if pending_reload:
+        spawn_reload()
     _log_expiry(settings)
     if settings.reload.watch:
         watcher = loop.create_task(
@@ -184,45 +222,45 @@ async def _until_stopped(
             )
         )
         tasks.add(watcher)
-    await stop.wait()
-    for task in tasks:
+    await stopping.wait()
+    for task in list(tasks):
         task.cancel()
-    log.get_logger().info("draining", timeout_seconds=current().server.drain_timeout_seconds)
-
-
-async def _supervise(settings: Settings, path: Path, workers: int) -> int:
-    from gateway.supervisor import Supervisor  # noqa: PLC0415  (see _worker above)
-
-    logger = log.get_logger()
-    supervisor = Supervisor(settings, path, workers)
-    try:
-        await supervisor.start()
-    except OSError as exc:
-        logger.error("listen_failed", error=exc.strerror or str(exc))
-        await supervisor.stop()
-        return 1
-    _listening(settings, supervisor.port, supervisor.admin_port, workers)
-    await _until_stopped(lambda: supervisor.settings, supervisor.reload)
-    await supervisor.stop()
+    logger.info("draining", timeout_seconds=current().server.drain_timeout_seconds)
+    log.flush()
+    await stop()
     logger.info("stopped")
     log.flush()
     return 0
 
 
+async def _supervise(settings: Settings, path: Path, workers: int) -> int:
+    from gateway.supervisor import Supervisor  # noqa: PLC0415  (see _worker above)
+
+    supervisor = Supervisor(settings, path, workers)
+
+    async def start() -> tuple[int, int]:
+        await supervisor.start()
+        return supervisor.port, supervisor.admin_port
+
+    return await _lifecycle(
+        settings, workers, start, lambda: supervisor.settings, supervisor.reload, supervisor.stop
+    )
+
+
 async def _serve(settings: Settings, path: Path) -> int:
     logger = log.get_logger()
     gateway = Gateway(settings)
-    try:
+    started = False
+
+    async def start() -> tuple[int, int]:
+        nonlocal started
         await gateway.start()
-    except OSError as exc:
-        logger.error("listen_failed", error=exc.strerror or str(exc))
-        await gateway.close()
-        return 1
-    _listening(settings, gateway.port, gateway.admin_port, 1)
-    # What start-up allocated lives as long as the process: keep the cyclic
-    # collector from rescanning it.
-    gc.collect()
-    gc.freeze()
+        started = True
+        # What start-up allocated lives as long as the process: keep the
+        # cyclic collector from rescanning it.
+        gc.collect()
+        gc.freeze()
+        return gateway.port, gateway.admin_port
 
     async def reload() -> bool:
         try:
@@ -237,8 +275,7 @@ async def _serve(settings: Settings, path: Path) -> int:
         logger.info("config_reloaded", source=str(path))
         return True
 
-    await _until_stopped(lambda: gateway.settings, reload)
-    await gateway.drain()
-    logger.info("stopped")
-    log.flush()
-    return 0
+    async def stop() -> None:
+        await (gateway.drain() if started else gateway.close())
+
+    return await _lifecycle(settings, 1, start, lambda: gateway.settings, reload, stop)

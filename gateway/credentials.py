@@ -17,10 +17,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-
 from gateway.schema import ConfigError, CredentialSpec, JwtSpec
 
 __all__ = ["Credential", "JwtConfig", "JwtKey", "Revoked", "Token", "resolve_credential"]
@@ -153,15 +149,9 @@ def resolve_credential(
     )
 
 
-# Which key kind each algorithm family needs: an RSA key never verifies an
-# ES256 token and no public key ever serves as an HMAC secret.
-_FAMILIES: dict[str, tuple[type[Any], ...]] = {
-    "RS": (rsa.RSAPublicKey,),
-    "PS": (rsa.RSAPublicKey,),
-    "ES": (ec.EllipticCurvePublicKey,),
-    "Ed": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
-}
 _MIN_HMAC_SECRET = 32
+# pyjwt and cryptography are imported only when a JWT credential is
+# configured (~20 MB per process otherwise spent for nothing).
 
 
 def _read(path: Path, key: str) -> bytes:
@@ -172,6 +162,8 @@ def _read(path: Path, key: str) -> bytes:
 
 
 def _kind(public_key: Any) -> str:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa  # noqa: PLC0415
+
     if isinstance(public_key, rsa.RSAPublicKey):
         return "an RSA key"
     if isinstance(public_key, ec.EllipticCurvePublicKey):
@@ -180,14 +172,27 @@ def _kind(public_key: Any) -> str:
 
 
 def _check_family(public_key: Any, algorithms: tuple[str, ...], key: str) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa  # noqa: PLC0415
+
+    # Which key kind each algorithm family needs: an RSA key never verifies
+    # an ES256 token and no public key ever serves as an HMAC secret.
+    families: dict[str, tuple[type[Any], ...]] = {
+        "RS": (rsa.RSAPublicKey,),
+        "PS": (rsa.RSAPublicKey,),
+        "ES": (ec.EllipticCurvePublicKey,),
+        "Ed": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
+    }
     for alg in algorithms:
-        if not isinstance(public_key, _FAMILIES[alg[:2]]):
+        if not isinstance(public_key, families[alg[:2]]):
             raise ConfigError(f"{key}: {_kind(public_key)} cannot verify {alg}")
 
 
 def _jwt(
     spec: JwtSpec, key: str, environ: Mapping[str, str], base: Path, cred: CredentialSpec
 ) -> JwtConfig:
+    import jwt  # noqa: PLC0415
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
     keys: list[JwtKey] = []
     if spec.jwks_file is not None:
         data = _read(base / spec.jwks_file, f"{key}jwks_file")

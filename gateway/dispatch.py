@@ -1,9 +1,10 @@
 """Dispatch: the decision sequence for one request head (DESIGN §3 order).
 
-    client address (trusted proxies) → global allow/deny → auth-failure
-    throttle → authenticate → credential conditions (client certificate,
-    CIDRs) → route → method → /health → scope → draining → framing → body
-    size → rate limits → concurrency (short queue) → proxy
+    malformed head → client address (trusted proxies) → global allow/deny →
+    authenticate (a failure from a throttled address: 429/503, else 401) →
+    credential conditions (client certificate, CIDRs) → route → method →
+    /health → scope → draining → framing → body size → rate limits →
+    concurrency (short queue) → proxy
 
 Each refusal is one ``Kind`` answered by the exchange; the status per
 protocol comes from ``errors.py``.  Unauthenticated callers learn nothing
@@ -21,8 +22,8 @@ from gateway.routing import HEALTH
 
 if TYPE_CHECKING:
     from gateway.proxy import Exchange
+    from gateway.request import RequestHead
     from gateway.runtime import Generation
-    from gateway.server import RequestHead
 
 __all__ = ["dispatch"]
 
@@ -30,6 +31,10 @@ __all__ = ["dispatch"]
 def dispatch(ex: Exchange, gen: Generation, head: RequestHead) -> None:
     shared = ex.shared
     stats = shared.stats
+    if head.malformed:
+        ex.close = True
+        ex.refuse(Kind.BAD_REQUEST, "bad_request")
+        return
     route = gen.routes.get(head.path)
     if route is not None:
         ex.route = route
@@ -44,12 +49,7 @@ def dispatch(ex: Exchange, gen: Generation, head: RequestHead) -> None:
         ex.refuse(Kind.FORBIDDEN, "client_denied")
         return
     admission = shared.admission
-    throttle = admission.throttle
     mono = shared.loop.time()
-    if throttle.limit and throttle.blocked(client, mono):
-        stats.limit_rejection("auth_throttle")
-        ex.refuse(Kind.OVERLOADED, "auth_throttled")
-        return
     principal = gen.auth.authenticate(head.authorization, time.time())
     if isinstance(principal, Failure):
         _auth_failed(ex, principal, head, mono)
@@ -103,10 +103,20 @@ def dispatch(ex: Exchange, gen: Generation, head: RequestHead) -> None:
 
 
 def _auth_failed(ex: Exchange, failure: Failure, head: RequestHead, mono: float) -> None:
-    ex.shared.stats.auth_failure(failure.reason, failure.credential, failure.token_id)
-    ex.shared.admission.throttle.failed(ex.client, mono)
-    # revoked / expired / not yet valid: the log names the token id, so the
-    # operator learns which sender still holds an old secret.
+    stats = ex.shared.stats
+    # Counted with its reason even when throttled: revoked / expired / not
+    # yet valid name the token id, so the operator learns which sender still
+    # holds an old secret, however often it retries.
+    stats.auth_failure(failure.reason, failure.credential, failure.token_id)
     ex.token_id = failure.token_id
+    throttle = ex.shared.admission.throttle
+    if throttle.limit and throttle.blocked(ex.client, mono):
+        # Checked after the token (~1 µs): senders sharing an address
+        # (Cloudflare, a NAT, a load balancer) keep working while one of
+        # them presents a bad token; only the failures get 429/503.
+        stats.limit_rejection("auth_throttle")
+        ex.refuse(Kind.OVERLOADED, "auth_" + failure.reason)
+        return
+    throttle.failed(ex.client, mono)
     kind = Kind.AUTH_MISSING if head.authorization is None else Kind.AUTH_INVALID
     ex.refuse(kind, "auth_" + failure.reason)

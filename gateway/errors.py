@@ -18,7 +18,7 @@ policy lives in this one table, per route protocol:
     UPSTREAM_CONNECT   502                   502
     UPSTREAM_RESET     502                   502
     UPSTREAM_PROTOCOL  502                   502
-    UPSTREAM_TIMEOUT   504                   504
+    UPSTREAM_TIMEOUT   504                   504                  (no answer in time)
     INTERNAL           503 + Retry-After     503 + Retry-After    (never 500: OTLP drops it)
 
 Bodies: remote-write and plain get one short ``text/plain`` line; OTLP gets a
@@ -33,6 +33,8 @@ from __future__ import annotations
 import enum
 
 import orjson
+
+from gateway.protowire import varint
 
 __all__ = ["CLIENT_CLOSED", "ErrorRenderer", "Kind", "Protocol", "status_of"]
 
@@ -123,22 +125,10 @@ def status_of(kind: Kind, protocol: Protocol) -> int:
     return otlp if protocol is Protocol.OTLP else rw
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def rpc_status_protobuf(code: int, message: str) -> bytes:
     """google.rpc.Status{code=1 (int32), message=2 (string)} in wire format."""
     msg = message.encode()
-    return b"\x08" + _varint(code) + b"\x12" + _varint(len(msg)) + msg
+    return b"\x08" + varint(code) + b"\x12" + varint(len(msg)) + msg
 
 
 class ErrorRenderer:

@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     from gateway.auth import Principal
     from gateway.limits import Slots
     from gateway.metrics import RouteStats
+    from gateway.request import RequestHead
     from gateway.routing import Route
-    from gateway.server import ClientConnection, RequestHead
+    from gateway.server import ClientConnection
     from gateway.upstream import Pool, UpstreamConnection
 
 __all__ = ["DISCARD_LIMIT", "Exchange"]
@@ -42,7 +43,7 @@ _perf = time.perf_counter
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _FAILURES = {
     "connect": Kind.UPSTREAM_CONNECT,
-    "connect_timeout": Kind.UPSTREAM_TIMEOUT,
+    "connect_timeout": Kind.UPSTREAM_CONNECT,  # unreachable: nothing was sent
     "timeout": Kind.UPSTREAM_TIMEOUT,
     "reset": Kind.UPSTREAM_RESET,
     "protocol": Kind.UPSTREAM_PROTOCOL,
@@ -294,8 +295,15 @@ class Exchange:
             assert up is not None
             head = self.head
             # Body bytes parsed while queued land after the head, in order.
+            conn = self.conn
             self.up_buf.append(
-                head.upstream_head(route.target(head.query), up.host_header, self.conn)
+                head.upstream_head(
+                    route.target(head.query),
+                    up.host_header,
+                    conn.peer_bytes,
+                    self.gen.clients.proxied and self.gen.clients.trusted(conn.peer),
+                    conn.scheme,
+                )
             )
         admission = self.shared.admission
         own = admission.credential_slots.get(self.credential)

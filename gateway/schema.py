@@ -352,7 +352,9 @@ class CredentialSpec(_Spec, frozen=True):
             if self.tokens:
                 raise ValueError("tokens: use either token_* keys or a tokens list, not both")
             _check_source(*shorthand, "token_")
-        elif not self.tokens and self.jwt is None:
+        elif not self.tokens and self.jwt is None and not self.revoked:
+            # Only revoked entries is allowed: a retired sender's digests kept
+            # so its attempts are still named in logs and metrics.
             raise ValueError("tokens: give token_sha256, token_env, token_file, tokens or jwt")
 
 

@@ -20,14 +20,14 @@ import httptools
 
 from gateway.accounting import record_rejected
 from gateway.errors import Kind, Protocol
-from gateway.headers import REQUEST_DROP, connection_tokens, drop_listed, write_coalesced
+from gateway.headers import write_coalesced
 from gateway.proxy import Exchange
-from gateway.routing import split_target
+from gateway.request import RequestHead
 
 if TYPE_CHECKING:
     from gateway.runtime import Shared
 
-__all__ = ["ClientConnection", "RequestHead"]
+__all__ = ["ClientConnection"]
 
 _perf = time.perf_counter
 
@@ -54,38 +54,6 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 64 * 1024 * 1024
 
 
-# How each request header is treated, by its name as sent.  Names repeat
-# from request to request, so the lowercasing and set lookups are done
-# once per spelling (bounded; unusual spellings just pay them again).
-_FORWARD, _AUTHORIZATION, _CONTENT_LENGTH, _CONTENT_TYPE, _DROP = range(5)
-_TRANSFER_ENCODING, _REQUEST_ID, _CONNECTION, _EXPECT, _XFF, _CLIENT_IP = range(5, 11)
-_SPECIAL = {
-    b"authorization": _AUTHORIZATION,
-    b"content-length": _CONTENT_LENGTH,
-    b"content-type": _CONTENT_TYPE,
-    b"transfer-encoding": _TRANSFER_ENCODING,
-    b"x-request-id": _REQUEST_ID,
-    b"connection": _CONNECTION,
-    b"expect": _EXPECT,
-    b"x-forwarded-for": _XFF,
-    b"cf-connecting-ip": _CLIENT_IP,
-    b"x-real-ip": _CLIENT_IP,
-}
-_KNOWN: dict[bytes, tuple[bytes, int]] = {}
-_KNOWN_MAX = 1024
-
-
-def _classify(name: bytes) -> tuple[bytes, int]:
-    lname = name.lower()
-    action = _SPECIAL.get(lname)
-    if action is None:
-        action = _DROP if lname in REQUEST_DROP else _FORWARD
-    entry = (lname, action)
-    if len(_KNOWN) < _KNOWN_MAX:
-        _KNOWN[name] = entry
-    return entry
-
-
 class _Reject(Exception):
     """Raised from a parser callback to stop parsing with an answer."""
 
@@ -97,131 +65,6 @@ class _Stop(Exception):
     """Raised from a parser callback to stop parsing silently (lingering)."""
 
 
-class RequestHead:
-    """A parsed request head: what dispatch and the upstream head need."""
-
-    __slots__ = (
-        "authorization",
-        "bad_framing",
-        "chunked",
-        "client_ip",
-        "content_length",
-        "expect_continue",
-        "forward",
-        "has_body",
-        "http11",
-        "json",
-        "keep_alive",
-        "method",
-        "path",
-        "query",
-        "request_id",
-        "t0",
-        "upgrade",
-        "xff",
-    )
-
-    def __init__(
-        self,
-        parser: httptools.HttpRequestParser,
-        url: bytes,
-        headers: list[tuple[bytes, bytes]],
-        t0: float,
-        request_id: bytes,
-        client_header: bytes = b"x-forwarded-for",
-    ) -> None:
-        self.t0 = t0
-        self.method: bytes = parser.get_method()
-        self.http11 = parser.get_http_version() == "1.1"
-        self.keep_alive: bool = parser.should_keep_alive()
-        self.upgrade: bool = parser.should_upgrade()
-        self.path, self.query = split_target(url)
-        self.authorization: bytes | None = None
-        self.content_length: int | None = None
-        self.chunked = False
-        self.bad_framing = False
-        self.expect_continue = False
-        self.json = False
-        self.xff: bytes | None = None
-        client_ips: dict[bytes, bytes] | None = None
-        rid: bytes | None = None
-        listed: list[bytes] | None = None
-        forward: list[tuple[bytes, bytes]] = []
-        known = _KNOWN
-        for header in headers:
-            name, value = header
-            entry = known.get(name)
-            if entry is None:
-                entry = _classify(name)
-            action = entry[1]
-            if action == _FORWARD:
-                forward.append(header)
-            elif action == _AUTHORIZATION:
-                # A second Authorization header is ambiguous: treat as malformed.
-                self.authorization = value if self.authorization is None else b"\x00"
-            elif action == _CONTENT_LENGTH:
-                self.content_length = int(value)  # llhttp validated it
-            elif action == _CONTENT_TYPE:
-                self.json = value[:16].lower() == b"application/json"
-                forward.append(header)
-            elif action == _DROP:
-                pass
-            elif action == _TRANSFER_ENCODING:
-                self.chunked = True
-                # llhttp only insists that chunked comes last; other codings
-                # would reach the upstream undecoded.  RFC 9112 §6.1.
-                if value.strip().lower() != b"chunked":
-                    self.bad_framing = True
-            elif action == _REQUEST_ID:
-                rid = value
-                forward.append(header)
-            elif action == _CONNECTION:
-                listed = [*(listed or []), value]
-            elif action == _EXPECT:
-                self.expect_continue = value.strip().lower() == b"100-continue"
-            elif action == _XFF:
-                self.xff = value if self.xff is None else self.xff + b", " + value
-            else:  # _CLIENT_IP: CF-Connecting-IP / X-Real-IP
-                if client_ips is None:
-                    client_ips = {}
-                client_ips[entry[0]] = value
-                forward.append(header)
-        if listed is not None:
-            forward = drop_listed(forward, connection_tokens(listed))
-        if rid is None or len(rid) > 128 or not rid.isascii():
-            rid = request_id
-            forward.append((b"X-Request-Id", rid))
-        self.request_id = rid  # decoded only when logged
-        if client_header == b"x-forwarded-for":
-            self.client_ip = self.xff
-        else:
-            self.client_ip = client_ips.get(client_header) if client_ips else None
-        self.forward = forward
-        self.has_body = self.chunked or bool(self.content_length)
-        if self.upgrade and self.has_body:
-            # llhttp stops parsing at an Upgrade head, so its body would be
-            # taken for the next request.  We never upgrade.
-            self.bad_framing = True
-
-    def upstream_head(self, target: bytes, host: bytes, conn: ClientConnection) -> bytes:
-        # A forwarding chain is only kept from a trusted proxy; from anyone
-        # else it could be invented, so the upstream sees the peer alone.
-        xff = conn.peer_bytes
-        if self.xff is not None and conn.shared.gen.clients.trusted(conn.peer):
-            xff = self.xff + b", " + conn.peer_bytes
-        parts = [self.method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
-        for name, value in self.forward:
-            parts += (name, b": ", value, b"\r\n")
-        parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", conn.scheme, b"\r\n")
-        if self.chunked:
-            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
-        elif self.content_length is not None:
-            parts.append(b"Content-Length: %d\r\n\r\n" % self.content_length)
-        else:
-            parts.append(b"\r\n")
-        return b"".join(parts)
-
-
 class ClientConnection(asyncio.Protocol):
     PAUSE_PIPELINE = 1
     PAUSE_CONNECT = 2
@@ -230,15 +73,15 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = (
         "_advancing",
+        "_head",
         "_head_bytes",
-        "_headers",
+        "_header_count",
         "_in_head",
         "_linger_bytes",
         "_lingering",
         "_paused",
         "_pending",
         "_raw_head",
-        "_t0",
         "_url",
         "_write_paused",
         "active",
@@ -271,11 +114,11 @@ class ClientConnection(asyncio.Protocol):
         self._advancing = False
         self._linger_bytes = 0
         self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._head = RequestHead(0.0)
+        self._header_count = 0
         self._head_bytes = 0
         self._raw_head = 0
         self._in_head = False
-        self._t0 = 0.0
         self.deadline = 0.0
         self.deadline_kind = _NONE
 
@@ -393,33 +236,29 @@ class ClientConnection(asyncio.Protocol):
         elif self.deadline_kind == _IDLE:
             self._set_deadline(_HEAD, self.shared.gen.header_timeout)
         self._url = part
-        self._headers = []
+        self._head = RequestHead(_perf())
+        self._header_count = 0
         self._head_bytes = 0
         self._raw_head = 0
         self._in_head = True
-        self._t0 = _perf()
         if len(part) > self.shared.gen.max_url_bytes:
             raise _Reject(Kind.URL_TOO_LONG)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:  # after the head: chunked trailer fields, not forwarded
-            self._headers.append((name, value))
             self._head_bytes += len(name) + len(value)
+            self._header_count += 1
             if self._head_bytes > self.shared.gen.max_header_bytes:
                 raise _Reject(Kind.HEADERS_TOO_LARGE)
+            self._head.header(name, value)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if len(self._headers) > self.shared.gen.max_header_count:
+        shared = self.shared
+        if self._header_count > shared.gen.max_header_count:
             raise _Reject(Kind.HEADERS_TOO_LARGE)
-        head = RequestHead(
-            self.parser,
-            self._url,
-            self._headers,
-            self._t0,
-            self.shared.next_request_id(),
-            self.shared.gen.clients.header,
-        )
+        head = self._head
+        head.finish(self.parser, self._url, shared.next_request_id(), shared.gen.clients.header)
         ex = Exchange(self, head)
         if self.active is None:
             self.active = ex
@@ -500,6 +339,9 @@ class ClientConnection(asyncio.Protocol):
                 self.active = nxt
                 self.deadline_kind = _NONE
                 nxt.start()
+                # Started outside the client's data_received (often from the
+                # upstream's, as the previous answer ended): send its head now.
+                nxt.flush_upstream()
         finally:
             self._advancing = False
         if self.active is None and not self._lingering:
@@ -553,7 +395,7 @@ class ClientConnection(asyncio.Protocol):
         self.out.append(data)
         self._lingering = True
         self.flush()
-        record_rejected(self.shared, status, kind.name.lower(), self.peer, self._t0)
+        record_rejected(self.shared, status, kind.name.lower(), self.peer, self._head.t0)
         if self.transport is not None:
             if self.transport.can_write_eof():
                 self.transport.write_eof()

@@ -42,6 +42,19 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+TWO_CREDENTIALS = f"""
+[[credentials]]
+name = "ingest"
+token_sha256 = "{sha256(TOKEN.encode())}"
+routes = ["remote_write", "otlp_traces"]
+
+[[credentials]]
+name = "other"
+token_sha256 = "{sha256(OTHER_TOKEN.encode())}"
+routes = ["remote_write"]
+"""
+
+
 def config_text(
     rw_upstream: str = "http://127.0.0.1:9/api/v1/write",
     otlp_upstream: str = "http://127.0.0.1:9/v1/traces",
@@ -55,17 +68,7 @@ def config_text(
     """A complete config: two routes, credential "ingest" (TOKEN) on both and
     "other" (OTHER_TOKEN) scoped to remote_write only."""
     if credentials is None:
-        credentials = f"""
-[[credentials]]
-name = "ingest"
-token_sha256 = "{sha256(TOKEN.encode())}"
-routes = ["remote_write", "otlp_traces"]
-
-[[credentials]]
-name = "other"
-token_sha256 = "{sha256(OTHER_TOKEN.encode())}"
-routes = ["remote_write"]
-"""
+        credentials = TWO_CREDENTIALS
     return f"""
 [server]
 listen = "127.0.0.1:0"

@@ -23,22 +23,12 @@ import httptools
 from google.rpc import status_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import OTHER_TOKEN, TOKEN, sha256
+from tests.conftest import OTHER_TOKEN, TOKEN, TWO_CREDENTIALS, sha256
 
 # A third credential, scoped to the OTLP route only, so that both routes have
 # a credential that is valid but out of scope (the 403 row).
 TRACES_TOKEN = "test-token-0123456789abcdef-traces"
-THREE_CREDENTIALS = f"""
-[[credentials]]
-name = "ingest"
-token_sha256 = "{sha256(TOKEN.encode())}"
-routes = ["remote_write", "otlp_traces"]
-
-[[credentials]]
-name = "other"
-token_sha256 = "{sha256(OTHER_TOKEN.encode())}"
-routes = ["remote_write"]
-
+THREE_CREDENTIALS = f"""{TWO_CREDENTIALS}
 [[credentials]]
 name = "traces"
 token_sha256 = "{sha256(TRACES_TOKEN.encode())}"

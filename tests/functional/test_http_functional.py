@@ -400,3 +400,23 @@ async def test_odd_requests_never_get_500_or_kill_the_listener(
     assert ok.status == 204
     metrics = await scrape(gw.admin_port)
     assert 'code="500"' not in metrics.text
+
+
+@pytest.mark.parametrize(
+    ("name", "head"),
+    [
+        ("no Host on HTTP/1.1", b"POST /api/v1/write HTTP/1.1\r\n"),
+        ("two Host fields", b"POST /api/v1/write HTTP/1.1\r\nHost: a\r\nHost: b\r\n"),
+        ("HTTP/2.0 request line", b"POST /api/v1/write HTTP/2.0\r\nHost: a\r\n"),
+    ],
+)
+async def test_malformed_heads_are_400_and_never_reach_the_upstream(
+    start_gateway: StartGateway, upstream: RecordingUpstream, name: str, head: bytes
+) -> None:
+    """RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host (400
+    otherwise); only HTTP/1.x is spoken on this port."""
+    gw = await start_for(start_gateway, upstream.url)
+    data = head + f"Authorization: Bearer {TOKEN}\r\nContent-Length: 1\r\n\r\nx".encode()
+    resp = await raw_request(gw.port, data)
+    assert resp.status == 400, name
+    assert upstream.requests == []

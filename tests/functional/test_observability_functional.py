@@ -75,7 +75,10 @@ async def test_metrics_reflect_requests(
     assert m.value("gateway_auth_failures_total", reason="scope") == 1
     assert m.value("gateway_request_bytes_total", route="remote_write", credential="ingest") == 151
     assert m.value("gateway_request_bytes_total", route="otlp_traces", credential="traces") == 10
-    assert m.value("gateway_response_bytes_total", route="remote_write") == 7
+    # The upstream's 7 bytes plus the gateway's own bodies on this route: two
+    # 401s ("missing bearer token\n", "invalid bearer token\n": 21 each) and
+    # one 405 ("method not allowed\n": 19).
+    assert m.value("gateway_response_bytes_total", route="remote_write") == 7 + 21 + 21 + 19
     assert m.value("gateway_request_duration_seconds_count", route="remote_write") == 6
     assert m.value("gateway_upstream_response_seconds_count", route="remote_write") == 3
     assert m.value("gateway_upstream_response_seconds_count", route="otlp_traces") == 1

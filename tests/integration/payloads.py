@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 
 import cramjam
 
+from gateway.protowire import length_delimited, varint
+
 __all__ = ["TARGET_SERIES", "exposition", "series_key", "snappy", "write_request"]
 
 SeriesKey = tuple[str, frozenset[tuple[str, str]]]
@@ -48,23 +50,6 @@ def series_key(name: str, labels: Mapping[str, str]) -> SeriesKey:
     return name, frozenset(labels.items())
 
 
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # int64 on the wire: two's complement in 10 bytes
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _len_field(number: int, data: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
 def write_request(series: Iterable[tuple[Mapping[str, str], float, int]]) -> bytes:
     """Serialize (labels incl. __name__, value, timestamp ms) as a WriteRequest."""
     out = bytearray()
@@ -72,11 +57,11 @@ def write_request(series: Iterable[tuple[Mapping[str, str], float, int]]) -> byt
         ts = bytearray()
         # Prometheus sends labels sorted by name; receivers may rely on it.
         for name in sorted(labels):
-            label = _len_field(1, name.encode()) + _len_field(2, labels[name].encode())
-            ts += _len_field(1, label)
-        sample = b"\x09" + struct.pack("<d", value) + b"\x10" + _varint(timestamp_ms)
-        ts += _len_field(2, sample)
-        out += _len_field(1, bytes(ts))
+            label = length_delimited(1, name.encode()) + length_delimited(2, labels[name].encode())
+            ts += length_delimited(1, label)
+        sample = b"\x09" + struct.pack("<d", value) + b"\x10" + varint(timestamp_ms)
+        ts += length_delimited(2, sample)
+        out += length_delimited(1, bytes(ts))
     return bytes(out)
 
 

@@ -181,3 +181,33 @@ def test_arbitrary_bytes_never_raise(header: bytes) -> None:
 def test_arbitrary_text_tokens_never_raise(token: str) -> None:
     result = check(b"Bearer " + token.encode("utf-8", "surrogatepass"))
     assert isinstance(result, Failure)
+
+
+def test_a_credential_may_keep_only_revoked_digests() -> None:
+    """A retired sender: no valid token left, its old digests still named."""
+    from gateway.config import loads  # noqa: PLC0415
+
+    old = "retired-sender-token-0123456789"
+    settings = loads(f"""
+[[routes]]
+name = "remote_write"
+path = "/api/v1/write"
+protocol = "prometheus-remote-write"
+upstream = "http://127.0.0.1:9/api/v1/write"
+
+[[credentials]]
+name = "ingest"
+token_sha256 = "{hashlib.sha256(b"current-sender-token-0123456789").hexdigest()}"
+routes = ["remote_write"]
+
+[[credentials]]
+name = "legacy"
+routes = ["remote_write"]
+[[credentials.revoked]]
+id = "2025-01"
+sha256 = "{hashlib.sha256(old.encode()).hexdigest()}"
+""")
+    authn = Authenticator(settings.credentials)
+    assert authn.authenticate(b"Bearer " + old.encode(), 0.0) == Failure(
+        "revoked", "legacy", "2025-01"
+    )

@@ -76,7 +76,7 @@ def parse(data: bytes) -> tuple[int, dict[str, list[str]], bytes]:
 def render(
     kind: Kind, protocol: Protocol, as_json: bool = False, **kwargs: object
 ) -> tuple[int, dict[str, list[str]], bytes]:
-    status, data = RENDERER.render(kind, protocol, as_json, DATE, False, **kwargs)  # type: ignore[arg-type]
+    status, data, _ = RENDERER.render(kind, protocol, as_json, DATE, False, **kwargs)  # type: ignore[arg-type]
     code, headers, body = parse(data)
     assert code == status
     return code, headers, body
@@ -174,7 +174,7 @@ def test_client_timeout_differs_by_protocol() -> None:
 
 
 def test_allow_header_and_connection_close_and_head() -> None:
-    status, data = RENDERER.render(
+    status, data, _ = RENDERER.render(
         Kind.METHOD, Protocol.OTLP, False, DATE, True, b"Allow: POST\r\n", head_only=True
     )
     code, headers, body = parse(data)
@@ -186,7 +186,7 @@ def test_allow_header_and_connection_close_and_head() -> None:
 
 
 def test_realm_is_configurable() -> None:
-    status, data = ErrorRenderer("ingest").render(
+    status, data, _ = ErrorRenderer("ingest").render(
         Kind.AUTH_MISSING, Protocol.PLAIN, False, DATE, False
     )
     assert status == 401

@@ -1,0 +1,207 @@
+"""The processes of one bench run, each on its own free loopback port.
+
+Sink (nginx + echo) behind every target; the direct path is wrk straight at
+it.  Targets: obs-gateway, nginx as the seed configured it, nginx tuned for
+streaming, vmauth.  Helpers: the Python stream sink (1 GiB test) and
+VictoriaMetrics (checks that the remote-write bodies are valid).  Configs
+are rendered from ``templates/`` into the run directory; ``@name@`` marks a
+value (nginx already uses ``$``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.procs import Procs, free_port
+
+__all__ = ["TARGETS", "Peer", "Stack", "gateway_supports_workers"]
+
+TEMPLATES = Path(__file__).parent / "templates"
+REPO = Path(__file__).resolve().parent.parent
+ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")  # libnginx-mod-http-echo
+TARGETS = ("direct", "gateway", "nginx-tuned", "nginx-seed", "vmauth")
+
+
+@dataclass
+class Peer:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    workers: int = 1
+    info: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def gateway_supports_workers() -> bool:
+    """Whether this checkout's CLI has ``run --workers`` (issue 5, part 2)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "run", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=REPO,
+    )
+    return "--workers" in out.stdout
+
+
+def render(template: str, dest: Path, **values: object) -> Path:
+    text = (TEMPLATES / template).read_text()
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", str(value))
+    leftover = re.findall(r"@[a-z_]+@", text)
+    if leftover:
+        raise ValueError(f"{template}: unrendered {leftover}")
+    dest.write_text(text)
+    return dest
+
+
+class Stack:
+    def __init__(
+        self,
+        procs: Procs,
+        rundir: Path,
+        token: str,
+        *,
+        workers: int,
+        sink_workers: int,
+        access_log: bool,
+    ) -> None:
+        self.procs = procs
+        self.rundir = rundir
+        self.token = token
+        self.workers = workers
+        self.sink_workers = sink_workers
+        self.access_log = access_log
+        self.sink: Peer | None = None
+        self.stream_sink_port = 0
+        self.vm: Peer | None = None
+
+    def _dir(self, name: str) -> Path:
+        d = self.rundir / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _nginx(self, name: str, template: str, workers: int, **values: object) -> Peer:
+        d = self._dir(name)
+        port = free_port()
+        # Workers run as the master's user so they can write the temp dirs.
+        user = "user root;" if os.geteuid() == 0 else ""
+        access = f"{d}/access.log" if self.access_log else "off"
+        conf = render(
+            template,
+            d / "nginx.conf",
+            dir=d,
+            port=port,
+            workers=workers,
+            user=user,
+            access_log=access,
+            token=self.token,
+            **values,
+        )
+        proc = self.procs.start(name, ["nginx", "-p", str(d), "-c", str(conf)], port=port)
+        return Peer(name, port, proc, workers)
+
+    def start_sink(self) -> Peer:
+        d = self._dir("sink")
+        port = free_port()
+        conf = render(
+            "sink.conf",
+            d / "nginx.conf",
+            dir=d,
+            port=port,
+            workers=self.sink_workers,
+            echo_module=ECHO_MODULE,
+        )
+        proc = self.procs.start("sink", ["nginx", "-p", str(d), "-c", str(conf)], port=port)
+        self.sink = Peer("direct", port, proc, self.sink_workers)
+        self.stream_sink_port = free_port()
+        self.procs.start(
+            "stream-sink",
+            [sys.executable, "-m", "bench.sink", str(self.stream_sink_port)],
+            port=self.stream_sink_port,
+            cwd=REPO,
+        )
+        return self.sink
+
+    def start_vm(self) -> Peer:
+        port = free_port()
+        argv = [
+            "victoria-metrics",
+            f"-storageDataPath={self._dir('vm')}/data",
+            f"-httpListenAddr=127.0.0.1:{port}",
+            "-retentionPeriod=1d",
+            "-loggerLevel=ERROR",
+        ]
+        self.vm = Peer("victoria-metrics", port, self.procs.start("vm", argv, port=port))
+        return self.vm
+
+    def vm_rows_inserted(self) -> int:
+        """VictoriaMetrics' count of remote-write samples parsed without error."""
+        assert self.vm is not None
+        url = f"http://127.0.0.1:{self.vm.port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        m = re.search(
+            r'^vm_protoparser_rows_read_total\{type="promremotewrite"\} (\d+)', text, re.M
+        )
+        return int(m.group(1)) if m else 0
+
+    def start(self, name: str) -> Peer:
+        assert self.sink is not None
+        if name == "direct":
+            return self.sink
+        if name == "gateway":
+            return self.start_gateway()
+        if name in ("nginx-tuned", "nginx-seed"):
+            return self._nginx(name, f"{name}.conf", self.workers, sink=self.sink.port)
+        if name == "vmauth":
+            return self.start_vmauth()
+        raise ValueError(f"unknown target {name!r}")
+
+    def start_gateway(self) -> Peer:
+        assert self.sink is not None
+        d = self._dir("gateway")
+        port, admin = free_port(), free_port()
+        conf = render(
+            "gateway.toml",
+            d / "gateway.toml",
+            port=port,
+            admin=admin,
+            sink=self.sink.port,
+            stream_sink=self.stream_sink_port,
+            vm=self.vm.port if self.vm else 9,
+            access="true" if self.access_log else "false",
+            token_sha256=hashlib.sha256(self.token.encode()).hexdigest(),
+        )
+        argv = [sys.executable, "-m", "gateway", "run", "--config", str(conf)]
+        if gateway_supports_workers():
+            argv += ["--workers", str(self.workers)]
+        elif self.workers != 1:
+            raise RuntimeError("this gateway has no --workers: run with --workers 1")
+        proc = self.procs.start("gateway", argv, port=port, cwd=REPO)
+        return Peer("gateway", port, proc, self.workers, {"admin_port": str(admin)})
+
+    def start_vmauth(self) -> Peer:
+        assert self.sink is not None
+        d = self._dir("vmauth")
+        port = free_port()
+        conf = render("vmauth.yml", d / "auth.yml", token=self.token, sink=self.sink.port)
+        argv = [
+            "vmauth",
+            f"-auth.config={conf}",
+            f"-httpListenAddr=127.0.0.1:{port}",
+            "-loggerLevel=ERROR",
+        ]
+        # Go uses every core by default (GOMAXPROCS = CPUs); left as shipped.
+        return Peer("vmauth", port, self.procs.start("vmauth", argv, port=port))

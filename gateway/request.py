@@ -1,0 +1,213 @@
+"""One request head as the gateway needs it, built while llhttp parses.
+
+The client connection feeds each header to ``RequestHead.header`` as it is
+parsed (one pass, no list of pairs to walk again): framing and auth fields
+are taken out, hop-by-hop fields dropped (RFC 9110 §7.6.1), end-to-end
+fields kept as ready-to-send bytes.  ``finish`` applies the checks that
+need the whole head, and ``upstream_head`` renders what the upstream gets.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gateway.headers import REQUEST_DROP, connection_tokens
+from gateway.routing import split_target
+
+if TYPE_CHECKING:
+    import httptools
+
+__all__ = ["RequestHead"]
+
+# How each request header is treated, by its name as sent.  Names repeat
+# from request to request, so the lowercasing and set lookups are done
+# once per spelling (bounded; unusual spellings just pay them again).
+_FORWARD, _AUTHORIZATION, _CONTENT_LENGTH, _CONTENT_TYPE, _DROP = range(5)
+_TRANSFER_ENCODING, _REQUEST_ID, _CONNECTION, _EXPECT, _XFF, _CLIENT_IP, _HOST = range(5, 12)
+_SPECIAL = {
+    b"authorization": _AUTHORIZATION,
+    b"content-length": _CONTENT_LENGTH,
+    b"content-type": _CONTENT_TYPE,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"x-request-id": _REQUEST_ID,
+    b"connection": _CONNECTION,
+    b"expect": _EXPECT,
+    b"x-forwarded-for": _XFF,
+    b"cf-connecting-ip": _CLIENT_IP,
+    b"x-real-ip": _CLIENT_IP,
+    b"host": _HOST,
+}
+_KNOWN: dict[bytes, tuple[bytes, int]] = {}
+_KNOWN_MAX = 1024
+
+
+def _classify(name: bytes) -> tuple[bytes, int]:
+    lname = name.lower()
+    action = _SPECIAL.get(lname)
+    if action is None:
+        action = _DROP if lname in REQUEST_DROP else _FORWARD
+    entry = (lname, action)
+    if len(_KNOWN) < _KNOWN_MAX:
+        _KNOWN[name] = entry
+    return entry
+
+
+class RequestHead:
+    """A parsed request head: what dispatch and the upstream head need."""
+
+    __slots__ = (
+        "_client_ips",
+        "_hosts",
+        "_listed",
+        "_rid",
+        "authorization",
+        "bad_framing",
+        "chunked",
+        "client_ip",
+        "content_length",
+        "expect_continue",
+        "forward",
+        "has_body",
+        "http11",
+        "json",
+        "keep_alive",
+        "malformed",
+        "method",
+        "path",
+        "query",
+        "request_id",
+        "t0",
+        "upgrade",
+        "xff",
+    )
+
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0
+        self.authorization: bytes | None = None
+        self.content_length: int | None = None
+        self.chunked = False
+        self.bad_framing = False
+        self.expect_continue = False
+        self.json = False
+        self.xff: bytes | None = None
+        self.forward: list[bytes] = []  # name, b": ", value, b"\r\n", ...
+        self._client_ips: dict[bytes, bytes] | None = None
+        self._hosts = 0
+        self._rid: bytes | None = None
+        self._listed: list[bytes] | None = None
+
+    def header(self, name: bytes, value: bytes) -> None:
+        entry = _KNOWN.get(name)
+        if entry is None:
+            entry = _classify(name)
+        action = entry[1]
+        if action == _FORWARD:
+            self.forward += (name, b": ", value, b"\r\n")
+        elif action == _AUTHORIZATION:
+            # A second Authorization header is ambiguous: treat as malformed.
+            self.authorization = value if self.authorization is None else b"\x00"
+        elif action == _CONTENT_LENGTH:
+            self.content_length = int(value)  # llhttp validated it
+        elif action == _CONTENT_TYPE:
+            self.json = value[:16].lower() == b"application/json"
+            self.forward += (name, b": ", value, b"\r\n")
+        elif action == _DROP:
+            pass
+        elif action == _TRANSFER_ENCODING:
+            self.chunked = True
+            # llhttp only insists that chunked comes last; other codings
+            # would reach the upstream undecoded.  RFC 9112 §6.1.
+            if value.strip().lower() != b"chunked":
+                self.bad_framing = True
+        elif action == _HOST:
+            self._hosts += 1
+        elif action == _REQUEST_ID:
+            self._rid = value
+            self.forward += (name, b": ", value, b"\r\n")
+        elif action == _CONNECTION:
+            self._listed = [*(self._listed or []), value]
+        elif action == _EXPECT:
+            self.expect_continue = value.strip().lower() == b"100-continue"
+        elif action == _XFF:
+            self.xff = value if self.xff is None else self.xff + b", " + value
+        else:  # _CLIENT_IP: CF-Connecting-IP / X-Real-IP
+            if self._client_ips is None:
+                self._client_ips = {}
+            self._client_ips[entry[0]] = value
+            self.forward += (name, b": ", value, b"\r\n")
+
+    def finish(
+        self,
+        parser: httptools.HttpRequestParser,
+        url: bytes,
+        request_id: bytes,
+        client_header: bytes,
+    ) -> None:
+        """What needs the whole head: request line, framing and id checks."""
+        self.method: bytes = parser.get_method()
+        version = parser.get_http_version()
+        self.http11 = version == "1.1"
+        self.keep_alive: bool = parser.should_keep_alive()
+        self.upgrade: bool = parser.should_upgrade()
+        self.path, self.query = split_target(url)
+        if self._listed is not None:
+            drop = connection_tokens(self._listed)
+            forward = self.forward
+            self.forward = [
+                part
+                for i in range(0, len(forward), 4)
+                if forward[i].lower() not in drop
+                for part in forward[i : i + 4]
+            ]
+        rid = self._rid
+        if rid is None or len(rid) > 128 or not rid.isascii():
+            rid = request_id
+            self.forward += (b"X-Request-Id: ", rid, b"\r\n")
+        self.request_id = rid  # decoded only when logged
+        if client_header == b"x-forwarded-for":
+            self.client_ip = self.xff
+        else:
+            ips = self._client_ips
+            self.client_ip = ips.get(client_header) if ips else None
+        self.has_body = self.chunked or bool(self.content_length)
+        # RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host; and only
+        # HTTP/1.x is spoken here (a 2.0 request line is not HTTP/2).
+        hosts = self._hosts
+        self.malformed = (hosts != 1 if self.http11 else hosts > 1) or version not in (
+            "1.1",
+            "1.0",
+        )
+        if self.upgrade and self.has_body:
+            # llhttp stops parsing at an Upgrade head, so its body would be
+            # taken for the next request.  We never upgrade.
+            self.bad_framing = True
+
+    def upstream_head(
+        self, target: bytes, host: bytes, peer: bytes, trusted: bool, scheme: bytes
+    ) -> bytes:
+        # A forwarding chain is only kept from a trusted proxy; from anyone
+        # else it could be invented, so the upstream sees the peer alone.
+        xff = self.xff + b", " + peer if trusted and self.xff is not None else peer
+        if self.chunked:
+            framing = b"Transfer-Encoding: chunked\r\n\r\n"
+        elif self.content_length is not None:
+            framing = b"Content-Length: %d\r\n\r\n" % self.content_length
+        else:
+            framing = b"\r\n"
+        return b"".join(
+            (
+                self.method,
+                b" ",
+                target,
+                b" HTTP/1.1\r\nHost: ",
+                host,
+                b"\r\n",
+                *self.forward,
+                b"X-Forwarded-For: ",
+                xff,
+                b"\r\nX-Forwarded-Proto: ",
+                scheme,
+                b"\r\n",
+                framing,
+            )
+        )
