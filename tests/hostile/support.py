@@ -20,11 +20,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 __all__ = [
+    "Incomplete",
     "ParsedRequest",
     "RawConn",
     "RawUpstream",
     "Response",
     "UpConn",
+    "parse_request",
     "parse_statuses",
     "request",
 ]
@@ -240,13 +242,13 @@ class ParsedRequest:
 
 
 class Incomplete(Exception):
-    pass
+    """More bytes are needed before a request can be parsed."""
 
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
-def _parse_one(buf: bytes) -> tuple[ParsedRequest, int]:
+def parse_request(buf: bytes) -> tuple[ParsedRequest, int]:
     """Parse one request from the start of ``buf``: (request, bytes used).
     Raises Incomplete or ValueError (a framing error)."""
     end = buf.find(b"\r\n\r\n")
@@ -433,7 +435,7 @@ class RawUpstream:
                     conn.head_seen.set()
                 while not conn.errors:
                     try:
-                        req, used = _parse_one(bytes(conn.data[conn.consumed :]))
+                        req, used = parse_request(bytes(conn.data[conn.consumed :]))
                     except Incomplete:
                         break
                     except ValueError as exc:

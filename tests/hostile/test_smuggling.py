@@ -15,7 +15,14 @@ import pytest
 
 from tests.conftest import TOKEN, StartGateway, wait_for
 from tests.hostile.conftest import hostile_config
-from tests.hostile.support import ParsedRequest, RawConn, RawUpstream, parse_statuses, request
+from tests.hostile.support import (
+    ParsedRequest,
+    RawConn,
+    RawUpstream,
+    UpConn,
+    parse_statuses,
+    request,
+)
 
 AUTH = f"Authorization: Bearer {TOKEN}\r\n".encode()
 RW = b"POST /api/v1/write HTTP/1.1\r\nHost: gw\r\n" + AUTH
@@ -245,10 +252,7 @@ async def test_pipelined_requests_answered_in_order(
     """The first request's upstream answers last; answers still come in order."""
     release = asyncio.Event()
 
-    async def responder(conn: object, req: ParsedRequest) -> None:
-        from tests.hostile.support import UpConn  # noqa: PLC0415
-
-        assert isinstance(conn, UpConn)
+    async def responder(conn: UpConn, req: ParsedRequest) -> None:
         if req.body == b"first":
             await release.wait()
             await conn.write(b"HTTP/1.1 204 No Content\r\nX-Which: first\r\n\r\n")

@@ -173,14 +173,17 @@ async def test_mismatched_certificate_and_key_are_a_config_error(pki: Pki) -> No
     one, two = pki.server("one", "one"), pki.server("two", "two")
     broken = Issued(one.cert, two.key, one.der)
     with pytest.raises(ConfigError, match=r"server\.tls\.key_file"):
-        loads(hostile_config(_DummyUp(), server=_tls(broken)))
+        loads(hostile_config(_unserved(), server=_tls(broken)))
     missing = Issued(one.cert.with_name("nope.crt"), one.key, one.der)
     with pytest.raises(ConfigError, match=r"server\.tls\.cert_file"):
-        loads(hostile_config(_DummyUp(), server=_tls(missing)))
+        loads(hostile_config(_unserved(), server=_tls(missing)))
 
 
-class _DummyUp(RawUpstream):
-    """An upstream address for configs that are never served."""
+def _unserved() -> RawUpstream:
+    """An upstream address for configs that are only loaded, never served."""
+    up = RawUpstream()
+    up.port = 9
+    return up
 
 
 async def test_required_client_certificate(

@@ -41,7 +41,14 @@ from typing import Any
 import pytest
 
 from tests.conftest import OTHER_TOKEN, TOKEN, sha256, wait_for
-from tests.hostile.support import Closed, ParsedRequest, RawConn, _parse_one, request
+from tests.hostile.support import (
+    Closed,
+    Incomplete,
+    ParsedRequest,
+    RawConn,
+    parse_request,
+    request,
+)
 
 pytestmark = pytest.mark.soak
 
@@ -98,12 +105,12 @@ class SoakUpstream:
                 buf += chunk
                 while True:
                     try:
-                        req, used = _parse_one(buf)
+                        req, used = parse_request(buf)
+                    except Incomplete:
+                        break
                     except ValueError as exc:
                         self.framing_errors.append(str(exc))
                         return
-                    except Exception:  # Incomplete
-                        break
                     buf = buf[used:]
                     self._record(req)
                     if self.otlp:
