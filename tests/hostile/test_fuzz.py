@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import logging
 import math
+import os
 import random
 import re
 import time
@@ -747,7 +748,8 @@ async def test_socket_fuzz_never_crashes_never_500_never_forwards_elsewhere(
     log_capture: list[MutableMapping[str, Any]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    seed = random.randrange(2**32)
+    # FUZZ_SEED=<seed from a failure> replays the same inputs.
+    seed = int(os.environ.get("FUZZ_SEED") or random.randrange(2**32))
     rng = random.Random(seed)
     strict_upstream.responder = _upstream_answer
     server = (
