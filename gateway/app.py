@@ -200,10 +200,11 @@ class Gateway:
         """Swap in a validated config; exchanges in flight keep theirs."""
         shared = self.shared
         assert shared is not None
+        gen = Generation.build(settings)  # may raise: then nothing has changed
         if self._tls is not None and settings.tls_context is not None:
             self._tls.swap(settings.tls_context)
         shared.admission.configure(settings.limits, settings.credentials, shared.loop.time())
-        shared.gen = Generation.build(settings)
+        shared.gen = gen
         self.settings = settings
         self.reloads["success"] += 1
         self.last_reload_success = time.time()

@@ -271,7 +271,12 @@ async def _serve(settings: Settings, path: Path) -> int:
             return False
         if new.server.listen != gateway.settings.server.listen:
             logger.warning("config_reload_listen_ignored", reason="listen changes need a restart")
-        gateway.reload(new)
+        try:
+            gateway.reload(new)
+        except Exception as exc:  # noqa: BLE001  (a config the loader missed must not end reloads)
+            gateway.reload_failed()
+            logger.error("config_reload_failed", error=type(exc).__name__)
+            return False
         logger.info("config_reloaded", source=str(path))
         return True
 

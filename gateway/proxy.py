@@ -187,6 +187,8 @@ class Exchange:
                 self.up_buf.append(b"0\r\n\r\n")
             if self._queued_on is None:
                 self.conn.wait_upstream(self.gen.response_timeout)
+            else:
+                self.conn.resume(self.conn.PAUSE_QUEUE)
         self._maybe_finish()
 
     def flush_upstream(self) -> None:
@@ -322,7 +324,11 @@ class Exchange:
     def _queue(self, slots: Slots) -> None:
         if self._queued_on is slots or slots.enqueue(self):
             self._queued_on = slots
-            self.conn.pause(self.conn.PAUSE_QUEUE)
+            if not self.request_done:
+                # Bound what is buffered while waiting.  A complete request
+                # keeps reading, so a client that leaves is noticed and
+                # gives up its place instead of being sent upstream.
+                self.conn.pause(self.conn.PAUSE_QUEUE)
             self.conn.queue_deadline(self.shared.admission.queue_timeout)
             return
         self._overloaded("concurrency")

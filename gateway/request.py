@@ -122,8 +122,7 @@ class RequestHead:
         elif action == _HOST:
             self._hosts += 1
         elif action == _REQUEST_ID:
-            self._rid = value
-            self.forward += (name, b": ", value, b"\r\n")
+            self._rid = value  # forwarded by finish() if usable, else replaced
         elif action == _CONNECTION:
             self._listed = [*(self._listed or []), value]
         elif action == _EXPECT:
@@ -162,7 +161,7 @@ class RequestHead:
         rid = self._rid
         if rid is None or len(rid) > 128 or not rid.isascii():
             rid = request_id
-            self.forward += (b"X-Request-Id: ", rid, b"\r\n")
+        self.forward += (b"X-Request-Id: ", rid, b"\r\n")
         self.request_id = rid  # decoded only when logged
         if client_header == b"x-forwarded-for":
             self.client_ip = self.xff

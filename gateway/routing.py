@@ -64,15 +64,18 @@ def _upstream(url: str) -> Upstream:
     parts = urlsplit(url)
     scheme = parts.scheme
     host = parts.hostname or ""
-    port = parts.port or (443 if scheme == "https" else 80)
+    port = parts.port or (443 if scheme == "https" else 80)  # schema.py refuses port 0
     default_port = port == (443 if scheme == "https" else 80)
-    shown_host = f"[{host}]" if ":" in host else host
-    host_header = shown_host if default_port else f"{shown_host}:{port}"
+    # The name alone goes through IDNA (schema.py checked it can); the port
+    # is never part of a label.
+    name = host.encode("ascii") if host.isascii() else host.encode("idna")
+    shown = b"[" + name + b"]" if ":" in host else name
+    host_header = shown if default_port else shown + b":%d" % port
     return Upstream(
         scheme,
         host,
         port,
-        host_header.encode("idna" if host.isascii() is False else "ascii"),
+        host_header,
         (parts.path or "/").encode(),
         parts.query.encode(),
     )

@@ -233,9 +233,17 @@ class RouteSpec(_Spec, frozen=True):
         if parts.username or parts.password:
             raise ValueError("upstream: credentials in the URL are not supported")
         try:
-            parts.port  # noqa: B018  (raises on an invalid port)
+            port = parts.port
         except ValueError:
             raise ValueError(f"upstream: invalid port in {self.upstream!r}") from None
+        if port == 0:
+            raise ValueError(f"upstream: port 0 in {self.upstream!r}")
+        try:
+            # What the Host header will carry; IDNA refuses empty or
+            # oversized labels, so the server can always build it.
+            parts.hostname.encode("ascii" if parts.hostname.isascii() else "idna")
+        except UnicodeError:
+            raise ValueError(f"upstream: not a valid host name in {self.upstream!r}") from None
 
 
 class TokenSpec(_Spec, frozen=True):

@@ -41,6 +41,9 @@ _RDN = {
     "countryName": "C",
     "localityName": "L",
     "stateOrProvinceName": "ST",
+    "streetAddress": "STREET",
+    "domainComponent": "DC",
+    "userId": "UID",
 }
 _OVERLOADED = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -381,6 +384,15 @@ class ClientConnection(asyncio.Protocol):
 
     def _reject(self, kind: Kind) -> None:
         """A request that cannot be parsed or exceeds head limits."""
+        if self._lingering:
+            return  # already answered and closing: what follows is dropped
+        active = self.active
+        if active is not None and active.request_done and not self._in_head and not self._pending:
+            # Bytes after a request that ended the connection ("close",
+            # HTTP/1.0): answer that request, ignore the rest (RFC 9112 §9.6).
+            active.close = True
+            self._lingering = True
+            return
         if self.active is not None and not self._in_head and not self._pending:
             # The broken part belongs to the body of the active exchange.
             self.active.bad_body()
@@ -432,10 +444,23 @@ class ClientConnection(asyncio.Protocol):
         self.flush()
 
 
+def _escape(value: str) -> str:
+    """RFC 4514 §2.4 escaping of an attribute value."""
+    out = "".join("\\" + c if c in ',+"\\<>;=' else c for c in value)
+    if out[:1] in ("#", " "):
+        out = "\\" + out
+    if out.endswith(" ") and not out.endswith("\\ "):
+        out = out[:-1] + "\\ "
+    return out
+
+
 def _subject(cert: dict[str, object]) -> str:
-    """A peer certificate's subject as "CN=…,O=…" (RFC 4514 order)."""
-    parts = []
-    for rdn in cert.get("subject", ()):  # type: ignore[attr-defined]
-        for name, value in rdn:
-            parts.append(f"{_RDN.get(name, name)}={value}")
+    """A peer certificate's subject as an RFC 4514 string: the last RDN of
+    the DER sequence first (what ``openssl x509 -noout -subject -nameopt
+    RFC2253`` and cryptography's ``rfc4514_string()`` print)."""
+    rdns = cert.get("subject", ())
+    parts = [
+        "+".join(f"{_RDN.get(name, name)}={_escape(value)}" for name, value in rdn)
+        for rdn in reversed(rdns)  # type: ignore[call-overload]
+    ]
     return ",".join(parts)

@@ -96,6 +96,9 @@ async def _control(
                     gateway.reload(_settings(message))
                 except ConfigError as exc:
                     write_message(writer, {"op": "reloaded", "ok": False, "error": str(exc)})
+                except Exception as exc:  # noqa: BLE001  (the channel must outlive a bad config)
+                    error = f"config not servable: {type(exc).__name__}"
+                    write_message(writer, {"op": "reloaded", "ok": False, "error": error})
                 else:
                     write_message(writer, {"op": "reloaded", "ok": True})
             await writer.drain()

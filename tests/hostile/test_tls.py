@@ -225,7 +225,7 @@ async def test_client_certificate_subject_per_credential(
         hostile_config(
             strict_upstream,
             server=server,
-            credentials=_subject_credentials("CN=origin-pull,O=Cloudflare"),
+            credentials=_subject_credentials("O=Cloudflare,CN=origin-pull"),  # RFC 4514 order
         )
     )
     right = pki.client("origin-pull", "Cloudflare")
