@@ -94,12 +94,10 @@ class Gateway:
         self,
         settings: Settings,
         *,
-        reuse_port: bool = False,
         admin: bool = True,
         sock: socket.socket | None = None,
     ) -> None:
         self.settings = settings
-        self.reuse_port = reuse_port
         self.admin = admin
         self._sock = sock
         self.shared: Shared | None = None
@@ -129,7 +127,8 @@ class Gateway:
             access,
             self.log,
         )
-        sock = self._sock or listen_socket(s.server.listen, reuse_port=self.reuse_port)
+        # Workers hand in their own SO_REUSEPORT socket; a single process binds here.
+        sock = self._sock or listen_socket(s.server.listen, reuse_port=False)
         ssl_ctx = None
         if s.tls_context is not None:
             self._tls = TlsTerminator(s.tls_context)

@@ -17,6 +17,7 @@ __all__ = [
     "RESPONSE_DROP",
     "connection_tokens",
     "drop_listed",
+    "strip_listed",
     "write_coalesced",
 ]
 
@@ -64,6 +65,14 @@ def drop_listed(
 ) -> list[tuple[bytes, bytes]]:
     """Remove the fields a Connection header named (rare: off the fast path)."""
     return [(n, v) for n, v in headers if n.lower() not in listed]
+
+
+def strip_listed(parts: list[bytes], listed: list[bytes]) -> list[bytes]:
+    """``drop_listed`` for fields kept as flat wire pieces
+    (name, b": ", value, b"\\r\\n", ...), as both directions hold them."""
+    pairs = [(parts[i], parts[i + 2]) for i in range(0, len(parts), 4)]
+    kept = drop_listed(pairs, connection_tokens(listed))
+    return [piece for name, value in kept for piece in (name, b": ", value, b"\r\n")]
 
 
 # Small pieces are joined into one buffer: one plain write() costs less in

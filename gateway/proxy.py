@@ -124,6 +124,8 @@ class Exchange:
         self.up_buf: list[bytes] = []
         self.t_sent = 0.0
         self.upstream_seconds = -1.0
+        # The event loop keeps only a weak reference to tasks: hold ours so a
+        # pending connect or deep probe cannot be collected mid-flight.
         self._connect_task: object = None
         self._early: list[bytes] | None = None
         self._early_done = False

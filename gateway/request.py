@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gateway.headers import REQUEST_DROP, connection_tokens
+from gateway.headers import REQUEST_DROP, strip_listed
 from gateway.routing import split_target
 
 if TYPE_CHECKING:
@@ -150,14 +150,7 @@ class RequestHead:
         self.upgrade: bool = parser.should_upgrade()
         self.path, self.query = split_target(url)
         if self._listed is not None:
-            drop = connection_tokens(self._listed)
-            forward = self.forward
-            self.forward = [
-                part
-                for i in range(0, len(forward), 4)
-                if forward[i].lower() not in drop
-                for part in forward[i : i + 4]
-            ]
+            self.forward = strip_listed(self.forward, self._listed)
         rid = self._rid
         if rid is None or len(rid) > 128 or not rid.isascii():
             rid = request_id

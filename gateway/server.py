@@ -387,15 +387,15 @@ class ClientConnection(asyncio.Protocol):
         if self._lingering:
             return  # already answered and closing: what follows is dropped
         active = self.active
-        if active is not None and active.request_done and not self._in_head and not self._pending:
-            # Bytes after a request that ended the connection ("close",
-            # HTTP/1.0): answer that request, ignore the rest (RFC 9112 §9.6).
-            active.close = True
-            self._lingering = True
-            return
-        if self.active is not None and not self._in_head and not self._pending:
-            # The broken part belongs to the body of the active exchange.
-            self.active.bad_body()
+        if active is not None and not self._in_head and not self._pending:
+            if active.request_done:
+                # Bytes after a request that ended the connection ("close",
+                # HTTP/1.0): answer that request, ignore the rest (RFC 9112 §9.6).
+                active.close = True
+                self._lingering = True
+            else:
+                # The broken part belongs to the body of the active exchange.
+                active.bad_body()
             return
         self._pending.clear()
         if self.active is not None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
-from gateway.headers import RESPONSE_DROP, connection_tokens
+from gateway.headers import RESPONSE_DROP, strip_listed
 
 if TYPE_CHECKING:
     from gateway.routing import Upstream
@@ -177,13 +177,8 @@ class UpstreamConnection(asyncio.Protocol):
             elif action == _CONNECTION:
                 listed = [*(listed or []), value]
         if listed is not None and not all(v.lower() in _PLAIN_CONNECTION for v in listed):
-            drop = connection_tokens(listed) - RESPONSE_DROP
-            if drop:  # rare: Connection names an end-to-end field (RFC 9110 §7.6.1)
-                block = [
-                    b"".join(block[i : i + 4])
-                    for i in range(0, len(block), 4)
-                    if block[i].lower() not in drop
-                ]
+            # Rare: Connection names an end-to-end field (RFC 9110 §7.6.1).
+            block = strip_listed(block, listed)
         if status in (204, 304):
             length = 0
         self._chunked = chunked
