@@ -20,7 +20,7 @@ from pathlib import Path
 
 import cramjam
 
-from gateway.protowire import length_delimited, varint
+from gateway.policy.protowire import length_delimited, varint
 
 __all__ = [
     "OTLP_HEADERS",

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import uvloop
 
-from gateway import __version__, log
-from gateway.app import Gateway
-from gateway.config import ConfigError, Settings, expiry_warnings, load
-from gateway.memory import tune_malloc
-from gateway.watch import watch_files
+from gateway import __version__
+from gateway.config.loader import ConfigError, Settings, expiry_warnings, load
+from gateway.process.gateway import Gateway
+from gateway.process.memory import tune_malloc
+from gateway.process.watch import watch_files
+from gateway.telemetry import log
 
 __all__ = ["main"]
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return _hash_token()
     if args.command == "_worker":
         # Workers import only the data path: no aiohttp, no prometheus-client.
-        from gateway.worker import serve_worker  # noqa: PLC0415
+        from gateway.process.worker import serve_worker  # noqa: PLC0415
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(serve_worker(args.fd, args.index))
@@ -234,7 +235,7 @@ async def _lifecycle(
 
 
 async def _supervise(settings: Settings, path: Path, workers: int) -> int:
-    from gateway.supervisor import Supervisor  # noqa: PLC0415  (see _worker above)
+    from gateway.process.supervisor import Supervisor  # noqa: PLC0415  (see _worker above)
 
     supervisor = Supervisor(settings, path, workers)
 

@@ -22,9 +22,9 @@ import uvloop
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway import log
-from gateway.app import Gateway
-from gateway.config import Settings, loads
+from gateway.config.loader import Settings, loads
+from gateway.process.gateway import Gateway
+from gateway.telemetry import log
 
 if TYPE_CHECKING:
     from tests.support import RawUpstream, UpstreamBehaviour

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.config import Settings, loads
+from gateway.config.loader import Settings, loads
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "compose.yml"

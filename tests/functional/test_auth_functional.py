@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from gateway.app import Gateway
+from gateway.process.gateway import Gateway
 from tests.conftest import (
     OTHER_TOKEN,
     TOKEN,

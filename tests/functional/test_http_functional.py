@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from gateway.app import Gateway
+from gateway.process.gateway import Gateway
 from tests.conftest import (
     TOKEN,
     RecordingUpstream,

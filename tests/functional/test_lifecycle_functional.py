@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.app import Gateway
+from gateway.process.gateway import Gateway
 from tests.conftest import RecordingUpstream, StartGateway, config_text, wait_for
 from tests.support import (
     ROUTE_IDS,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.app import Gateway
+from gateway.process.gateway import Gateway
 from tests.conftest import StartGateway, StartRawUpstream, config_text
 from tests.support import (
     ROUTE_IDS,

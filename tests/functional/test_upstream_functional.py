@@ -13,7 +13,7 @@ from contextlib import suppress
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from gateway.app import Gateway
+from gateway.process.gateway import Gateway
 from tests.conftest import (
     RecordingUpstream,
     StartGateway,

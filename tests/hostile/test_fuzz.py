@@ -33,12 +33,12 @@ from google.rpc import status_pb2
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from gateway.auth import Authenticator, Failure, Principal
-from gateway.config import ConfigError, loads
-from gateway.errors import ErrorRenderer, Kind, Protocol, status_of
-from gateway.headers import HOP_BY_HOP, REQUEST_DROP, connection_tokens, drop_listed
-from gateway.request import RequestHead
-from gateway.runtime import Generation
+from gateway.config.loader import ConfigError, loads
+from gateway.datapath.shared import Generation
+from gateway.policy.auth import Authenticator, Failure, Principal
+from gateway.policy.errors import ErrorRenderer, Kind, Protocol, status_of
+from gateway.policy.headers import HOP_BY_HOP, REQUEST_DROP, connection_tokens, drop_listed
+from gateway.policy.request import RequestHead
 from tests.conftest import OTHER_TOKEN, TOKEN, StartGateway, config_text, sha256, wait_for
 from tests.hostile.conftest import hostile_config
 from tests.hostile.support import (

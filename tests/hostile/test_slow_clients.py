@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from gateway.app import Gateway
+from gateway.process.gateway import Gateway
 from tests.conftest import TOKEN, StartGateway, wait_for
 from tests.hostile.conftest import hostile_config
 from tests.hostile.support import RawConn, RawUpstream, parse_statuses, request

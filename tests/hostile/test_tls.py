@@ -18,7 +18,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from gateway.config import ConfigError, loads
+from gateway.config.loader import ConfigError, loads
 from tests.conftest import OTHER_TOKEN, TOKEN, StartGateway, sha256, wait_for
 from tests.hostile.conftest import FAST_SERVER, hostile_config
 from tests.hostile.pki import Issued, Pki

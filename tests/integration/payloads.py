@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 
 import cramjam
 
-from gateway.protowire import length_delimited, varint
+from gateway.policy.protowire import length_delimited, varint
 
 __all__ = ["TARGET_SERIES", "exposition", "series_key", "snappy", "write_request"]
 

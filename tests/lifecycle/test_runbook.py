@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.config import loads
+from gateway.config.loader import loads
 from tests.deploy import test_dashboard_metrics as dashboard
 from tests.lifecycle.test_rotation_vmagent import LAST_USED_AGE
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.auth import MAX_AUTHORIZATION_BYTES, Authenticator, Failure, Principal
-from gateway.config import Credential, Revoked, Token
+from gateway.config.loader import Credential, Revoked, Token
+from gateway.policy.auth import MAX_AUTHORIZATION_BYTES, Authenticator, Failure, Principal
 
 NOW = 1_800_000_000.0
 A1 = "alpha-token-one-0123456789abcdef"
@@ -185,7 +185,7 @@ def test_arbitrary_text_tokens_never_raise(token: str) -> None:
 
 def test_a_credential_may_keep_only_revoked_digests() -> None:
     """A retired sender: no valid token left, its old digests still named."""
-    from gateway.config import loads  # noqa: PLC0415
+    from gateway.config.loader import loads  # noqa: PLC0415
 
     old = "retired-sender-token-0123456789"
     settings = loads(f"""

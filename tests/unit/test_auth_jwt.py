@@ -15,8 +15,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gateway.auth import Authenticator, Failure, Principal
-from gateway.config import ConfigError, loads
+from gateway.config.loader import ConfigError, loads
+from gateway.policy.auth import Authenticator, Failure, Principal
 
 ISS = "https://issuer.test"
 AUD = "obs-gateway"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, Revoked, Settings, Token, loads
+from gateway.config.loader import ConfigError, Revoked, Settings, Token, loads
 from tests.conftest import TOKEN, config_text
 
 SECRET = "plain-secret-token-Zq9vW2xK7"  # distinctive, easy to grep for

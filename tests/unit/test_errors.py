@@ -10,7 +10,7 @@ import json
 import pytest
 from google.rpc import status_pb2
 
-from gateway.errors import ErrorRenderer, Kind, Protocol, rpc_status_protobuf, status_of
+from gateway.policy.errors import ErrorRenderer, Kind, Protocol, rpc_status_protobuf, status_of
 
 # DESIGN §3, written out independently of gateway/errors.py.
 # kind: (remote-write, otlp)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.headers import (
+from gateway.policy.headers import (
     HOP_BY_HOP,
     REQUEST_DROP,
     RESPONSE_DROP,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import loads
-from gateway.errors import Protocol
-from gateway.routing import HEALTH, RouteTable, split_target
+from gateway.config.loader import loads
+from gateway.policy.errors import Protocol
+from gateway.policy.routing import HEALTH, RouteTable, split_target
 from tests.conftest import config_text
 
 

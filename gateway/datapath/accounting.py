@@ -11,8 +11,8 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gateway.proxy import Exchange
-    from gateway.runtime import Shared
+    from gateway.datapath.exchange import Exchange
+    from gateway.datapath.shared import Shared
 
 __all__ = ["account", "record_rejected"]
 

@@ -20,10 +20,10 @@ from typing import Any
 
 import structlog
 
-from gateway import log
-from gateway.app import Gateway, listen_socket, split_hostport
-from gateway.config import ConfigError, Settings, loads
-from gateway.control import ChannelClosed, read_message, write_message
+from gateway.config.loader import ConfigError, Settings, loads
+from gateway.process.control import ChannelClosed, read_message, write_message
+from gateway.process.gateway import Gateway, listen_socket, split_hostport
+from gateway.telemetry import log
 
 __all__ = ["serve_worker"]
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gateway.headers import REQUEST_DROP, strip_listed
-from gateway.routing import split_target
+from gateway.policy.headers import REQUEST_DROP, strip_listed
+from gateway.policy.routing import split_target
 
 if TYPE_CHECKING:
     import httptools

@@ -13,7 +13,7 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from gateway.schema import ConfigError, TlsSpec
+from gateway.config.schema import ConfigError, TlsSpec
 
 __all__ = ["TlsTerminator", "server_context"]
 

@@ -22,8 +22,8 @@ import hmac
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.config import Credential, JwtConfig
-from gateway.credentials import JwtKey
+from gateway.config.credentials import JwtKey
+from gateway.config.loader import Credential, JwtConfig
 
 __all__ = [
     "MAX_AUTHORIZATION_BYTES",

@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from gateway.accounting import record_rejected
-from gateway.errors import Kind, Protocol
-from gateway.headers import write_coalesced
-from gateway.proxy import Exchange
-from gateway.request import RequestHead
+from gateway.datapath.accounting import record_rejected
+from gateway.datapath.exchange import Exchange
+from gateway.policy.errors import Kind, Protocol
+from gateway.policy.headers import write_coalesced
+from gateway.policy.request import RequestHead
 
 if TYPE_CHECKING:
-    from gateway.runtime import Shared
+    from gateway.datapath.shared import Shared
 
 __all__ = ["ClientConnection"]
 

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway import log
-from gateway.admin import AdminServer
-from gateway.app import config_gauges, listen_socket
-from gateway.config import ConfigError, Settings, load
-from gateway.control import ChannelClosed, read_message, write_message
-from gateway.metrics import Snapshot, merge
+from gateway.admin.server import AdminServer
+from gateway.config.loader import ConfigError, Settings, load
+from gateway.process.control import ChannelClosed, read_message, write_message
+from gateway.process.gateway import config_gauges, listen_socket
+from gateway.telemetry import log
+from gateway.telemetry.counters import Snapshot, merge
 
 __all__ = ["Supervisor"]
 

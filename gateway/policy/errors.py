@@ -34,7 +34,7 @@ import enum
 
 import orjson
 
-from gateway.protowire import varint
+from gateway.policy.protowire import varint
 
 __all__ = ["CLIENT_CLOSED", "ErrorRenderer", "Kind", "Protocol", "status_of"]
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from gateway.errors import Protocol
-from gateway.schema import RouteSpec
+from gateway.config.schema import RouteSpec
+from gateway.policy.errors import Protocol
 
 __all__ = ["HEALTH_PATH", "Route", "RouteTable", "Upstream", "split_target"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
-from gateway.schema import ClientsSpec
+from gateway.config.schema import ClientsSpec
 
 __all__ = ["ClientPolicy", "networks", "within"]
 

@@ -16,8 +16,8 @@ import contextlib
 from collections import deque
 from typing import Protocol
 
-from gateway.credentials import Credential
-from gateway.schema import LimitsSpec
+from gateway.config.credentials import Credential
+from gateway.config.schema import LimitsSpec
 
 __all__ = ["Admission", "FailureThrottle", "Slots", "TokenBucket", "Waiter"]
 

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 
 import orjson
 
-from gateway.auth import Principal
-from gateway.routing import Route
+from gateway.policy.auth import Principal
+from gateway.policy.routing import Route
 
 __all__ = ["check_upstreams", "health_response", "wants_deep"]
 

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
-from gateway.headers import RESPONSE_DROP, strip_listed
+from gateway.policy.headers import RESPONSE_DROP, strip_listed
 
 if TYPE_CHECKING:
-    from gateway.routing import Upstream
+    from gateway.policy.routing import Upstream
 
 __all__ = ["Pool", "Pools", "ResponseSink", "UpstreamConnection"]
 

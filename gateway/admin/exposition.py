@@ -18,7 +18,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from gateway.metrics import DURATION_BUCKETS, Snapshot
+from gateway.telemetry.counters import DURATION_BUCKETS, Snapshot
 
 __all__ = ["GatewayCollector", "build_registry"]
 

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.schema import ConfigError, CredentialSpec, JwtSpec
+from gateway.config.schema import ConfigError, CredentialSpec, JwtSpec
 
 __all__ = ["Credential", "JwtConfig", "JwtKey", "Revoked", "Token", "resolve_credential"]
 

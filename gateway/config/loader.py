@@ -19,8 +19,8 @@ from typing import Any
 
 import msgspec
 
-from gateway.credentials import Credential, JwtConfig, Revoked, Token, resolve_credential
-from gateway.schema import (
+from gateway.config.credentials import Credential, JwtConfig, Revoked, Token, resolve_credential
+from gateway.config.schema import (
     RESERVED_PATHS,
     AuthSpec,
     ClientsSpec,
@@ -33,7 +33,7 @@ from gateway.schema import (
     SettingsSpec,
     UpstreamSpec,
 )
-from gateway.tls import server_context
+from gateway.config.tls import server_context
 
 __all__ = [
     "RESERVED_PATHS",

@@ -12,9 +12,9 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.app import split_hostport
-from gateway.exposition import GatewayCollector, build_registry
-from gateway.metrics import Snapshot
+from gateway.admin.exposition import GatewayCollector, build_registry
+from gateway.process.gateway import split_hostport
+from gateway.telemetry.counters import Snapshot
 
 __all__ = ["AdminServer"]
 

@@ -14,16 +14,16 @@ import time
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 
-from gateway.auth import Authenticator
-from gateway.clients import ClientPolicy, networks, within
-from gateway.errors import ErrorRenderer
-from gateway.limits import Admission
-from gateway.routing import RouteTable
+from gateway.policy.auth import Authenticator
+from gateway.policy.clients import ClientPolicy, networks, within
+from gateway.policy.errors import ErrorRenderer
+from gateway.policy.limits import Admission
+from gateway.policy.routing import RouteTable
 
 if TYPE_CHECKING:
-    from gateway.config import Credential, Settings
-    from gateway.metrics import Stats
-    from gateway.upstream import Pools
+    from gateway.config.loader import Credential, Settings
+    from gateway.datapath.upstream import Pools
+    from gateway.telemetry.counters import Stats
 
 __all__ = ["Generation", "Shared"]
 

@@ -16,13 +16,14 @@ import socket
 import time
 from typing import Any
 
-from gateway import __version__, log
-from gateway.config import Settings
-from gateway.metrics import Snapshot, Stats
-from gateway.runtime import Generation, Shared
-from gateway.server import ClientConnection
-from gateway.tls import TlsTerminator
-from gateway.upstream import Pools
+from gateway import __version__
+from gateway.config.loader import Settings
+from gateway.config.tls import TlsTerminator
+from gateway.datapath.connection import ClientConnection
+from gateway.datapath.shared import Generation, Shared
+from gateway.datapath.upstream import Pools
+from gateway.telemetry import log
+from gateway.telemetry.counters import Snapshot, Stats
 
 __all__ = ["Gateway", "config_gauges", "listen_socket", "split_hostport"]
 
@@ -151,7 +152,7 @@ class Gateway:
     async def _start_admin(self) -> None:
         # Imported here: worker processes never load aiohttp or
         # prometheus-client (about 25 MB of resident memory each).
-        from gateway.admin import AdminServer  # noqa: PLC0415
+        from gateway.admin.server import AdminServer  # noqa: PLC0415
 
         admin = AdminServer(self.stats.snapshot, self._gauges, lambda: self._ready)
         self.admin_port = await admin.start(self.settings.server.admin_listen)

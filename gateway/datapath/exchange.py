@@ -17,20 +17,25 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from gateway.accounting import account
-from gateway.dispatch import dispatch
-from gateway.errors import CLIENT_CLOSED, Kind, Protocol
-from gateway.headers import write_coalesced
-from gateway.health import DEEP_TIMEOUT_SECONDS, check_upstreams, health_response, wants_deep
+from gateway.datapath.accounting import account
+from gateway.datapath.health import (
+    DEEP_TIMEOUT_SECONDS,
+    check_upstreams,
+    health_response,
+    wants_deep,
+)
+from gateway.policy.decide import dispatch
+from gateway.policy.errors import CLIENT_CLOSED, Kind, Protocol
+from gateway.policy.headers import write_coalesced
 
 if TYPE_CHECKING:
-    from gateway.auth import Principal
-    from gateway.limits import Slots
-    from gateway.metrics import RouteStats
-    from gateway.request import RequestHead
-    from gateway.routing import Route
-    from gateway.server import ClientConnection
-    from gateway.upstream import Pool, UpstreamConnection
+    from gateway.datapath.connection import ClientConnection
+    from gateway.datapath.upstream import Pool, UpstreamConnection
+    from gateway.policy.auth import Principal
+    from gateway.policy.limits import Slots
+    from gateway.policy.request import RequestHead
+    from gateway.policy.routing import Route
+    from gateway.telemetry.counters import RouteStats
 
 __all__ = ["DISCARD_LIMIT", "Exchange"]
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from gateway.auth import Failure
-from gateway.errors import Kind
-from gateway.routing import HEALTH
+from gateway.policy.auth import Failure
+from gateway.policy.errors import Kind
+from gateway.policy.routing import HEALTH
 
 if TYPE_CHECKING:
-    from gateway.proxy import Exchange
-    from gateway.request import RequestHead
-    from gateway.runtime import Generation
+    from gateway.datapath.exchange import Exchange
+    from gateway.datapath.shared import Generation
+    from gateway.policy.request import RequestHead
 
 __all__ = ["dispatch"]
 
