@@ -29,26 +29,9 @@ from bench import load, report
 from bench.payloads import Payload, validate_otlp, write_payload
 from bench.peers import ECHO_MODULE, REPO, TARGETS, Peer, Stack, gateway_supports_workers
 from bench.procs import Procs, cpu_seconds, reset_peak, rss_kib, tree
+from bench.workloads import RESULTS, WORKLOADS, Workload
 
 __all__ = ["main"]
-
-RESULTS = REPO / "bench" / "results"
-
-
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    kind: str  # "remote-write" | "otlp"
-    max_bytes: int
-    connections: int
-
-
-WORKLOADS = {
-    "1k": Workload("1k", "remote-write", 1024, 64),
-    "64k": Workload("64k", "remote-write", 64 * 1024, 32),
-    "1m": Workload("1m", "remote-write", 1024 * 1024, 16),
-    "otlp": Workload("otlp", "otlp", 16 * 1024, 64),
-}
 
 
 def _parser() -> argparse.ArgumentParser:

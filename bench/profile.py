@@ -24,10 +24,10 @@ from collections import Counter
 from pathlib import Path
 
 from bench import load
-from bench.cli import RESULTS, WORKLOADS
 from bench.payloads import write_payload
 from bench.peers import Stack
 from bench.procs import Procs, tree
+from bench.workloads import RESULTS, WORKLOADS
 
 __all__ = ["main", "top_table"]
 

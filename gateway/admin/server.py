@@ -13,7 +13,6 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.admin.exposition import GatewayCollector, build_registry
-from gateway.process.gateway import split_hostport
 from gateway.telemetry.counters import Snapshot
 
 __all__ = ["AdminServer"]
@@ -55,10 +54,9 @@ class AdminServer:
         app.router.add_get("/readyz", readyz)
         return app
 
-    async def start(self, listen: str) -> int:
+    async def start(self, host: str, port: int) -> int:
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await runner.setup()
-        host, port = split_hostport(listen)
         await web.TCPSite(runner, host, port).start()
         self._runner = runner
         return int(runner.addresses[0][1])

@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gateway.datapath.exchange import Exchange
+    from gateway.datapath.ports import Finished
     from gateway.datapath.shared import Shared
 
 __all__ = ["account", "record_rejected"]
@@ -19,9 +19,9 @@ __all__ = ["account", "record_rejected"]
 _perf = time.perf_counter
 
 
-def account(ex: Exchange) -> None:
+def account(shared: Shared, ex: Finished) -> None:
     duration = _perf() - ex.head.t0
-    stats = ex.shared.stats
+    stats = shared.stats
     rstats = ex.rstats
     if rstats is None:
         rstats = stats.route(ex.route_name)
@@ -37,7 +37,7 @@ def account(ex: Exchange) -> None:
         tstats.last_used = time.time()
         tstats.requests += 1
         tstats.request_bytes += ex.body_in
-    access = ex.shared.access
+    access = shared.access
     if access is not None:
         head = ex.head
         access.info(

@@ -20,8 +20,15 @@ import httptools
 
 from gateway.datapath.accounting import record_rejected
 from gateway.datapath.exchange import Exchange
+from gateway.datapath.ports import (
+    PAUSE_CONNECT,
+    PAUSE_PIPELINE,
+    PAUSE_UPSTREAM,
+    Deadline,
+)
+from gateway.datapath.writes import write_coalesced
+from gateway.policy.clients import cert_subject
 from gateway.policy.errors import Kind, Protocol
-from gateway.policy.headers import write_coalesced
 from gateway.policy.request import RequestHead
 
 if TYPE_CHECKING:
@@ -31,20 +38,14 @@ __all__ = ["ClientConnection"]
 
 _perf = time.perf_counter
 
-# Deadline kinds.
-_NONE, _HEAD, _IDLE, _BODY, _UPSTREAM, _WRITE, _LINGER, _QUEUE = range(8)
-# RFC 4514 short names for the client-certificate subject string.
-_RDN = {
-    "commonName": "CN",
-    "organizationName": "O",
-    "organizationalUnitName": "OU",
-    "countryName": "C",
-    "localityName": "L",
-    "stateOrProvinceName": "ST",
-    "streetAddress": "STREET",
-    "domainComponent": "DC",
-    "userId": "UID",
-}
+# Module-level aliases: an IntEnum member is a class attribute lookup.
+_NONE, _IDLE, _HEAD, _BODY = Deadline.NONE, Deadline.IDLE, Deadline.HEAD, Deadline.BODY
+_UPSTREAM, _WRITE, _LINGER, _QUEUE = (
+    Deadline.UPSTREAM,
+    Deadline.WRITE,
+    Deadline.LINGER,
+    Deadline.QUEUE,
+)
 _OVERLOADED = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
     b"Content-Length: 25\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
@@ -69,10 +70,8 @@ class _Stop(Exception):
 
 
 class ClientConnection(asyncio.Protocol):
-    PAUSE_PIPELINE = 1
-    PAUSE_CONNECT = 2
-    PAUSE_UPSTREAM = 4
-    PAUSE_QUEUE = 8
+    """One client TCP connection; the ``ClientPort`` of its exchanges and a
+    ``Tracked`` connection of the process."""
 
     __slots__ = (
         "_advancing",
@@ -123,7 +122,7 @@ class ClientConnection(asyncio.Protocol):
         self._raw_head = 0
         self._in_head = False
         self.deadline = 0.0
-        self.deadline_kind = _NONE
+        self.deadline_kind: Deadline = _NONE
 
     # -- asyncio.Protocol ------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -144,8 +143,8 @@ class ClientConnection(asyncio.Protocol):
         if shared.tls:
             cert = transport.get_extra_info("peercert")
             if cert:
-                self.cert_subject = _subject(cert)
-        self._set_deadline(_IDLE, shared.gen.header_timeout)
+                self.cert_subject = cert_subject(cert)
+        self.set_deadline(_IDLE, shared.gen.header_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self._lingering:
@@ -211,17 +210,14 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        active = self.active
-        if active is not None and active.upstream is not None and active.upstream.transport:
-            active.upstream.transport.pause_reading()
-        self._set_deadline(_WRITE, self.shared.gen.body_idle_timeout)
+        if self.active is not None:
+            self.active.client_write_paused(True)
+        self.set_deadline(_WRITE, self.shared.gen.body_idle_timeout)
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        active = self.active
-        if active is not None and active.upstream is not None and active.upstream.transport:
-            active.upstream.transport.resume_reading()
-            self._set_deadline(_UPSTREAM, self.shared.gen.response_timeout)
+        if self.active is not None:
+            self.active.client_write_paused(False)
 
     # -- llhttp callbacks ------------------------------------------------------------
     # No on_message_begin: every request starts with its target, so the
@@ -235,9 +231,9 @@ class ClientConnection(asyncio.Protocol):
         if self._lingering:
             raise _Stop
         if self.active is not None:
-            self.pause(self.PAUSE_PIPELINE)
+            self.pause(PAUSE_PIPELINE)
         elif self.deadline_kind == _IDLE:
-            self._set_deadline(_HEAD, self.shared.gen.header_timeout)
+            self.set_deadline(_HEAD, self.shared.gen.header_timeout)
         self._url = part
         self._head = RequestHead(_perf())
         self._header_count = 0
@@ -262,7 +258,7 @@ class ClientConnection(asyncio.Protocol):
             raise _Reject(Kind.HEADERS_TOO_LARGE)
         head = self._head
         head.finish(self.parser, self._url, shared.next_request_id(), shared.gen.clients.header)
-        ex = Exchange(self, head)
+        ex = Exchange(self, shared, head)
         if self.active is None:
             self.active = ex
             self.deadline_kind = _NONE
@@ -282,7 +278,7 @@ class ClientConnection(asyncio.Protocol):
         if target is not None:
             target.on_request_complete()
 
-    # -- used by exchanges ------------------------------------------------------------
+    # -- ClientPort: used by exchanges -------------------------------------------------
     def flush(self) -> None:
         out = self.out
         if out:
@@ -304,18 +300,14 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._paused &= ~reasons
 
-    def reading_body(self, timeout: float) -> None:
-        self._set_deadline(_BODY, timeout)
+    def set_deadline(self, kind: Deadline, timeout: float) -> None:
+        if kind == _UPSTREAM and self._write_paused:
+            return  # the client is not reading: the write deadline stays in force
+        self.deadline_kind = kind
+        self.deadline = self.shared.loop.time() + timeout
 
-    def queue_deadline(self, timeout: float) -> None:
-        self._set_deadline(_QUEUE, timeout)
-
-    def no_deadline(self) -> None:
+    def clear_deadline(self) -> None:
         self.deadline_kind = _NONE
-
-    def wait_upstream(self, timeout: float) -> None:
-        if not self._write_paused:
-            self._set_deadline(_UPSTREAM, timeout)
 
     def close_now(self) -> None:
         """Flush what is queued and close (no more requests on this connection)."""
@@ -324,12 +316,13 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def exchange_finished(self, ex: Exchange) -> None:
-        if ex is not self.active:
+    def exchange_finished(self, ex: object) -> None:
+        active = self.active
+        if active is None or ex is not active:
             return
         self.active = None
-        if ex.close:
-            self._close_after(ex)
+        if active.close:
+            self._close_after(active)
             return
         if self._advancing:
             return  # the loop below, further up the stack, starts the next one
@@ -348,14 +341,18 @@ class ClientConnection(asyncio.Protocol):
         finally:
             self._advancing = False
         if self.active is None and not self._lingering:
-            self.resume(self.PAUSE_PIPELINE)
-            self._set_deadline(_IDLE, self.shared.gen.keepalive_timeout)
+            self.resume(PAUSE_PIPELINE)
+            self.set_deadline(_IDLE, self.shared.gen.keepalive_timeout)
+
+    # -- Tracked: used by the process (sweeper, drain) ---------------------------------
+    def busy(self) -> bool:
+        return self.active is not None
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
     # -- internals -------------------------------------------------------------------------
-    def _set_deadline(self, kind: int, timeout: float) -> None:
-        self.deadline_kind = kind
-        self.deadline = self.shared.loop.time() + timeout
-
     def _close_after(self, ex: Exchange) -> None:
         self._pending.clear()
         self._lingering = True
@@ -368,10 +365,10 @@ class ClientConnection(asyncio.Protocol):
             return
         # The client may still be sending: signal the end, keep reading and
         # dropping for a while, then close, so it sees our answer, not a reset.
-        self.resume(self.PAUSE_PIPELINE | self.PAUSE_CONNECT | self.PAUSE_UPSTREAM)
+        self.resume(PAUSE_PIPELINE | PAUSE_CONNECT | PAUSE_UPSTREAM)
         if transport.can_write_eof():
             transport.write_eof()
-        self._set_deadline(_LINGER, LINGER_SECONDS)
+        self.set_deadline(_LINGER, LINGER_SECONDS)
 
     def _after_current_close(self) -> None:
         """Stop parsing; close once the current exchange has answered."""
@@ -411,13 +408,13 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             if self.transport.can_write_eof():
                 self.transport.write_eof()
-            self._set_deadline(_LINGER, LINGER_SECONDS)
+            self.set_deadline(_LINGER, LINGER_SECONDS)
 
     def _fault(self, exc: BaseException) -> None:
         self.shared.log.error("connection_fault", error=type(exc).__name__, exc_info=exc)
         active = self.active
         if active is not None and not active.finished:
-            active._internal(exc)
+            active.fault(exc)
         else:
             self.close_now()
 
@@ -442,25 +439,3 @@ class ClientConnection(asyncio.Protocol):
         elif kind == _UPSTREAM:
             active.upstream_timeout()
         self.flush()
-
-
-def _escape(value: str) -> str:
-    """RFC 4514 §2.4 escaping of an attribute value."""
-    out = "".join("\\" + c if c in ',+"\\<>;=' else c for c in value)
-    if out[:1] in ("#", " "):
-        out = "\\" + out
-    if out.endswith(" ") and not out.endswith("\\ "):
-        out = out[:-1] + "\\ "
-    return out
-
-
-def _subject(cert: dict[str, object]) -> str:
-    """A peer certificate's subject as an RFC 4514 string: the last RDN of
-    the DER sequence first (what ``openssl x509 -noout -subject -nameopt
-    RFC2253`` and cryptography's ``rfc4514_string()`` print)."""
-    rdns = cert.get("subject", ())
-    parts = [
-        "+".join(f"{_RDN.get(name, name)}={_escape(value)}" for name, value in rdn)
-        for rdn in reversed(rdns)  # type: ignore[call-overload]
-    ]
-    return ",".join(parts)

@@ -16,7 +16,13 @@ import orjson
 from gateway.policy.auth import Principal
 from gateway.policy.routing import Route
 
-__all__ = ["check_upstreams", "health_response", "wants_deep"]
+__all__ = [
+    "DEEP_TIMEOUT_SECONDS",
+    "check_upstreams",
+    "health_answer",
+    "health_response",
+    "wants_deep",
+]
 
 # A deep probe answers quickly even when an upstream black-holes SYNs.
 DEEP_TIMEOUT_SECONDS = 2.0
@@ -66,3 +72,28 @@ def health_response(
             doc["status"] = "degraded"
             status = 503
     return status, orjson.dumps(doc)
+
+
+def health_answer(
+    principal: Principal,
+    now: float,
+    upstreams: dict[str, bool] | None,
+    date_line: bytes,
+    close: bool,
+    head_only: bool,
+) -> tuple[int, bytes, int]:
+    """(status, the whole HTTP/1.1 response, body bytes sent)."""
+    status, body = health_response(principal, now, upstreams)
+    reason = b"OK" if status == 200 else b"Service Unavailable"
+    sent = b"" if head_only else body
+    out = b"".join(
+        (
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n" % (status, reason),
+            b"Cache-Control: no-store\r\nContent-Length: %d\r\n" % len(body),
+            date_line,
+            b"Connection: close\r\n" if close else b"",
+            b"\r\n",
+            sent,
+        )
+    )
+    return status, out, len(sent)

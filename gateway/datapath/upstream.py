@@ -14,35 +14,18 @@ from __future__ import annotations
 import asyncio
 import ssl
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from gateway.datapath.writes import write_coalesced
 from gateway.policy.headers import RESPONSE_DROP, strip_listed
 
 if TYPE_CHECKING:
+    from gateway.datapath.ports import ResponseSink
     from gateway.policy.routing import Upstream
 
-__all__ = ["Pool", "Pools", "ResponseSink", "UpstreamConnection"]
-
-
-class ResponseSink(Protocol):
-    """What an exchange offers the upstream connection it holds."""
-
-    def response_head(
-        self,
-        status: int,
-        reason: bytes,
-        headers: bytes,
-        keep_alive: bool,
-        chunked: bool,
-        length: int | None,
-    ) -> None: ...
-    def response_body(self, data: bytes) -> None: ...
-    def response_complete(self) -> None: ...
-    def upstream_failed(self, kind: str) -> None: ...
-    def upstream_paused(self, paused: bool) -> None: ...
-    def flush_client(self) -> None: ...
+__all__ = ["Pool", "Pools", "UpstreamConnection"]
 
 
 # Response header names as sent → role; cached per spelling (bounded).
@@ -72,6 +55,9 @@ def _classify_response(name: bytes) -> int:
 
 
 class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive connection to an upstream; the ``UpstreamPort`` of the
+    exchange that holds it."""
+
     __slots__ = (
         "_chunked",
         "_headers",
@@ -206,9 +192,21 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is not None:
             sink.response_complete()
 
-    # -- used by the exchange -------------------------------------------------
+    # -- UpstreamPort: used by the exchange ---------------------------------------
     def attach(self, sink: ResponseSink) -> None:
         self.sink = sink
+
+    def send(self, pieces: list[bytes]) -> None:
+        if self.transport is not None:
+            write_coalesced(self.transport, pieces)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
 
     def abort(self) -> None:
         self.sink = None

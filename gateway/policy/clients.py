@@ -10,11 +10,12 @@ address.  Deny lists win over allow lists; an empty allow list allows all.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 from gateway.config.schema import ClientsSpec
 
-__all__ = ["ClientPolicy", "networks", "within"]
+__all__ = ["ClientPolicy", "cert_subject", "networks", "within"]
 
 Network = IPv4Network | IPv6Network
 _CACHE_LIMIT = 4096
@@ -92,3 +93,40 @@ class ClientPolicy:
         if self._deny and within(address, self._deny):
             return False
         return not self._allow or within(address, self._allow)
+
+
+# RFC 4514 short names for the client-certificate subject string.
+_RDN = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "localityName": "L",
+    "stateOrProvinceName": "ST",
+    "streetAddress": "STREET",
+    "domainComponent": "DC",
+    "userId": "UID",
+}
+
+
+def _escape(value: str) -> str:
+    """RFC 4514 §2.4 escaping of an attribute value."""
+    out = "".join("\\" + c if c in ',+"\\<>;=' else c for c in value)
+    if out[:1] in ("#", " "):
+        out = "\\" + out
+    if out.endswith(" ") and not out.endswith("\\ "):
+        out = out[:-1] + "\\ "
+    return out
+
+
+def cert_subject(cert: dict[str, object]) -> str:
+    """A peer certificate's subject (``ssl.getpeercert()``) as an RFC 4514
+    string: the last RDN of the DER sequence first (what ``openssl x509
+    -noout -subject -nameopt RFC2253`` and cryptography's
+    ``rfc4514_string()`` print)."""
+    rdns: Iterable[Iterable[tuple[str, str]]] = cert.get("subject", ())  # type: ignore[assignment]
+    parts = [
+        "+".join(f"{_RDN.get(name, name)}={_escape(value)}" for name, value in rdn)
+        for rdn in reversed(list(rdns))
+    ]
+    return ",".join(parts)

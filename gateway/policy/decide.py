@@ -1,122 +1,182 @@
-"""Dispatch: the decision sequence for one request head (DESIGN §3 order).
+"""Decide: what the gateway does with one authenticated-or-not request head.
 
-    malformed head → client address (trusted proxies) → global allow/deny →
-    authenticate (a failure from a throttled address: 429/503, else 401) →
-    credential conditions (client certificate, CIDRs) → route → method →
-    /health → scope → draining → framing → body size → rate limits →
-    concurrency (short queue) → proxy
+The exchange finds the route, resolves the client address and
+authenticates (a malformed head skips those: it is refused unattributed);
+``decide`` then applies the rules in this order (DESIGN §3) and returns a
+value:
 
-Each refusal is one ``Kind`` answered by the exchange; the status per
-protocol comes from ``errors.py``.  Unauthenticated callers learn nothing
-about routes: the credential is checked before the path means anything.
+    malformed head (400) → global allow/deny (403) → authentication (a failure from a throttled
+    address: OVERLOADED, else 401) → client certificate (401) → credential
+    CIDRs (403) → route known (404) → method (405) → /health → scope (403)
+    → draining (503) → framing (400) → declared body size (413) → request
+    rate → byte rate (429/503) → proxy
+
+Unauthenticated callers learn nothing about routes: the credential is
+checked before the path means anything.  The only state it touches is the
+admission state it is given (token buckets, the failure throttle); every
+``Refuse`` is built once at import, so deciding allocates nothing.
 """
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gateway.policy.auth import Failure
+from gateway.policy.auth import Failure, Principal
 from gateway.policy.errors import Kind
 from gateway.policy.routing import HEALTH
 
 if TYPE_CHECKING:
-    from gateway.datapath.exchange import Exchange
-    from gateway.datapath.shared import Generation
+    from gateway.policy.generation import Generation
+    from gateway.policy.limits import Admission
     from gateway.policy.request import RequestHead
+    from gateway.policy.routing import Route
 
-__all__ = ["dispatch"]
-
-
-def dispatch(ex: Exchange, gen: Generation, head: RequestHead) -> None:
-    shared = ex.shared
-    stats = shared.stats
-    if head.malformed:
-        ex.close = True
-        ex.refuse(Kind.BAD_REQUEST, "bad_request")
-        return
-    route = gen.routes.get(head.path)
-    if route is not None:
-        ex.route = route
-        ex.route_name = route.name
-        ex.protocol = route.protocol
-    policy = gen.clients
-    client = ex.client
-    if policy.proxied:
-        client = ex.client = policy.resolve(ex.conn.peer, head.client_ip)
-    if policy.filtering and not policy.permitted(client):
-        stats.limit_rejection("client_denied")
-        ex.refuse(Kind.FORBIDDEN, "client_denied")
-        return
-    admission = shared.admission
-    mono = shared.loop.time()
-    principal = gen.auth.authenticate(head.authorization, time.time())
-    if isinstance(principal, Failure):
-        _auth_failed(ex, principal, head, mono)
-        return
-    ex.principal = principal
-    ex.credential = principal.credential
-    ex.token_id = principal.token_id
-    cred = gen.credentials[principal.credential]
-    if cred.subjects and ex.conn.cert_subject not in cred.subjects:
-        _auth_failed(
-            ex, Failure("client_cert", principal.credential, principal.token_id), head, mono
-        )
-        return
-    if cred.networks and not cred.permits(client):
-        stats.limit_rejection("client_denied")
-        ex.refuse(Kind.FORBIDDEN, "client_denied")
-        return
-    if route is None:
-        ex.answer(Kind.NOT_FOUND)
-        return
-    if head.method not in route.methods:
-        ex.answer(Kind.METHOD, route.allow_line)
-        return
-    if route is HEALTH:
-        ex.health(principal)
-        return
-    if route.name not in principal.routes:
-        stats.auth_failure("scope", principal.credential, principal.token_id)
-        ex.refuse(Kind.SCOPE, "scope")
-        return
-    if shared.draining:
-        ex.refuse(Kind.DRAINING, "draining")
-        return
-    if head.bad_framing:
-        ex.refuse(Kind.BAD_REQUEST, "bad_framing")
-        return
-    if head.content_length is not None and head.content_length > route.max_body_bytes:
-        ex.refuse(Kind.TOO_LARGE, "body_too_large")
-        return
-    requests = admission.request_rate.get(principal.credential)
-    if requests is not None and not requests.take(1.0, mono):
-        stats.limit_rejection("rate")
-        ex.refuse(Kind.OVERLOADED, "rate_limited")
-        return
-    body_bytes = admission.byte_rate.get(principal.credential)
-    if body_bytes is not None and not body_bytes.positive(mono):
-        stats.limit_rejection("byte_rate")
-        ex.refuse(Kind.OVERLOADED, "byte_rate_limited")
-        return
-    ex.admit(route)
+__all__ = [
+    "HEALTH_CHECK",
+    "MALFORMED",
+    "PROXY",
+    "Decision",
+    "HealthCheck",
+    "Proxy",
+    "Refuse",
+    "decide",
+]
 
 
-def _auth_failed(ex: Exchange, failure: Failure, head: RequestHead, mono: float) -> None:
-    stats = ex.shared.stats
-    # Counted with its reason even when throttled: revoked / expired / not
-    # yet valid name the token id, so the operator learns which sender still
-    # holds an old secret, however often it retries.
-    stats.auth_failure(failure.reason, failure.credential, failure.token_id)
-    ex.token_id = failure.token_id
-    throttle = ex.shared.admission.throttle
-    if throttle.limit and throttle.blocked(ex.client, mono):
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Answer ``kind`` without proxying.
+
+    ``error`` is the access line's word ("" for a plain 404/405), ``limit``
+    a ``gateway_limit_rejections_total`` reason to count, ``auth`` a
+    ``gateway_auth_failures_total`` reason to count under the presented
+    credential, ``allow`` adds the route's ``Allow`` header, ``close`` ends
+    the connection after the answer; ``anonymous`` refusals come before
+    authentication, so the request is not attributed to any credential.
+    """
+
+    kind: Kind
+    error: str = ""
+    limit: str = ""
+    auth: str = ""
+    allow: bool = False
+    close: bool = False
+    anonymous: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Answer ``/health`` for the authenticated principal."""
+
+
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    """Admit the request to its route's upstream."""
+
+
+Decision = Refuse | HealthCheck | Proxy
+
+HEALTH_CHECK = HealthCheck()
+PROXY = Proxy()
+MALFORMED = Refuse(Kind.BAD_REQUEST, "bad_request", close=True, anonymous=True)
+CLIENT_DENIED = Refuse(Kind.FORBIDDEN, "client_denied", limit="client_denied", anonymous=True)
+CIDR_DENIED = Refuse(Kind.FORBIDDEN, "client_denied", limit="client_denied")
+NOT_FOUND = Refuse(Kind.NOT_FOUND)
+METHOD = Refuse(Kind.METHOD, allow=True)
+SCOPE = Refuse(Kind.SCOPE, "scope", auth="scope")
+DRAINING = Refuse(Kind.DRAINING, "draining")
+BAD_FRAMING = Refuse(Kind.BAD_REQUEST, "bad_framing")
+TOO_LARGE = Refuse(Kind.TOO_LARGE, "body_too_large")
+RATE = Refuse(Kind.OVERLOADED, "rate_limited", limit="rate")
+BYTE_RATE = Refuse(Kind.OVERLOADED, "byte_rate_limited", limit="byte_rate")
+
+_AUTH_REASONS = (
+    "missing",
+    "malformed",
+    "unknown",
+    "revoked",
+    "expired",
+    "not_yet_valid",
+    "jwt_invalid",
+    "client_cert",
+)
+
+
+def _auth_refusals(reason: str) -> tuple[Refuse, Refuse, Refuse]:
+    """(no Authorization header, a bad one, throttled) for one failure reason.
+
+    Throttled failures are still counted with their reason: revoked /
+    expired / not yet valid name the token id, so the operator learns which
+    sender still holds an old secret, however often it retries.
+    """
+    error = "auth_" + reason
+    return (
+        Refuse(Kind.AUTH_MISSING, error, auth=reason),
+        Refuse(Kind.AUTH_INVALID, error, auth=reason),
+        Refuse(Kind.OVERLOADED, error, limit="auth_throttle", auth=reason),
+    )
+
+
+_AUTH = {reason: _auth_refusals(reason) for reason in _AUTH_REASONS}
+
+
+def _auth_failed(
+    reason: str, head: RequestHead, client: str, admission: Admission, now: float
+) -> Refuse:
+    missing, invalid, throttled = _AUTH.get(reason) or _auth_refusals(reason)
+    throttle = admission.throttle
+    if throttle.limit and throttle.blocked(client, now):
         # Checked after the token (~1 µs): senders sharing an address
         # (Cloudflare, a NAT, a load balancer) keep working while one of
         # them presents a bad token; only the failures get 429/503.
-        stats.limit_rejection("auth_throttle")
-        ex.refuse(Kind.OVERLOADED, "auth_" + failure.reason)
-        return
-    throttle.failed(ex.client, mono)
-    kind = Kind.AUTH_MISSING if head.authorization is None else Kind.AUTH_INVALID
-    ex.refuse(kind, "auth_" + failure.reason)
+        return throttled
+    throttle.failed(client, now)
+    return missing if head.authorization is None else invalid
+
+
+def decide(
+    head: RequestHead,
+    route: Route | None,
+    client: str,
+    who: Principal | Failure,
+    cert_subject: str,
+    gen: Generation,
+    admission: Admission,
+    now: float,
+    draining: bool,
+) -> Decision:
+    """``now`` is the event loop's clock (token buckets, the throttle window)."""
+    if head.malformed:
+        return MALFORMED
+    policy = gen.clients
+    if policy.filtering and not policy.permitted(client):
+        return CLIENT_DENIED
+    if isinstance(who, Failure):
+        return _auth_failed(who.reason, head, client, admission, now)
+    rules = gen.credentials[who.credential]
+    if rules.subjects and cert_subject not in rules.subjects:
+        return _auth_failed("client_cert", head, client, admission, now)
+    if rules.networks and not rules.permits(client):
+        return CIDR_DENIED
+    if route is None:
+        return NOT_FOUND
+    if head.method not in route.methods:
+        return METHOD
+    if route is HEALTH:
+        return HEALTH_CHECK
+    if route.name not in who.routes:
+        return SCOPE
+    if draining:
+        return DRAINING
+    if head.bad_framing:
+        return BAD_FRAMING
+    if head.content_length is not None and head.content_length > route.max_body_bytes:
+        return TOO_LARGE
+    requests = admission.request_rate.get(who.credential)
+    if requests is not None and not requests.take(1.0, now):
+        return RATE
+    body_bytes = admission.byte_rate.get(who.credential)
+    if body_bytes is not None and not body_bytes.positive(now):
+        return BYTE_RATE
+    return PROXY

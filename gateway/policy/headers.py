@@ -9,8 +9,6 @@ an upstream must never see it.
 
 from __future__ import annotations
 
-import asyncio
-
 __all__ = [
     "HOP_BY_HOP",
     "REQUEST_DROP",
@@ -18,7 +16,6 @@ __all__ = [
     "connection_tokens",
     "drop_listed",
     "strip_listed",
-    "write_coalesced",
 ]
 
 HOP_BY_HOP = frozenset(
@@ -73,18 +70,3 @@ def strip_listed(parts: list[bytes], listed: list[bytes]) -> list[bytes]:
     pairs = [(parts[i], parts[i + 2]) for i in range(0, len(parts), 4)]
     kept = drop_listed(pairs, connection_tokens(listed))
     return [piece for name, value in kept for piece in (name, b": ", value, b"\r\n")]
-
-
-# Small pieces are joined into one buffer: one plain write() costs less in
-# uvloop than writelines() (per-buffer bookkeeping, then writev).  Large
-# bodies go as they are, without a copy.
-_JOIN_BELOW = 64 * 1024
-
-
-def write_coalesced(transport: asyncio.WriteTransport, pieces: list[bytes]) -> None:
-    if len(pieces) == 1:
-        transport.write(pieces[0])
-    elif sum(map(len, pieces)) < _JOIN_BELOW:
-        transport.write(b"".join(pieces))
-    else:
-        transport.writelines(pieces)

@@ -1,7 +1,7 @@
 """Assembly and lifecycle of one serving process.
 
 ``Gateway`` builds the shared state from settings, opens the public
-listener (raw uvloop protocols, see ``server.py``) and the admin listener
+listener (raw uvloop protocols, see ``gateway.datapath``) and the admin listener
 (aiohttp: /metrics, /livez, /readyz), runs the sweeper that enforces every
 deadline, swaps config generations on reload and drains on shutdown:
 stop accepting → /readyz fails → idle keep-alive connections close →
@@ -16,76 +16,23 @@ import socket
 import time
 from typing import Any
 
-from gateway import __version__
 from gateway.config.loader import Settings
 from gateway.config.tls import TlsTerminator
 from gateway.datapath.connection import ClientConnection
-from gateway.datapath.shared import Generation, Shared
+from gateway.datapath.shared import Shared
 from gateway.datapath.upstream import Pools
+from gateway.policy.generation import Generation
+from gateway.process.gauges import config_gauges
+from gateway.process.sockets import listen_socket, split_hostport
 from gateway.telemetry import log
 from gateway.telemetry.counters import Snapshot, Stats
 
-__all__ = ["Gateway", "config_gauges", "listen_socket", "split_hostport"]
+__all__ = ["Gateway"]
 
 # How often deadlines are checked: fine enough for second-scale timeouts,
 # coarse enough that thousands of idle connections cost next to nothing.
 _MAX_TICK = 0.25
 _MIN_TICK = 0.02
-
-
-def split_hostport(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def listen_socket(listen: str, *, reuse_port: bool, listen_now: bool = True) -> socket.socket:
-    """A TCP socket bound to ``HOST:PORT``; with ``reuse_port`` several
-    processes bind the same port and the kernel spreads connections.
-
-    The supervisor binds without listening to reserve (and, for port 0,
-    choose) the port; each worker then binds it again and listens.
-    """
-    host, port = split_hostport(listen)
-    family, kind, proto, _, addr = socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(addr)
-        if listen_now:
-            sock.listen(2048)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def config_gauges(
-    settings: Settings,
-    reloads: dict[str, int],
-    last_success: float,
-    workers: int = 1,
-    last_ok: bool = True,
-) -> Snapshot:
-    """Metric values that come from config rather than traffic."""
-    return {
-        "tokens": [[c.name, tid] for c in settings.credentials for tid in c.token_ids],
-        "expiry": [
-            [c.name, t.id, t.not_after]
-            for c in settings.credentials
-            for t in c.tokens
-            if t.not_after is not None
-        ],
-        "reloads": dict(reloads),
-        "last_reload_success": last_success,
-        "last_reload_ok": last_ok,
-        "version": __version__,
-        "workers": workers,
-    }
 
 
 class Gateway:
@@ -155,7 +102,7 @@ class Gateway:
         from gateway.admin.server import AdminServer  # noqa: PLC0415
 
         admin = AdminServer(self.stats.snapshot, self._gauges, lambda: self._ready)
-        self.admin_port = await admin.start(self.settings.server.admin_listen)
+        self.admin_port = await admin.start(*split_hostport(self.settings.server.admin_listen))
         self._admin = admin
 
     def _gauges(self) -> Snapshot:
@@ -229,7 +176,7 @@ class Gateway:
         while loop.time() < deadline:
             busy = False
             for conn in list(shared.connections):
-                if conn.active is None:
+                if not conn.busy():
                     conn.close_now()
                 else:
                     busy = True
@@ -237,8 +184,7 @@ class Gateway:
                 break
             await asyncio.sleep(0.05)
         for conn in list(shared.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
+            conn.abort()
         await asyncio.sleep(0)
         await self.close()
 

@@ -25,7 +25,8 @@ from typing import Any
 from gateway.admin.server import AdminServer
 from gateway.config.loader import ConfigError, Settings, load
 from gateway.process.control import ChannelClosed, read_message, write_message
-from gateway.process.gateway import config_gauges, listen_socket
+from gateway.process.gauges import config_gauges
+from gateway.process.sockets import listen_socket, split_hostport
 from gateway.telemetry import log
 from gateway.telemetry.counters import Snapshot, merge
 
@@ -170,7 +171,7 @@ class Supervisor:
             self._latest = await self.snapshot()
 
         admin = AdminServer(lambda: self._latest, self._gauges, self.ready, refresh)
-        self.admin_port = await admin.start(self.settings.server.admin_listen)
+        self.admin_port = await admin.start(*split_hostport(self.settings.server.admin_listen))
         self._admin = admin
 
     def ready(self) -> bool:

@@ -22,7 +22,8 @@ import structlog
 
 from gateway.config.loader import ConfigError, Settings, loads
 from gateway.process.control import ChannelClosed, read_message, write_message
-from gateway.process.gateway import Gateway, listen_socket, split_hostport
+from gateway.process.gateway import Gateway
+from gateway.process.sockets import listen_socket, split_hostport
 from gateway.telemetry import log
 
 __all__ = ["serve_worker"]

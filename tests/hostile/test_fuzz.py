@@ -34,9 +34,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from gateway.config.loader import ConfigError, loads
-from gateway.datapath.shared import Generation
 from gateway.policy.auth import Authenticator, Failure, Principal
 from gateway.policy.errors import ErrorRenderer, Kind, Protocol, status_of
+from gateway.policy.generation import Generation
 from gateway.policy.headers import HOP_BY_HOP, REQUEST_DROP, connection_tokens, drop_listed
 from gateway.policy.request import RequestHead
 from tests.conftest import OTHER_TOKEN, TOKEN, StartGateway, config_text, sha256, wait_for

@@ -1,0 +1,302 @@
+"""What every exchange has: its state, the answers the gateway makes itself,
+and its endings.  ``exchange.py`` adds deciding and proxying on top.
+
+The response side moves through ``State`` in order; the request side is
+one flag, ``request_done``, set when the client's message is complete:
+
+    WAITING → DECIDING ─┬─ (local answer) ─────────────────────────────┐
+                        ├─ PROBING (deep /health) ─────────────────────┤
+                        └─ QUEUED → CONNECTING → SENT → RESPONDING ────┴→ ANSWERED → FINISHED
+                           (a failure or refusal skips ahead)  └→ CLOSING ────────────→ FINISHED
+
+Body bytes go upstream only in QUEUED..RESPONDING.  An exchange finishes
+when it is ANSWERED and its request body has been read, or when the
+connection is being closed.  Aborts never send a final chunk upstream, so
+an upstream never sees a truncated body as complete.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import TYPE_CHECKING
+
+from gateway.datapath.accounting import account
+from gateway.datapath.health import (
+    DEEP_TIMEOUT_SECONDS,
+    check_upstreams,
+    health_answer,
+    wants_deep,
+)
+from gateway.datapath.ports import PAUSE_CONNECT, PAUSE_UPSTREAM, ClientPort, Deadline
+from gateway.policy.errors import CLIENT_CLOSED, Kind, Protocol
+
+if TYPE_CHECKING:
+    from gateway.datapath.shared import Shared
+    from gateway.datapath.upstream import Pool, UpstreamConnection
+    from gateway.policy.auth import Failure, Principal
+    from gateway.policy.decide import Refuse
+    from gateway.policy.limits import Slots
+    from gateway.policy.request import RequestHead
+    from gateway.policy.routing import Route
+    from gateway.telemetry.counters import RouteStats
+
+__all__ = ["DISCARD_LIMIT", "ExchangeBase", "State"]
+
+# A request answered without proxying still has its body on the wire: up to
+# this size it is read and dropped to keep the connection; beyond, the
+# connection is closed after the answer.
+DISCARD_LIMIT = 256 * 1024
+
+
+class State(enum.IntEnum):
+    WAITING = 0  # parsed behind the exchange in flight (pipelined); body kept
+    DECIDING = 1  # being dispatched
+    PROBING = 2  # deep /health: the upstream probes run
+    QUEUED = 3  # waiting for a concurrency slot
+    CONNECTING = 4  # waiting for an upstream connection
+    SENT = 5  # the request streams upstream; no response head yet
+    RESPONDING = 6  # the response head went to the client; its body streams
+    CLOSING = 7  # gave up after the response started: the connection closes
+    ANSWERED = 8  # the whole answer went out; a request body may still arrive
+    FINISHED = 9  # accounted
+
+
+# Module-level aliases: an IntEnum member is a class attribute lookup.
+_WAITING, _PROBING, _RESPONDING = State.WAITING, State.PROBING, State.RESPONDING
+_CLOSING, _ANSWERED, _FINISHED = State.CLOSING, State.ANSWERED, State.FINISHED
+_BODY = Deadline.BODY
+
+
+class ExchangeBase:
+    """An exchange's state, the answers the gateway makes itself, its endings."""
+
+    __slots__ = (
+        "_body_t0",
+        "_early",
+        "_early_done",
+        "_held",
+        "_queued_on",
+        "_task",
+        "body_in",
+        "bytes_out",
+        "chunked_out",
+        "client",
+        "close",
+        "conn",
+        "credential",
+        "error",
+        "gen",
+        "head",
+        "limit",
+        "pool",
+        "principal",
+        "protocol",
+        "request_done",
+        "route",
+        "route_name",
+        "rstats",
+        "shared",
+        "state",
+        "status",
+        "t_sent",
+        "token_id",
+        "up_buf",
+        "upstream",
+        "upstream_seconds",
+    )
+
+    def __init__(self, conn: ClientPort, shared: Shared, head: RequestHead) -> None:
+        self.conn = conn
+        self.shared = shared
+        self.gen = shared.gen
+        self.head = head
+        self.state = _WAITING
+        self.request_done = False
+        self.close = False  # the connection ends after this exchange
+        self.chunked_out = False
+        self.route: Route | None = None
+        self.route_name = "unmatched"
+        self.protocol = Protocol.PLAIN
+        self.principal: Principal | None = None
+        self.credential = "none"
+        self.token_id = ""
+        self.client = conn.peer
+        self.status = 0
+        self.error = ""
+        self.body_in = 0
+        self.bytes_out = 0
+        self.limit = DISCARD_LIMIT
+        self.upstream: UpstreamConnection | None = None
+        self.pool: Pool | None = None
+        self.rstats: RouteStats | None = None
+        self.up_buf: list[bytes] = []
+        self.t_sent = 0.0
+        self.upstream_seconds = -1.0
+        # The event loop keeps only a weak reference to tasks: hold ours so a
+        # pending connect or deep probe cannot be collected mid-flight.
+        self._task: object = None
+        self._early: list[bytes] | None = None  # body parsed while WAITING
+        self._early_done = False
+        self._held: list[Slots] = []  # concurrency slots to release at the end
+        self._queued_on: Slots | None = None
+        self._body_t0 = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.state == _FINISHED
+
+    # ------------------------------------------------------------------
+    # Answers the gateway makes itself.
+
+    def _refuse(self, d: Refuse, who: Principal | Failure | None) -> None:
+        stats = self.shared.stats
+        if d.limit:
+            stats.limit_rejection(d.limit)
+        if d.auth and who is not None:
+            stats.auth_failure(d.auth, who.credential, who.token_id)
+        self.error = d.error
+        if d.close:
+            self.close = True
+        route = self.route
+        self.answer(d.kind, route.allow_line if d.allow and route is not None else b"")
+
+    def answer(self, kind: Kind, extra: bytes = b"") -> None:
+        head = self.head
+        if (
+            not self.request_done
+            and head.has_body
+            and (head.content_length is None or head.content_length > DISCARD_LIMIT)
+        ):
+            self.close = True  # too much body left to read and drop
+        if not head.keep_alive or self.shared.draining:
+            self.close = True
+        status, data, body_len = self.gen.errors.render(
+            kind,
+            self.protocol,
+            head.json,
+            self.shared.date_line,
+            self.close,
+            extra,
+            head.method == b"HEAD",
+        )
+        self._answered(status, data, body_len)
+        if not self.close and not self.request_done and head.has_body:
+            self.conn.set_deadline(_BODY, self.gen.body_idle_timeout)
+        self._maybe_finish()
+
+    def _answered(self, status: int, data: bytes, body_len: int) -> None:
+        self.status = status
+        self.bytes_out += body_len
+        self.state = _ANSWERED
+        self.conn.out.append(data)
+
+    def health(self, principal: Principal) -> None:
+        if wants_deep(self.head.query):
+            # Reading pauses while the probe runs, so answers stay in order.
+            self.state = _PROBING
+            self.conn.pause(PAUSE_CONNECT)
+            self.conn.clear_deadline()
+            self._task = self.shared.loop.create_task(self._deep_health(principal))
+            return
+        self._health_answer(principal, None)
+
+    async def _deep_health(self, principal: Principal) -> None:
+        timeout = min(self.gen.connect_timeout, DEEP_TIMEOUT_SECONDS)
+        try:
+            upstreams = await check_upstreams(self.gen.routes.routes, timeout)
+        finally:
+            self.conn.resume(PAUSE_CONNECT)
+        if self.state == _PROBING:
+            self._health_answer(principal, upstreams)
+            self.conn.flush()
+
+    def _health_answer(self, principal: Principal, upstreams: dict[str, bool] | None) -> None:
+        head = self.head
+        self.close = self.close or not head.keep_alive or self.shared.draining
+        status, data, body_len = health_answer(
+            principal,
+            time.time(),
+            upstreams,
+            self.shared.date_line,
+            self.close,
+            head.method == b"HEAD",
+        )
+        self._answered(status, data, body_len)
+        self._maybe_finish()
+
+    def fault(self, exc: BaseException) -> None:
+        """A bug on our side: 503 if nothing was sent yet, else close."""
+        self.shared.log.error("internal_error", error=type(exc).__name__, exc_info=exc)
+        self._abort(Kind.INTERNAL, "internal")
+
+    def bad_body(self) -> None:
+        """The body broke HTTP framing (e.g. an invalid chunk size)."""
+        self._abort(Kind.BAD_REQUEST, "bad_body")
+
+    def client_timeout(self) -> None:
+        """No body bytes for body_idle_timeout seconds, or below the minimum rate."""
+        self._abort(Kind.CLIENT_TIMEOUT, "client_timeout")
+
+    def _abort(self, kind: Kind, error: str) -> None:
+        """Give up on the request: the upstream never sees it complete; the
+        client gets ``kind`` if nothing was sent yet, else the connection
+        closes under the response."""
+        self.error = error
+        self._drop_upstream()
+        if self.state < _RESPONDING:
+            self.close = True
+            self.answer(kind)
+            return
+        if self.state == _RESPONDING:
+            self.state = _CLOSING
+        self.conn.close_now()
+
+    def _drop_upstream(self) -> None:
+        """Abort the upstream request: it must never see a complete body."""
+        self.up_buf = []
+        up, self.upstream = self.upstream, None
+        self.pool = None
+        if up is not None:
+            up.abort()
+        self.conn.resume(PAUSE_CONNECT | PAUSE_UPSTREAM)
+
+    # ------------------------------------------------------------------
+    # Endings.
+
+    def client_lost(self) -> None:
+        """The client connection closed under us."""
+        if self.state == _FINISHED:
+            return
+        if self.state < _ANSWERED:
+            self.status = CLIENT_CLOSED
+            self.error = self.error or "client_closed"
+        self._drop_upstream()
+        self.request_done = True
+        self._finish()
+
+    def _maybe_finish(self) -> None:
+        if self.state == _ANSWERED and (self.request_done or self.close):
+            self._finish()
+            self.conn.exchange_finished(self)
+
+    def _finish(self) -> None:
+        self.state = _FINISHED
+        if self.rstats is not None:
+            self.rstats.in_flight -= 1
+        body_bytes = self.shared.admission.byte_rate.get(self.credential)
+        if body_bytes is not None:
+            body_bytes.spend(self.body_in)  # paid after the fact; admission waits for repayment
+        account(self.shared, self)
+        self._release()
+
+    def _release(self) -> None:
+        if self._queued_on is not None:
+            self._queued_on.forget(self)
+            self._queued_on = None
+        held, self._held = self._held, []
+        for slots in held:
+            slots.release()
+
+    def admitted(self) -> None:
+        """A slot freed up for this queued exchange (called by ``Slots``)."""
