@@ -18,7 +18,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from gateway.telemetry.counters import DURATION_BUCKETS, Snapshot
+from gateway.telemetry.counters import DURATION_BUCKETS
+from gateway.telemetry.snapshot import Gauges, Snapshot
 
 __all__ = ["GatewayCollector", "build_registry"]
 
@@ -37,7 +38,7 @@ def _buckets(values: list[float]) -> tuple[list[tuple[str, float]], float]:
 class GatewayCollector(Collector):
     """Renders a snapshot (local, or merged from workers) plus config gauges."""
 
-    def __init__(self, collect: Collect, config_gauges: Callable[[], Snapshot]) -> None:
+    def __init__(self, collect: Collect, config_gauges: Callable[[], Gauges]) -> None:
         self._collect = collect
         self._config_gauges = config_gauges
 
@@ -61,29 +62,29 @@ class GatewayCollector(Collector):
             "Request body bytes received from clients.",
             labels=["route", "credential"],
         )
-        for route, cred, codes, nbytes in snap["pairs"]:
-            for code, n in sorted(codes.items()):
-                requests.add_metric([route, cred, code], n)
-            req_bytes.add_metric([route, cred], nbytes)
+        for p in snap.pairs:
+            for code, n in sorted(p.codes.items()):
+                requests.add_metric([p.route, p.credential, str(code)], n)
+            req_bytes.add_metric([p.route, p.credential], p.request_bytes)
         failures = CounterMetricFamily(
             "gateway_auth_failures",
             "Requests refused by authentication, by reason; credential and token_id "
             "are set only for revoked, expired and not-yet-valid tokens.",
             labels=["reason", "credential", "token_id"],
         )
-        for reason, cred, tid, n in snap["auth_failures"]:
-            failures.add_metric([reason, cred, tid], n)
+        for f in snap.auth_failures:
+            failures.add_metric([f.reason, f.credential, f.token_id], f.count)
         rejections = CounterMetricFamily(
             "gateway_limit_rejections",
             "Requests refused by a limit or address rule, by reason.",
             labels=["reason"],
         )
-        for reason, n in sorted(snap.get("limit_rejections", {}).items()):
+        for reason, n in sorted(snap.limit_rejections.items()):
             rejections.add_metric([reason], n)
         connections = GaugeMetricFamily(
             "gateway_open_connections", "Client connections open on the public listener."
         )
-        connections.add_metric([], snap.get("open_connections", 0))
+        connections.add_metric([], snap.open_connections)
         yield from (requests, req_bytes, failures, rejections, connections)
 
     @staticmethod
@@ -111,19 +112,19 @@ class GatewayCollector(Collector):
             "Upstream failures by kind: connect, timeout, reset, protocol.",
             labels=["route", "kind"],
         )
-        for name, r in sorted(snap["routes"].items()):
-            buckets, total = _buckets(r["duration"])
+        for name, r in sorted(snap.routes.items()):
+            buckets, total = _buckets(r.duration)
             duration.add_metric([name], buckets, total)
-            buckets, total = _buckets(r["upstream"])
+            buckets, total = _buckets(r.upstream)
             upstream.add_metric([name], buckets, total)
-            resp_bytes.add_metric([name], r["response_bytes"])
-            in_flight.add_metric([name], r["in_flight"])
-            for kind, n in sorted(r["upstream_errors"].items()):
+            resp_bytes.add_metric([name], r.response_bytes)
+            in_flight.add_metric([name], r.in_flight)
+            for kind, n in sorted(r.upstream_errors.items()):
                 errors.add_metric([name, kind], n)
         yield from (duration, upstream, resp_bytes, in_flight, errors)
 
     @staticmethod
-    def _tokens(snap: Snapshot, gauges: Snapshot) -> Iterator[Metric]:
+    def _tokens(snap: Snapshot, gauges: Gauges) -> Iterator[Metric]:
         last_used = GaugeMetricFamily(
             "gateway_credential_last_used_timestamp_seconds",
             "When a token last authenticated a request (0: not since start).",
@@ -139,8 +140,11 @@ class GatewayCollector(Collector):
             "Request body bytes sent with each token.",
             labels=["credential", "token_id"],
         )
-        seen = {(c, t): (last, n, b) for c, t, last, n, b in snap["tokens"]}
-        for cred, tid in gauges.get("tokens", []):
+        seen = {
+            (t.credential, t.token_id): (t.last_used, t.requests, t.request_bytes)
+            for t in snap.tokens
+        }
+        for cred, tid in gauges.tokens:
             last, n, b = seen.get((cred, tid), (0.0, 0, 0))
             last_used.add_metric([cred, tid], last)
             requests.add_metric([cred, tid], n)
@@ -150,34 +154,34 @@ class GatewayCollector(Collector):
             "not_after of each token that has one.",
             labels=["credential", "token_id"],
         )
-        for cred, tid, when in gauges.get("expiry", []):
+        for cred, tid, when in gauges.expiry:
             expiry.add_metric([cred, tid], when)
         yield from (last_used, requests, nbytes, expiry)
 
     @staticmethod
-    def _config(gauges: Snapshot) -> Iterator[Metric]:
+    def _config(gauges: Gauges) -> Iterator[Metric]:
         reloads = CounterMetricFamily(
             "gateway_config_reloads", "Config reload attempts by result.", labels=["result"]
         )
         for result in ("success", "failure"):
-            reloads.add_metric([result], gauges.get("reloads", {}).get(result, 0))
+            reloads.add_metric([result], gauges.reloads.get(result, 0))
         ok = GaugeMetricFamily(
             "gateway_config_last_reload_successful",
             "1 if the last reload attempt succeeded (or none failed since start), else 0.",
         )
-        ok.add_metric([], 1 if gauges.get("last_reload_ok", True) else 0)
+        ok.add_metric([], 1 if gauges.last_reload_ok else 0)
         yield ok
         last = GaugeMetricFamily(
             "gateway_config_last_reload_success_timestamp_seconds",
             "When the serving config was loaded.",
         )
-        last.add_metric([], gauges.get("last_reload_success", 0.0))
+        last.add_metric([], gauges.last_reload_success)
         info = GaugeMetricFamily("gateway_build_info", "Build information.", labels=["version"])
-        info.add_metric([gauges.get("version", "")], 1)
+        info.add_metric([gauges.version], 1)
         workers = GaugeMetricFamily("gateway_workers", "Worker processes serving traffic.")
-        workers.add_metric([], gauges.get("workers", 1))
+        workers.add_metric([], gauges.workers)
         yield from (reloads, last, info, workers)
-        processes = gauges.get("processes") or []
+        processes = gauges.processes
         if processes:
             cpu = CounterMetricFamily(
                 "gateway_worker_cpu_seconds",
@@ -190,8 +194,8 @@ class GatewayCollector(Collector):
                 labels=["worker"],
             )
             for proc in processes:
-                cpu.add_metric([str(proc["index"])], proc["cpu"])
-                rss.add_metric([str(proc["index"])], proc["rss"])
+                cpu.add_metric([str(proc.index)], proc.cpu)
+                rss.add_metric([str(proc.index)], proc.rss)
             yield from (cpu, rss)
 
 

@@ -13,7 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.admin.exposition import GatewayCollector, build_registry
-from gateway.telemetry.counters import Snapshot
+from gateway.telemetry.snapshot import Gauges, Snapshot
 
 __all__ = ["AdminServer"]
 
@@ -24,7 +24,7 @@ class AdminServer:
     def __init__(
         self,
         collect: Callable[[], Snapshot],
-        gauges: Callable[[], Snapshot],
+        gauges: Callable[[], Gauges],
         ready: Callable[[], bool],
         refresh: Callable[[], Awaitable[None]] | None = None,
     ) -> None:

@@ -13,7 +13,7 @@ import re
 import ssl
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,9 @@ class Settings:
     files: tuple[str, ...] = ()
     # Built (and so validated: cert and key match) at load.
     tls_context: ssl.SSLContext | None = None
+    # The document these settings were built from: what a supervisor pushes
+    # to its workers, so they serve exactly what it validated.
+    text: str = field(default="", repr=False)
 
 
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
@@ -180,6 +183,7 @@ def loads(
         source,
         tuple(dict.fromkeys(files)),
         tls_context,
+        text,
     )
 
 

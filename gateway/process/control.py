@@ -1,28 +1,88 @@
-"""The supervisor ↔ worker control channel: length-prefixed orjson messages
-over a Unix socket pair.  Off the data path: config pushes, stats requests,
+"""The supervisor ↔ worker control channel: typed messages (msgspec
+Structs, a tagged union) framed by a length prefix over a Unix socket pair,
+msgpack on the wire.  Off the data path: config pushes, stats requests,
 readiness and reload results only.
+
+    supervisor → worker:  Configure (first message, and every reload), StatsRequest
+    worker → supervisor:  Ready, Failed (first config refused), Reloaded, StatsReply
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
-from typing import Any
 
-import orjson
+import msgspec
 
-__all__ = ["ChannelClosed", "read_message", "write_message"]
+from gateway.telemetry.snapshot import ProcessSample, Snapshot
+
+__all__ = [
+    "ChannelClosed",
+    "Configure",
+    "Failed",
+    "Message",
+    "Ready",
+    "Reloaded",
+    "StatsReply",
+    "StatsRequest",
+    "read_message",
+    "write_message",
+]
+
+
+class _Message(msgspec.Struct, tag_field="op", frozen=True):
+    pass
+
+
+class Configure(_Message, tag="config", frozen=True):
+    """Serve this config text (exactly what the supervisor validated)."""
+
+    text: str
+    source: str  # the config file's path: relative file keys resolve beside it
+    port: int  # the public port the supervisor reserved
+    generation: int = 0  # echoed by Reloaded, so a late answer is never taken for a new one
+
+
+class StatsRequest(_Message, tag="stats?", frozen=True):
+    id: int
+
+
+class Ready(_Message, tag="ready", frozen=True):
+    pid: int
+
+
+class Failed(_Message, tag="failed", frozen=True):
+    """The first config could not be served; the worker exits."""
+
+    error: str
+
+
+class Reloaded(_Message, tag="reloaded", frozen=True):
+    ok: bool
+    error: str = ""
+    generation: int = 0
+
+
+class StatsReply(_Message, tag="stats", frozen=True):
+    id: int
+    snapshot: Snapshot
+    process: ProcessSample
+
+
+Message = Configure | StatsRequest | Ready | Failed | Reloaded | StatsReply
 
 _LEN = struct.Struct("!I")
 # A stats snapshot of a large config stays far below this.
 _MAX_MESSAGE = 64 * 1024 * 1024
+_encode = msgspec.msgpack.Encoder().encode
+_decoder = msgspec.msgpack.Decoder(Message)
 
 
 class ChannelClosed(Exception):
-    """The other side went away."""
+    """The other side went away, or sent something that is not a message."""
 
 
-async def read_message(reader: asyncio.StreamReader) -> dict[str, Any]:
+async def read_message(reader: asyncio.StreamReader) -> Message:
     try:
         head = await reader.readexactly(_LEN.size)
         (size,) = _LEN.unpack(head)
@@ -31,12 +91,13 @@ async def read_message(reader: asyncio.StreamReader) -> dict[str, Any]:
         body = await reader.readexactly(size)
     except (asyncio.IncompleteReadError, ConnectionError) as exc:
         raise ChannelClosed(str(exc)) from None
-    message = orjson.loads(body)
-    if not isinstance(message, dict):
-        raise ChannelClosed("control message is not an object")
+    try:
+        message: Message = _decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ChannelClosed(f"not a control message: {exc}") from None
     return message
 
 
-def write_message(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
-    body = orjson.dumps(message)
+def write_message(writer: asyncio.StreamWriter, message: Message) -> None:
+    body = _encode(message)
     writer.write(_LEN.pack(len(body)) + body)

@@ -25,7 +25,8 @@ from gateway.policy.generation import Generation
 from gateway.process.gauges import config_gauges
 from gateway.process.sockets import listen_socket, split_hostport
 from gateway.telemetry import log
-from gateway.telemetry.counters import Snapshot, Stats
+from gateway.telemetry.counters import Stats
+from gateway.telemetry.snapshot import Gauges
 
 __all__ = ["Gateway"]
 
@@ -105,7 +106,7 @@ class Gateway:
         self.admin_port = await admin.start(*split_hostport(self.settings.server.admin_listen))
         self._admin = admin
 
-    def _gauges(self) -> Snapshot:
+    def _gauges(self) -> Gauges:
         return config_gauges(
             self.settings, self.reloads, self.last_reload_success, 1, self.last_reload_ok
         )

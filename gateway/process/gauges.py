@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from gateway import __version__
 from gateway.config.loader import Settings
-from gateway.telemetry.counters import Snapshot
+from gateway.telemetry.snapshot import Gauges, ProcessSample
 
 __all__ = ["config_gauges"]
 
@@ -18,19 +18,21 @@ def config_gauges(
     last_success: float,
     workers: int = 1,
     last_ok: bool = True,
-) -> Snapshot:
+    processes: list[ProcessSample] | None = None,
+) -> Gauges:
     """Metric values that come from config rather than traffic."""
-    return {
-        "tokens": [[c.name, tid] for c in settings.credentials for tid in c.token_ids],
-        "expiry": [
-            [c.name, t.id, t.not_after]
+    return Gauges(
+        [(c.name, tid) for c in settings.credentials for tid in c.token_ids],
+        [
+            (c.name, t.id, t.not_after)
             for c in settings.credentials
             for t in c.tokens
             if t.not_after is not None
         ],
-        "reloads": dict(reloads),
-        "last_reload_success": last_success,
-        "last_reload_ok": last_ok,
-        "version": __version__,
-        "workers": workers,
-    }
+        dict(reloads),
+        last_success,
+        last_ok,
+        __version__,
+        workers,
+        processes or [],
+    )

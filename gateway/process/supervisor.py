@@ -24,11 +24,21 @@ from typing import Any
 
 from gateway.admin.server import AdminServer
 from gateway.config.loader import ConfigError, Settings, load
-from gateway.process.control import ChannelClosed, read_message, write_message
+from gateway.process.control import (
+    ChannelClosed,
+    Configure,
+    Failed,
+    Ready,
+    Reloaded,
+    StatsReply,
+    StatsRequest,
+    read_message,
+    write_message,
+)
 from gateway.process.gauges import config_gauges
 from gateway.process.sockets import listen_socket, split_hostport
 from gateway.telemetry import log
-from gateway.telemetry.counters import Snapshot, merge
+from gateway.telemetry.snapshot import Gauges, ProcessSample, Snapshot, merge
 
 __all__ = ["Supervisor"]
 
@@ -43,18 +53,18 @@ class _Worker:
     process: asyncio.subprocess.Process | None = None
     writer: asyncio.StreamWriter | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
-    waiters: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
-    reload_acks: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    waiters: dict[int, asyncio.Future[StatsReply]] = field(default_factory=dict)
+    reload_acks: asyncio.Queue[Reloaded] = field(default_factory=asyncio.Queue)
     last_snapshot: Snapshot | None = None
+    last_process: ProcessSample | None = None
     started_at: float = 0.0
     backoff: float = 1.0
 
 
 class Supervisor:
     def __init__(self, settings: Settings, path: Path, workers: int) -> None:
-        self.settings = settings
+        self.settings = settings  # validated from settings.text, the one read of the file
         self.path = path
-        self.text = path.read_text(encoding="utf-8")
         self.workers = [_Worker(i) for i in range(workers)]
         self.log: Any = log.get_logger()
         self.reloads = {"success": 0, "failure": 0}
@@ -106,18 +116,13 @@ class Supervisor:
         worker.writer = writer
         worker.ready.clear()
         worker.started_at = time.monotonic()
-        write_message(
-            writer,
-            {
-                "op": "config",
-                "text": self.text,
-                "source": str(self.path),
-                "port": self.port,
-            },
-        )
+        write_message(writer, self._configure())
         await writer.drain()
         self._task(self._read(worker, reader))
         self._task(self._watch(worker, worker.process))
+
+    def _configure(self) -> Configure:
+        return Configure(self.settings.text, str(self.path), self.port)
 
     def _task(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -128,26 +133,23 @@ class Supervisor:
         with contextlib.suppress(ChannelClosed, ConnectionError):
             while True:
                 message = await read_message(reader)
-                op = message.get("op")
-                if op == "ready":
+                if isinstance(message, Ready):
                     worker.ready.set()
-                elif op == "stats":
-                    future = worker.waiters.pop(int(message["id"]), None)
+                elif isinstance(message, StatsReply):
+                    future = worker.waiters.pop(message.id, None)
                     if future is not None and not future.done():
-                        future.set_result(message["snapshot"])
-                elif op == "reloaded":
+                        future.set_result(message)
+                elif isinstance(message, Reloaded):
                     worker.reload_acks.put_nowait(message)
-                elif op == "failed":
-                    self.log.error(
-                        "worker_config_failed", worker=worker.index, error=message.get("error")
-                    )
+                elif isinstance(message, Failed):
+                    self.log.error("worker_config_failed", worker=worker.index, error=message.error)
 
     async def _watch(self, worker: _Worker, process: asyncio.subprocess.Process) -> None:
         code = await process.wait()
         worker.ready.clear()
         if worker.last_snapshot is not None:
             self._retire(worker.last_snapshot)
-            worker.last_snapshot = None
+            worker.last_snapshot = worker.last_process = None
         if self.stopping:
             return
         self.log.error("worker_exited", worker=worker.index, code=code)
@@ -160,9 +162,9 @@ class Supervisor:
 
     def _retire(self, snapshot: Snapshot) -> None:
         """Keep a dead worker's counters so the sums never decrease."""
-        for route in snapshot["routes"].values():
-            route["in_flight"] = 0
-        snapshot.pop("process", None)
+        for route in snapshot.routes.values():
+            route.in_flight = 0
+        snapshot.open_connections = 0
         self._retired = [merge([*self._retired, snapshot])]
 
     # -- metrics ------------------------------------------------------------------
@@ -177,16 +179,15 @@ class Supervisor:
     def ready(self) -> bool:
         return not self.stopping and all(w.ready.is_set() for w in self.workers)
 
-    def _gauges(self) -> Snapshot:
-        gauges = config_gauges(
+    def _gauges(self) -> Gauges:
+        return config_gauges(
             self.settings,
             self.reloads,
             self.last_reload_success,
             len(self.workers),
             self.last_reload_ok,
+            self._latest.processes,
         )
-        gauges["processes"] = self._latest.get("processes", [])
-        return gauges
 
     async def snapshot(self) -> Snapshot:
         loop = asyncio.get_running_loop()
@@ -195,57 +196,53 @@ class Supervisor:
             if worker.writer is None or not worker.ready.is_set():
                 continue
             request_id = next(self._ids)
-            future: asyncio.Future[dict[str, Any]] = loop.create_future()
+            future: asyncio.Future[StatsReply] = loop.create_future()
             worker.waiters[request_id] = future
-            write_message(worker.writer, {"op": "stats", "id": request_id})
+            write_message(worker.writer, StatsRequest(request_id))
             futures.append((worker, future))
         snapshots: list[Snapshot] = []
-        processes = []
+        processes: list[ProcessSample] = []
         for worker, future in futures:
-            snap: Snapshot | None
             try:
                 async with asyncio.timeout(_STATS_TIMEOUT):
-                    snap = await future
+                    reply = await future
             except TimeoutError:
-                snap = worker.last_snapshot  # busy or dying: its last known counters
-            if snap is not None:
-                worker.last_snapshot = snap
-                if "process" in snap:
-                    processes.append(snap["process"])
-                snapshots.append(snap)
+                pass  # busy or dying: its last known counters stand
+            else:
+                worker.last_snapshot, worker.last_process = reply.snapshot, reply.process
+            if worker.last_snapshot is not None:
+                snapshots.append(worker.last_snapshot)
+            if worker.last_process is not None:
+                processes.append(worker.last_process)
         merged = merge([*snapshots, *self._retired])
-        merged["processes"] = processes
+        merged.processes = processes
         return merged
 
     # -- reload -------------------------------------------------------------------
     async def reload(self) -> bool:
         try:
-            settings = load(self.path)
-            text = self.path.read_text(encoding="utf-8")
-        except (ConfigError, OSError) as exc:
+            settings = load(self.path)  # reads the file once: settings.text is what we push
+        except ConfigError as exc:
             self.reloads["failure"] += 1
             self.last_reload_ok = False
             self.log.error("config_reload_failed", error=str(exc))
             return False
         if settings.server.listen != self.settings.server.listen:
             self.log.warning("config_reload_listen_ignored", reason="listen changes need a restart")
-        self.settings, self.text = settings, text
+        self.settings = settings
         errors = []
         for worker in self.workers:
             if worker.writer is None:
                 continue
-            write_message(
-                worker.writer,
-                {"op": "config", "text": text, "source": str(self.path), "port": self.port},
-            )
+            write_message(worker.writer, self._configure())
             try:
                 async with asyncio.timeout(5.0):
                     ack = await worker.reload_acks.get()
             except TimeoutError:
                 errors.append(f"worker {worker.index}: no answer")
                 continue
-            if not ack.get("ok"):
-                errors.append(f"worker {worker.index}: {ack.get('error')}")
+            if not ack.ok:
+                errors.append(f"worker {worker.index}: {ack.error}")
         if errors:
             self.reloads["failure"] += 1
             self.last_reload_ok = False

@@ -16,53 +16,66 @@ import resource
 import signal
 import socket
 from pathlib import Path
-from typing import Any
 
 import structlog
 
 from gateway.config.loader import ConfigError, Settings, loads
-from gateway.process.control import ChannelClosed, read_message, write_message
+from gateway.process.control import (
+    ChannelClosed,
+    Configure,
+    Failed,
+    Ready,
+    Reloaded,
+    StatsReply,
+    StatsRequest,
+    read_message,
+    write_message,
+)
 from gateway.process.gateway import Gateway
 from gateway.process.sockets import listen_socket, split_hostport
 from gateway.telemetry import log
+from gateway.telemetry.snapshot import ProcessSample
 
 __all__ = ["serve_worker"]
 
 
-def _settings(message: dict[str, Any]) -> Settings:
-    source = str(message["source"])
-    return loads(str(message["text"]), base=Path(source).parent, source=source)
+def _settings(message: Configure) -> Settings:
+    return loads(message.text, base=Path(message.source).parent, source=message.source)
 
 
-def process_sample() -> dict[str, float]:
+def process_sample(index: int) -> ProcessSample:
     """This process's CPU seconds and resident bytes, for the supervisor."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     with open("/proc/self/statm", encoding="ascii") as f:
         rss_pages = int(f.read().split()[1])
-    return {"cpu": usage.ru_utime + usage.ru_stime, "rss": rss_pages * os.sysconf("SC_PAGESIZE")}
+    return ProcessSample(
+        index, usage.ru_utime + usage.ru_stime, rss_pages * os.sysconf("SC_PAGESIZE")
+    )
 
 
 async def serve_worker(fd: int, index: int) -> int:
     loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
     first = await read_message(reader)
+    if not isinstance(first, Configure):
+        return 2  # not our supervisor
     try:
         settings = _settings(first)
     except ConfigError as exc:
-        write_message(writer, {"op": "failed", "error": str(exc)})
+        write_message(writer, Failed(str(exc)))
         await writer.drain()
         return 2
     log.configure(settings.log.level, pipe_safe=True)
     structlog.contextvars.bind_contextvars(worker=index)
     host, _ = split_hostport(settings.server.listen)
-    sock = listen_socket(f"[{host}]:{first['port']}", reuse_port=True)
+    sock = listen_socket(f"[{host}]:{first.port}", reuse_port=True)
     gateway = Gateway(settings, admin=False, sock=sock)
     await gateway.start()
     # Everything allocated so far lives for the whole process: keep the
     # cyclic collector from rescanning it on every collection.
     gc.collect()
     gc.freeze()
-    write_message(writer, {"op": "ready", "pid": os.getpid()})
+    write_message(writer, Ready(os.getpid()))
     await writer.drain()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -77,6 +90,17 @@ async def serve_worker(fd: int, index: int) -> int:
     return 0
 
 
+def _reload(gateway: Gateway, message: Configure) -> Reloaded:
+    try:
+        gateway.reload(_settings(message))
+    except ConfigError as exc:
+        return Reloaded(ok=False, error=str(exc), generation=message.generation)
+    except Exception as exc:  # noqa: BLE001  (the channel must outlive a bad config)
+        error = f"config not servable: {type(exc).__name__}"
+        return Reloaded(ok=False, error=error, generation=message.generation)
+    return Reloaded(ok=True, generation=message.generation)
+
+
 async def _control(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
@@ -87,21 +111,11 @@ async def _control(
     try:
         while True:
             message = await read_message(reader)
-            op = message.get("op")
-            if op == "stats":
-                snapshot = gateway.stats.snapshot()
-                snapshot["process"] = {**process_sample(), "index": index}
-                write_message(writer, {"op": "stats", "id": message["id"], "snapshot": snapshot})
-            elif op == "config":
-                try:
-                    gateway.reload(_settings(message))
-                except ConfigError as exc:
-                    write_message(writer, {"op": "reloaded", "ok": False, "error": str(exc)})
-                except Exception as exc:  # noqa: BLE001  (the channel must outlive a bad config)
-                    error = f"config not servable: {type(exc).__name__}"
-                    write_message(writer, {"op": "reloaded", "ok": False, "error": error})
-                else:
-                    write_message(writer, {"op": "reloaded", "ok": True})
+            if isinstance(message, StatsRequest):
+                reply = StatsReply(message.id, gateway.stats.snapshot(), process_sample(index))
+                write_message(writer, reply)
+            elif isinstance(message, Configure):
+                write_message(writer, _reload(gateway, message))
             await writer.drain()
     except (ChannelClosed, ConnectionError):
         stop.set()  # the supervisor is gone: finish what is in flight and exit

@@ -1,10 +1,11 @@
 """The gateway's own counters: cheap on the hot path, plain data at scrape.
 
 A request costs a handful of integer additions on plain objects; nothing
-on the request path touches prometheus-client (``exposition.py`` renders
+on the request path touches prometheus-client (``gateway.admin`` renders
 snapshots at scrape time, and worker processes never import it).
-Snapshots are plain JSON-able data, so the supervisor of several workers
-sums theirs (``merge``) into one exposition whose counters add up.
+``snapshot()`` copies them into typed values (``snapshot.py``) that the
+supervisor of several workers sums into one exposition whose counters add
+up.
 
 Label values are bounded: route and credential names from config, token
 ids from config, status codes, and fixed reason/kind words; never a path,
@@ -14,10 +15,10 @@ a header or anything else a client sent.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable
-from typing import Any
 
-__all__ = ["DURATION_BUCKETS", "Snapshot", "Stats", "merge"]
+from gateway.telemetry.snapshot import FailureSnap, PairSnap, RouteSnap, Snapshot, TokenSnap
+
+__all__ = ["DURATION_BUCKETS", "Stats"]
 
 # Seconds.  Remote-write round trips on loopback sit near 1 ms; a slow
 # VictoriaMetrics or a big batch over the internet reaches tens of seconds.
@@ -40,8 +41,6 @@ DURATION_BUCKETS: tuple[float, ...] = (
     60.0,
 )
 _NB = len(DURATION_BUCKETS)
-
-Snapshot = dict[str, Any]
 
 
 class _Hist:
@@ -142,72 +141,27 @@ class Stats:
         errors[kind] = errors.get(kind, 0) + 1
 
     def snapshot(self) -> Snapshot:
-        """Plain data (JSON-able) for rendering here or merging in a supervisor."""
-        return {
-            "routes": {
-                name: {
-                    "in_flight": r.in_flight,
-                    "duration": [*r.duration.counts, r.duration.total],
-                    "upstream": [*r.upstream.counts, r.upstream.total],
-                    "response_bytes": r.response_bytes,
-                    "upstream_errors": dict(r.upstream_errors),
-                }
+        """A copy of every counter, for rendering here or merging in a supervisor."""
+        return Snapshot(
+            {
+                name: RouteSnap(
+                    r.in_flight,
+                    [*r.duration.counts, r.duration.total],
+                    [*r.upstream.counts, r.upstream.total],
+                    r.response_bytes,
+                    dict(r.upstream_errors),
+                )
                 for name, r in self.routes.items()
             },
-            "pairs": [
-                [route, cred, {str(c): n for c, n in p.codes.items()}, p.request_bytes]
+            [
+                PairSnap(route, cred, dict(p.codes), p.request_bytes)
                 for (route, cred), p in self.pairs.items()
             ],
-            "tokens": [
-                [cred, tid, t.last_used, t.requests, t.request_bytes]
+            [
+                TokenSnap(cred, tid, t.last_used, t.requests, t.request_bytes)
                 for (cred, tid), t in self.tokens.items()
             ],
-            "auth_failures": [[*key, n] for key, n in self.auth_failures.items()],
-            "limit_rejections": dict(self.limit_rejections),
-            "open_connections": self.open_connections,
-        }
-
-
-def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
-    """Sum counters and histograms, add gauges, keep the latest last-used."""
-    routes: dict[str, dict[str, Any]] = {}
-    pairs: dict[tuple[str, str], list[Any]] = {}
-    tokens: dict[tuple[str, str], list[Any]] = {}
-    failures: dict[tuple[str, str, str], int] = {}
-    rejections: dict[str, int] = {}
-    open_connections = 0
-    for snap in snapshots:
-        for name, r in snap["routes"].items():
-            acc = routes.get(name)
-            if acc is None:
-                routes[name] = {**r, "upstream_errors": dict(r["upstream_errors"])}
-                continue
-            acc["in_flight"] += r["in_flight"]
-            acc["response_bytes"] += r["response_bytes"]
-            acc["duration"] = [a + b for a, b in zip(acc["duration"], r["duration"], strict=True)]
-            acc["upstream"] = [a + b for a, b in zip(acc["upstream"], r["upstream"], strict=True)]
-            for kind, n in r["upstream_errors"].items():
-                acc["upstream_errors"][kind] = acc["upstream_errors"].get(kind, 0) + n
-        for route, cred, codes, nbytes in snap["pairs"]:
-            p = pairs.setdefault((route, cred), [route, cred, {}, 0])
-            for code, n in codes.items():
-                p[2][code] = p[2].get(code, 0) + n
-            p[3] += nbytes
-        for cred, tid, last, nreq, nbytes in snap["tokens"]:
-            t = tokens.setdefault((cred, tid), [cred, tid, 0.0, 0, 0])
-            t[2] = max(t[2], last)
-            t[3] += nreq
-            t[4] += nbytes
-        for reason, cred, tid, n in snap["auth_failures"]:
-            failures[reason, cred, tid] = failures.get((reason, cred, tid), 0) + n
-        for reason, n in snap.get("limit_rejections", {}).items():
-            rejections[reason] = rejections.get(reason, 0) + n
-        open_connections += snap.get("open_connections", 0)
-    return {
-        "routes": routes,
-        "pairs": list(pairs.values()),
-        "tokens": list(tokens.values()),
-        "auth_failures": [[*k, n] for k, n in failures.items()],
-        "limit_rejections": rejections,
-        "open_connections": open_connections,
-    }
+            [FailureSnap(*key, n) for key, n in self.auth_failures.items()],
+            dict(self.limit_rejections),
+            self.open_connections,
+        )

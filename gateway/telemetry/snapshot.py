@@ -1,0 +1,150 @@
+"""Snapshots of the counters, as typed values that cross the process
+boundary (msgspec Structs, encoded by the control channel), and their sum
+across workers.
+
+A worker's ``Stats.snapshot()`` is one ``Snapshot``; the supervisor sums
+its workers' (``merge``), keeping the counters of workers that died, so the
+exposition's counters never go backwards.  ``Gauges`` are the values that
+come from config rather than traffic.  Plain data, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import msgspec
+
+__all__ = [
+    "FailureSnap",
+    "Gauges",
+    "PairSnap",
+    "ProcessSample",
+    "RouteSnap",
+    "Snapshot",
+    "TokenSnap",
+    "merge",
+]
+
+
+class _Value(msgspec.Struct, array_like=True, omit_defaults=False):
+    """Encoded as arrays: a snapshot of a large config stays small."""
+
+
+class RouteSnap(_Value):
+    in_flight: int
+    # Histogram bucket counts (the last is +Inf), then the sum.
+    duration: list[float]
+    upstream: list[float]
+    response_bytes: int
+    upstream_errors: dict[str, int]
+
+
+class PairSnap(_Value):
+    route: str
+    credential: str
+    codes: dict[int, int]
+    request_bytes: int
+
+
+class TokenSnap(_Value):
+    credential: str
+    token_id: str
+    last_used: float
+    requests: int
+    request_bytes: int
+
+
+class FailureSnap(_Value):
+    reason: str
+    credential: str
+    token_id: str
+    count: int
+
+
+class ProcessSample(_Value):
+    """One worker's CPU seconds and resident bytes."""
+
+    index: int
+    cpu: float
+    rss: int
+
+
+class Snapshot(_Value):
+    routes: dict[str, RouteSnap]
+    pairs: list[PairSnap]
+    tokens: list[TokenSnap]
+    auth_failures: list[FailureSnap]
+    limit_rejections: dict[str, int]
+    open_connections: int
+    processes: list[ProcessSample] = msgspec.field(default_factory=list)
+
+
+class Gauges(_Value):
+    """Metric values from config: which tokens exist, when they expire,
+    reload results, the version and the workers."""
+
+    tokens: list[tuple[str, str]]
+    expiry: list[tuple[str, str, float]]
+    reloads: dict[str, int]
+    last_reload_success: float
+    last_reload_ok: bool
+    version: str
+    workers: int
+    processes: list[ProcessSample] = msgspec.field(default_factory=list)
+
+
+def _add(acc: list[float], more: list[float]) -> list[float]:
+    return [a + b for a, b in zip(acc, more, strict=True)]
+
+
+def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
+    """Sum counters and histograms, add gauges, keep the latest last-used;
+    ``processes`` is left empty (the caller knows which are alive)."""
+    routes: dict[str, RouteSnap] = {}
+    pairs: dict[tuple[str, str], PairSnap] = {}
+    tokens: dict[tuple[str, str], TokenSnap] = {}
+    failures: dict[tuple[str, str, str], int] = {}
+    rejections: dict[str, int] = {}
+    open_connections = 0
+    for snap in snapshots:
+        for name, r in snap.routes.items():
+            acc = routes.get(name)
+            if acc is None:
+                routes[name] = msgspec.structs.replace(r, upstream_errors=dict(r.upstream_errors))
+                continue
+            acc.in_flight += r.in_flight
+            acc.response_bytes += r.response_bytes
+            acc.duration = _add(acc.duration, r.duration)
+            acc.upstream = _add(acc.upstream, r.upstream)
+            for kind, n in r.upstream_errors.items():
+                acc.upstream_errors[kind] = acc.upstream_errors.get(kind, 0) + n
+        for p in snap.pairs:
+            key = (p.route, p.credential)
+            pacc = pairs.get(key)
+            if pacc is None:
+                pacc = pairs[key] = PairSnap(p.route, p.credential, {}, 0)
+            for code, n in p.codes.items():
+                pacc.codes[code] = pacc.codes.get(code, 0) + n
+            pacc.request_bytes += p.request_bytes
+        for t in snap.tokens:
+            tkey = (t.credential, t.token_id)
+            tacc = tokens.get(tkey)
+            if tacc is None:
+                tacc = tokens[tkey] = TokenSnap(t.credential, t.token_id, 0.0, 0, 0)
+            tacc.last_used = max(tacc.last_used, t.last_used)
+            tacc.requests += t.requests
+            tacc.request_bytes += t.request_bytes
+        for f in snap.auth_failures:
+            fkey = (f.reason, f.credential, f.token_id)
+            failures[fkey] = failures.get(fkey, 0) + f.count
+        for reason, n in snap.limit_rejections.items():
+            rejections[reason] = rejections.get(reason, 0) + n
+        open_connections += snap.open_connections
+    return Snapshot(
+        routes,
+        list(pairs.values()),
+        list(tokens.values()),
+        [FailureSnap(*key, n) for key, n in failures.items()],
+        rejections,
+        open_connections,
+    )
