@@ -162,7 +162,7 @@ def _read(path: Path, key: str) -> bytes:
 
 
 def _kind(public_key: Any) -> str:
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
     if isinstance(public_key, rsa.RSAPublicKey):
         return "an RSA key"
@@ -172,7 +172,7 @@ def _kind(public_key: Any) -> str:
 
 
 def _check_family(public_key: Any, algorithms: tuple[str, ...], key: str) -> None:
-    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
     # Which key kind each algorithm family needs: an RSA key never verifies
     # an ES256 token and no public key ever serves as an HMAC secret.
@@ -187,50 +187,66 @@ def _check_family(public_key: Any, algorithms: tuple[str, ...], key: str) -> Non
             raise ConfigError(f"{key}: {_kind(public_key)} cannot verify {alg}")
 
 
+def _jwks_keys(spec: JwtSpec, key: str, base: Path) -> list[JwtKey]:
+    import jwt
+
+    assert spec.jwks_file is not None
+    data = _read(base / spec.jwks_file, f"{key}jwks_file")
+    try:
+        jwks = jwt.PyJWKSet.from_dict(json.loads(data))
+    except (ValueError, jwt.PyJWKError, jwt.PyJWKSetError) as exc:
+        raise ConfigError(f"{key}jwks_file: not a usable JWKS: {exc}") from None
+    keys: list[JwtKey] = []
+    for jwk in jwks.keys:
+        if jwk.key_type == "oct":
+            raise ConfigError(f"{key}jwks_file: symmetric keys are not accepted from a JWKS")
+        _check_family(jwk.key, spec.algorithms, f"{key}jwks_file")
+        keys.append(JwtKey(jwk.key_id or "", jwk.key))
+    if len(keys) > 1 and any(not k.kid for k in keys):
+        raise ConfigError(f"{key}jwks_file: with several keys every key needs a kid")
+    return keys
+
+
+def _pem_key(spec: JwtSpec, key: str, base: Path) -> JwtKey:
+    from cryptography.hazmat.primitives import serialization
+
+    assert spec.public_key_file is not None
+    data = _read(base / spec.public_key_file, f"{key}public_key_file")
+    try:
+        public_key = serialization.load_pem_public_key(data)
+    except ValueError:
+        raise ConfigError(
+            f"{key}public_key_file: not a PEM public key (private keys do not belong here)"
+        ) from None
+    _check_family(public_key, spec.algorithms, f"{key}public_key_file")
+    return JwtKey("", public_key)
+
+
+def _hmac_key(spec: JwtSpec, key: str, environ: Mapping[str, str], base: Path) -> JwtKey:
+    if spec.hmac_secret_env is not None:
+        value = environ.get(spec.hmac_secret_env)
+        if value is None:
+            raise ConfigError(f"{key}hmac_secret_env: {spec.hmac_secret_env} is not set")
+        secret = value.encode().strip()
+        where = f"{key}hmac_secret_env"
+    else:
+        assert spec.hmac_secret_file is not None
+        secret = _read(base / spec.hmac_secret_file, f"{key}hmac_secret_file").strip()
+        where = f"{key}hmac_secret_file"
+    if len(secret) < _MIN_HMAC_SECRET:
+        raise ConfigError(f"{where}: an HMAC secret needs at least {_MIN_HMAC_SECRET} bytes")
+    return JwtKey("", secret)
+
+
 def _jwt(
     spec: JwtSpec, key: str, environ: Mapping[str, str], base: Path, cred: CredentialSpec
 ) -> JwtConfig:
-    import jwt  # noqa: PLC0415
-    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
-
-    keys: list[JwtKey] = []
     if spec.jwks_file is not None:
-        data = _read(base / spec.jwks_file, f"{key}jwks_file")
-        try:
-            jwks = jwt.PyJWKSet.from_dict(json.loads(data))
-        except (ValueError, jwt.PyJWKError, jwt.PyJWKSetError) as exc:
-            raise ConfigError(f"{key}jwks_file: not a usable JWKS: {exc}") from None
-        for jwk in jwks.keys:
-            if jwk.key_type == "oct":
-                raise ConfigError(f"{key}jwks_file: symmetric keys are not accepted from a JWKS")
-            _check_family(jwk.key, spec.algorithms, f"{key}jwks_file")
-            keys.append(JwtKey(jwk.key_id or "", jwk.key))
-        if len(keys) > 1 and any(not k.kid for k in keys):
-            raise ConfigError(f"{key}jwks_file: with several keys every key needs a kid")
+        keys = _jwks_keys(spec, key, base)
     elif spec.public_key_file is not None:
-        data = _read(base / spec.public_key_file, f"{key}public_key_file")
-        try:
-            public_key = serialization.load_pem_public_key(data)
-        except ValueError:
-            raise ConfigError(
-                f"{key}public_key_file: not a PEM public key (private keys do not belong here)"
-            ) from None
-        _check_family(public_key, spec.algorithms, f"{key}public_key_file")
-        keys.append(JwtKey("", public_key))
+        keys = [_pem_key(spec, key, base)]
     else:
-        if spec.hmac_secret_env is not None:
-            value = environ.get(spec.hmac_secret_env)
-            if value is None:
-                raise ConfigError(f"{key}hmac_secret_env: {spec.hmac_secret_env} is not set")
-            secret = value.encode().strip()
-            where = f"{key}hmac_secret_env"
-        else:
-            assert spec.hmac_secret_file is not None
-            secret = _read(base / spec.hmac_secret_file, f"{key}hmac_secret_file").strip()
-            where = f"{key}hmac_secret_file"
-        if len(secret) < _MIN_HMAC_SECRET:
-            raise ConfigError(f"{where}: an HMAC secret needs at least {_MIN_HMAC_SECRET} bytes")
-        keys.append(JwtKey("", secret))
+        keys = [_hmac_key(spec, key, environ, base)]
     routes = set(cred.routes)
     scopes: dict[str, frozenset[str]] = {}
     for scope, scope_routes in spec.scopes.items():

@@ -95,7 +95,8 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _cross_check(spec: SettingsSpec, credentials: tuple[Credential, ...]) -> None:
+def _check_routes(spec: SettingsSpec) -> set[str]:
+    """Route names and paths are unique; returns the names."""
     if not spec.routes:
         raise ConfigError("routes: at least one route is required")
     names: set[str] = set()
@@ -107,10 +108,33 @@ def _cross_check(spec: SettingsSpec, credentials: tuple[Credential, ...]) -> Non
             raise ConfigError(f"routes[{i}].path: duplicate route path {route.path!r}")
         names.add(route.name)
         paths.add(route.path)
-    if not credentials:
-        raise ConfigError("credentials: at least one credential is required")
+    return names
+
+
+def _check_secrets(credentials: tuple[Credential, ...]) -> None:
+    """No two tokens share a secret, no two credentials a JWT key id."""
     seen: dict[bytes, str] = {}
     kids: dict[str, str] = {}
+    for i, cred in enumerate(credentials):
+        for k in cred.jwt.keys if cred.jwt is not None else ():
+            if not k.kid:
+                continue
+            owner = kids.setdefault(k.kid, cred.name)
+            if owner != cred.name:
+                raise ConfigError(f"credentials[{i}].jwt: key id {k.kid!r} is also used by {owner}")
+        secrets: list[Token | Revoked] = [*cred.tokens, *cred.revoked]
+        for t in secrets:
+            owner = seen.setdefault(t.digest, f"{cred.name}/{t.id}")
+            if owner != f"{cred.name}/{t.id}":
+                raise ConfigError(
+                    f"credentials[{i}]: token {t.id!r} has the same secret as {owner}"
+                )
+
+
+def _cross_check(spec: SettingsSpec, credentials: tuple[Credential, ...]) -> None:
+    names = _check_routes(spec)
+    if not credentials:
+        raise ConfigError("credentials: at least one credential is required")
     cred_names: set[str] = set()
     for i, (cspec, cred) in enumerate(zip(spec.credentials, credentials, strict=True)):
         if cred.name in cred_names:
@@ -119,21 +143,7 @@ def _cross_check(spec: SettingsSpec, credentials: tuple[Credential, ...]) -> Non
         for j, route_name in enumerate(cspec.routes):
             if route_name not in names:
                 raise ConfigError(f"credentials[{i}].routes[{j}]: no route named {route_name!r}")
-        if cred.jwt is not None:
-            for k in cred.jwt.keys:
-                if k.kid:
-                    owner = kids.setdefault(k.kid, cred.name)
-                    if owner != cred.name:
-                        raise ConfigError(
-                            f"credentials[{i}].jwt: key id {k.kid!r} is also used by {owner}"
-                        )
-        secrets: list[Token | Revoked] = [*cred.tokens, *cred.revoked]
-        for t in secrets:
-            owner = seen.setdefault(t.digest, f"{cred.name}/{t.id}")
-            if owner != f"{cred.name}/{t.id}":
-                raise ConfigError(
-                    f"credentials[{i}]: token {t.id!r} has the same secret as {owner}"
-                )
+    _check_secrets(credentials)
 
 
 def loads(

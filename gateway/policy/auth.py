@@ -156,7 +156,7 @@ class Authenticator:
             del self._jwt_cache[digest]
         # Imported on first use: pyjwt and cryptography cost ~20 MB per
         # process, which a gateway without JWT credentials never needs.
-        import jwt  # noqa: PLC0415
+        import jwt
 
         try:
             kid = jwt.get_unverified_header(token).get("kid")

@@ -135,7 +135,9 @@ def _auth_failed(
     return missing if head.authorization is None else invalid
 
 
-def decide(
+# One branch per rule, in the docstring's order: the order is the contract,
+# and it reads top to bottom.
+def decide(  # noqa: PLR0912
     head: RequestHead,
     route: Route | None,
     client: str,

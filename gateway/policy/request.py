@@ -96,7 +96,9 @@ class RequestHead:
         self._rid: bytes | None = None
         self._listed: list[bytes] | None = None
 
-    def header(self, name: bytes, value: bytes) -> None:
+    # Called once per header: one if-chain on the cached action costs less
+    # than a table of bound methods (a Python call per header fewer).
+    def header(self, name: bytes, value: bytes) -> None:  # noqa: PLR0912
         entry = _KNOWN.get(name)
         if entry is None:
             entry = _classify(name)

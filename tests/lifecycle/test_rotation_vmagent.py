@@ -228,7 +228,8 @@ async def token_requests(gw: GatewayProcess, token_id: str) -> float:
 # ---------------------------------------------------------------- the rotation
 
 
-async def test_runbook_rotation_with_a_real_vmagent_loses_nothing(
+# The runbook's steps in the runbook's order: splitting it would hide the procedure.
+async def test_runbook_rotation_with_a_real_vmagent_loses_nothing(  # noqa: PLR0915
     tmp_path: Path,
     aiohttp_server: Any,
     spawn: Spawn,

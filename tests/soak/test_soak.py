@@ -493,7 +493,8 @@ async def _restarter(ups: dict[str, SoakUpstream], stop: float, ledger: Ledger) 
     return n
 
 
-async def test_soak(tmp_path: Path) -> None:
+# Start everything, run the loops, then check every ledger: one scenario.
+async def test_soak(tmp_path: Path) -> None:  # noqa: PLR0915
     ups = {"rw": SoakUpstream(otlp=False), "otlp": SoakUpstream(otlp=True)}
     for up in ups.values():
         await up.start()
