@@ -382,6 +382,10 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["instructions"]:
+        from bench import instructions  # noqa: PLC0415  (valgrind runs are a tool apart)
+
+        return instructions.main(argv[1:])
     if argv[:1] == ["profile"]:
         from bench import profile  # noqa: PLC0415  (py-spy is only needed here)
 

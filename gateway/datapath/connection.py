@@ -38,14 +38,9 @@ __all__ = ["ClientConnection"]
 
 _perf = time.perf_counter
 
-# Module-level aliases: an IntEnum member is a class attribute lookup.
-_NONE, _IDLE, _HEAD, _BODY = Deadline.NONE, Deadline.IDLE, Deadline.HEAD, Deadline.BODY
-_UPSTREAM, _WRITE, _LINGER, _QUEUE = (
-    Deadline.UPSTREAM,
-    Deadline.WRITE,
-    Deadline.LINGER,
-    Deadline.QUEUE,
-)
+# The deadline kinds as plain ints: CPython 3.11 specialises comparisons of
+# exact ints only, and these are compared on every read.
+_NONE, _IDLE, _HEAD, _BODY, _UPSTREAM, _WRITE, _LINGER, _QUEUE = map(int, Deadline)
 _OVERLOADED = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
     b"Content-Length: 25\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
@@ -122,7 +117,7 @@ class ClientConnection(asyncio.Protocol):
         self._raw_head = 0
         self._in_head = False
         self.deadline = 0.0
-        self.deadline_kind: Deadline = _NONE
+        self.deadline_kind = _NONE  # a Deadline value
 
     # -- asyncio.Protocol ------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -302,7 +297,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._paused &= ~reasons
 
-    def set_deadline(self, kind: Deadline, timeout: float) -> None:
+    def set_deadline(self, kind: int, timeout: float) -> None:
         if kind == _UPSTREAM and self._write_paused:
             return  # the client is not reading: the write deadline stays in force
         self.deadline_kind = kind

@@ -28,15 +28,11 @@ if TYPE_CHECKING:
 
 __all__ = ["DISCARD_LIMIT", "Exchange", "State"]
 
-# Module-level aliases: an IntEnum member is a class attribute lookup.
-_WAITING, _DECIDING, _QUEUED, _CONNECTING = (
-    State.WAITING,
-    State.DECIDING,
-    State.QUEUED,
-    State.CONNECTING,
-)
-_SENT, _RESPONDING, _ANSWERED = State.SENT, State.RESPONDING, State.ANSWERED
-_BODY, _UPSTREAM, _QUEUE = Deadline.BODY, Deadline.UPSTREAM, Deadline.QUEUE
+# Plain ints (see State): compared and stored on every request.
+_WAITING, _DECIDING = int(State.WAITING), int(State.DECIDING)
+_QUEUED, _CONNECTING = int(State.QUEUED), int(State.CONNECTING)
+_SENT, _RESPONDING, _ANSWERED = int(State.SENT), int(State.RESPONDING), int(State.ANSWERED)
+_BODY, _UPSTREAM, _QUEUE = int(Deadline.BODY), int(Deadline.UPSTREAM), int(Deadline.QUEUE)
 
 _perf = time.perf_counter
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -100,27 +96,24 @@ class Exchange(ExchangeBase):
             shared.loop.time(),
             shared.draining,
         )
+        # Attributed to the presented credential, unless refused before
+        # authentication (revoked / expired failures still name their token).
+        if not d.anonymous:
+            if isinstance(who, Failure):
+                self.token_id = who.token_id
+            else:
+                self.principal = who
+                self.credential = who.credential
+                self.token_id = who.token_id
         if d is PROXY:
-            self._attribute(who)
             assert route is not None
             self.admit(route)
         elif d is HEALTH_CHECK:
-            self._attribute(who)
             assert isinstance(who, Principal)
             self.health(who)
         else:
             assert isinstance(d, Refuse)
-            if not d.anonymous:
-                self._attribute(who)
             self._refuse(d, who)
-
-    def _attribute(self, who: Principal | Failure) -> None:
-        if isinstance(who, Failure):
-            self.token_id = who.token_id  # revoked / expired: which sender
-        else:
-            self.principal = who
-            self.credential = who.credential
-            self.token_id = who.token_id
 
     def on_body(self, data: bytes) -> None:
         state = self.state

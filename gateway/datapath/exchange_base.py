@@ -62,10 +62,11 @@ class State(enum.IntEnum):
     FINISHED = 9  # accounted
 
 
-# Module-level aliases: an IntEnum member is a class attribute lookup.
-_WAITING, _PROBING, _RESPONDING = State.WAITING, State.PROBING, State.RESPONDING
-_CLOSING, _ANSWERED, _FINISHED = State.CLOSING, State.ANSWERED, State.FINISHED
-_BODY = Deadline.BODY
+# Plain ints: CPython 3.11 specialises comparisons of exact ints only, and
+# the state is compared on every callback (``self.state`` holds these).
+_WAITING, _PROBING, _RESPONDING = int(State.WAITING), int(State.PROBING), int(State.RESPONDING)
+_CLOSING, _ANSWERED, _FINISHED = int(State.CLOSING), int(State.ANSWERED), int(State.FINISHED)
+_BODY = int(Deadline.BODY)
 
 
 class ExchangeBase:
@@ -111,7 +112,7 @@ class ExchangeBase:
         self.shared = shared
         self.gen = shared.gen
         self.head = head
-        self.state = _WAITING
+        self.state = _WAITING  # a State value
         self.request_done = False
         self.close = False  # the connection ends after this exchange
         self.chunked_out = False

@@ -11,6 +11,7 @@ data path imports the one on the other side of a port.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -41,7 +42,11 @@ PAUSE_QUEUE = 8  # waiting for a concurrency slot
 
 
 class Deadline(enum.IntEnum):
-    """The one deadline a client connection has at a time, by what it bounds."""
+    """The one deadline a client connection has at a time, by what it bounds.
+
+    The data path stores the plain ints (``int(Deadline.BODY)``): CPython
+    3.11 specialises comparisons of exact ints, not of IntEnum members.
+    """
 
     NONE = 0
     IDLE = 1  # keep-alive: waiting for the next request
@@ -66,7 +71,7 @@ class ClientPort(Protocol):
     def flush(self) -> None: ...
     def pause(self, reason: int) -> None: ...
     def resume(self, reasons: int) -> None: ...
-    def set_deadline(self, kind: Deadline, timeout: float) -> None: ...
+    def set_deadline(self, kind: int, timeout: float) -> None: ...  # a Deadline
     def clear_deadline(self) -> None: ...
     def close_now(self) -> None: ...
     def exchange_finished(self, ex: object) -> None: ...
@@ -77,7 +82,7 @@ class Tracked(Protocol):
     enforces deadlines, and the drain on shutdown."""
 
     deadline: float  # loop time; meaningful when deadline_kind is not NONE
-    deadline_kind: Deadline
+    deadline_kind: int  # a Deadline
 
     def on_deadline(self, now: float) -> None: ...
     def busy(self) -> bool: ...
@@ -88,8 +93,9 @@ class Tracked(Protocol):
 class UpstreamPort(Protocol):
     """What an exchange may do to the upstream connection it holds."""
 
+    send: Callable[[list[bytes]], None]  # write these pieces, coalesced
+
     def attach(self, sink: ResponseSink) -> None: ...
-    def send(self, pieces: list[bytes]) -> None: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     def abort(self) -> None: ...

@@ -69,10 +69,14 @@ class Refuse:
 class HealthCheck:
     """Answer ``/health`` for the authenticated principal."""
 
+    anonymous: bool = False
+
 
 @dataclass(frozen=True, slots=True)
 class Proxy:
     """Admit the request to its route's upstream."""
+
+    anonymous: bool = False
 
 
 Decision = Refuse | HealthCheck | Proxy

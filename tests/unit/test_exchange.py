@@ -35,7 +35,7 @@ class FakePort:
     out: list[bytes] = field(default_factory=list)
     sent: bytearray = field(default_factory=bytearray)
     paused: int = 0
-    deadline: Deadline = Deadline.NONE
+    deadline: int = Deadline.NONE
     closed: bool = False
     finished: list[object] = field(default_factory=list)
 
@@ -50,7 +50,7 @@ class FakePort:
     def resume(self, reasons: int) -> None:
         self.paused &= ~reasons
 
-    def set_deadline(self, kind: Deadline, timeout: float) -> None:
+    def set_deadline(self, kind: int, timeout: float) -> None:
         self.deadline = kind
 
     def clear_deadline(self) -> None:
@@ -150,13 +150,13 @@ def test_a_proxied_request_reaches_the_upstream_whole_and_the_answer_the_client(
     shared = make_shared(loop)
     up = FakeUpstream()
     ex, port = start(shared, request(), up)
-    assert ex.state is State.SENT
+    assert ex.state == State.SENT
     ex.on_body(b"x" * 1000)
     ex.flush_upstream()
     ex.on_body(b"x" * 24)
     ex.on_request_complete()
     ex.flush_upstream()
-    assert port.deadline is Deadline.UPSTREAM
+    assert port.deadline == Deadline.UPSTREAM
     seen, used = parse_request(bytes(up.data))
     assert used == len(up.data)
     assert (seen.method, seen.target, seen.body) == ("POST", "/api/v1/write", b"x" * 1024)
@@ -178,7 +178,7 @@ def test_a_refused_request_never_touches_an_upstream(loop: asyncio.AbstractEvent
     shared = make_shared(loop)
     raw = request().replace(f"Authorization: Bearer {TOKEN}\r\n".encode(), b"")
     ex, port = start(shared, raw)
-    assert ex.state is State.ANSWERED  # the body is still to be read and dropped
+    assert ex.state == State.ANSWERED  # the body is still to be read and dropped
     ex.on_body(b"x" * 1024)
     ex.on_request_complete()
     port.flush()
@@ -272,7 +272,7 @@ def test_a_pipelined_request_waits_with_its_body_and_replays_it(
     ex = Exchange(port, shared, parse_head(request(body=b"abc")))
     ex.on_body(b"abc")  # parsed while the previous exchange is in flight
     ex.on_request_complete()
-    assert ex.state is State.WAITING
+    assert ex.state == State.WAITING
     assert up.data == b""
     cast(FakePools, shared.pools).pool.idle.append(up)
     ex.start()
