@@ -580,7 +580,8 @@ CONCURRENCY = 64
 ROUTE_PATHS = {"/api/v1/write", "/v1/traces"}
 # Every status the gateway may make itself, plus what our upstream answers.
 # The upstream answers every request at once, so 502 and 504 would be the
-# gateway's own fault; 503 only for an OTLP body stalled past its timeout.
+# gateway's own fault; 503 for an OTLP body stalled past its timeout (and, on
+# an OTLP route, for what would be 502/504 on remote-write: issue 10 item 13).
 ALLOWED = {100, 200, 204, 400, 401, 403, 404, 405, 408, 413, 414, 431, 503}
 
 
