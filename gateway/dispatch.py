@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from gateway.auth import Failure
-from gateway.errors import Kind
+from gateway.errors import Kind, Protocol
 from gateway.routing import HEALTH
 
 if TYPE_CHECKING:
@@ -68,6 +68,10 @@ def dispatch(ex: Exchange, gen: Generation, head: RequestHead) -> None:
         ex.refuse(Kind.FORBIDDEN, "client_denied")
         return
     if route is None:
+        if head.otlp_encoded:
+            # An OTLP exporter on a signal that has no route (/v1/metrics,
+            # /v1/logs) reads a google.rpc.Status in its own encoding.
+            ex.protocol = Protocol.OTLP
         ex.answer(Kind.NOT_FOUND)
         return
     if head.method not in route.methods:

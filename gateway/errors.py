@@ -28,7 +28,9 @@ and more) to about 5 s, and a 10 s outage would cost them spans.
 
 Bodies: remote-write and plain get one short ``text/plain`` line; OTLP gets a
 ``google.rpc.Status`` encoded like the request (protobuf, or JSON when the
-request was JSON), as the OTLP/HTTP spec requires.  No body ever carries a
+request was JSON), as the OTLP/HTTP spec requires; so does a 404 for an
+unrouted path whose request has OTLP's Content-Type (an exporter pointed at a
+signal with no route; dispatch decides).  No body ever carries a
 token, a traceback or an upstream address: messages are constants.
 Everything is rendered to bytes once per config; sending is a concatenation.
 """
