@@ -26,8 +26,15 @@ run: $(VENV)/.installed
 	fi; \
 	exec $(BIN)/obs-gateway run --config $(CONFIG)
 
-## test: the whole suite: unit, functional (loopback sockets), hostile (attacks, fuzzing) and integration (real VictoriaMetrics, vmagent, Prometheus, OTel SDK); not the soak
-test: $(VENV)/.installed
+# The OpenTelemetry JS SDK for the integration tier's node sender, pinned by
+# its package-lock.json (needs node >= 18.19 and npm; .ci/run installs them).
+NODE_SENDER := tests/integration/node
+$(NODE_SENDER)/node_modules/.installed: $(NODE_SENDER)/package.json $(NODE_SENDER)/package-lock.json
+	npm ci --prefix $(NODE_SENDER) --no-audit --no-fund --loglevel=error
+	touch $@
+
+## test: the whole suite: unit, functional (loopback sockets), hostile (attacks, fuzzing) and integration (real VictoriaMetrics, vmagent, Prometheus, OTel Python and JS SDKs); not the soak
+test: $(VENV)/.installed $(NODE_SENDER)/node_modules/.installed
 	$(BIN)/pytest -m "not soak"
 
 ## soak: minutes of mixed load on the real CLI with reloads and upstream restarts (SOAK_SECONDS, default 100)

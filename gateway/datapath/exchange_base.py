@@ -159,6 +159,8 @@ class ExchangeBase:
         self.error = d.error
         if d.close:
             self.close = True
+        if d.otlp:
+            self.protocol = Protocol.OTLP
         route = self.route
         self.answer(d.kind, route.allow_line if d.allow and route is not None else b"")
 

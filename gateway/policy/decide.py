@@ -53,7 +53,8 @@ class Refuse:
     ``gateway_auth_failures_total`` reason to count under the presented
     credential, ``allow`` adds the route's ``Allow`` header, ``close`` ends
     the connection after the answer; ``anonymous`` refusals come before
-    authentication, so the request is not attributed to any credential.
+    authentication, so the request is not attributed to any credential;
+    ``otlp`` answers in OTLP's encoding although no route says so.
     """
 
     kind: Kind
@@ -63,6 +64,7 @@ class Refuse:
     allow: bool = False
     close: bool = False
     anonymous: bool = False
+    otlp: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +89,9 @@ MALFORMED = Refuse(Kind.BAD_REQUEST, "bad_request", close=True, anonymous=True)
 CLIENT_DENIED = Refuse(Kind.FORBIDDEN, "client_denied", limit="client_denied", anonymous=True)
 CIDR_DENIED = Refuse(Kind.FORBIDDEN, "client_denied", limit="client_denied")
 NOT_FOUND = Refuse(Kind.NOT_FOUND)
+# An OTLP exporter on a signal that has no route (/v1/metrics, /v1/logs)
+# reads a google.rpc.Status in its own encoding.
+NOT_FOUND_OTLP = Refuse(Kind.NOT_FOUND, otlp=True)
 METHOD = Refuse(Kind.METHOD, allow=True)
 SCOPE = Refuse(Kind.SCOPE, "scope", auth="scope")
 DRAINING = Refuse(Kind.DRAINING, "draining")
@@ -166,7 +171,7 @@ def decide(  # noqa: PLR0912
     if rules.networks and not rules.permits(client):
         return CIDR_DENIED
     if route is None:
-        return NOT_FOUND
+        return NOT_FOUND_OTLP if head.otlp_encoded else NOT_FOUND
     if head.method not in route.methods:
         return METHOD
     if route is HEALTH:

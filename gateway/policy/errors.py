@@ -15,15 +15,22 @@ policy lives in this one table, per route protocol:
     CLIENT_TIMEOUT     408                   503 + Retry-After    (OTLP drops 408)
     OVERLOADED         429 + Retry-After     503 + Retry-After    (Python OTLP drops 429)
     DRAINING           503 + Retry-After     503 + Retry-After
-    UPSTREAM_CONNECT   502                   502
-    UPSTREAM_RESET     502                   502
-    UPSTREAM_PROTOCOL  502                   502
-    UPSTREAM_TIMEOUT   504                   504                  (no answer in time)
+    UPSTREAM_CONNECT   502                   503, no Retry-After  (Go SDK < 1.20 drops 502/504)
+    UPSTREAM_RESET     502                   503, no Retry-After
+    UPSTREAM_PROTOCOL  502                   503, no Retry-After
+    UPSTREAM_TIMEOUT   504                   503, no Retry-After  (no answer in time)
     INTERNAL           503 + Retry-After     503 + Retry-After    (never 500: OTLP drops it)
+
+No Retry-After when the upstream failed: the gateway cannot know when it
+returns, and the Python and JS SDKs obey the header exactly but retry a fixed
+five times, so "1" would shrink their window from their own backoff's (12 s
+and more) to about 5 s, and a 10 s outage would cost them spans.
 
 Bodies: remote-write and plain get one short ``text/plain`` line; OTLP gets a
 ``google.rpc.Status`` encoded like the request (protobuf, or JSON when the
-request was JSON), as the OTLP/HTTP spec requires.  No body ever carries a
+request was JSON), as the OTLP/HTTP spec requires; so does a 404 for an
+unrouted path whose request has OTLP's Content-Type (an exporter pointed at a
+signal with no route; dispatch decides).  No body ever carries a
 token, a traceback or an upstream address: messages are constants.
 Everything is rendered to bytes once per config; sending is a concatenation.
 """
@@ -91,10 +98,10 @@ _TABLE: dict[Kind, tuple[int, int, int, str]] = {
     Kind.CLIENT_TIMEOUT: (408, 503, 14, "timed out reading the request body"),
     Kind.OVERLOADED: (429, 503, 14, "too many requests, retry later"),
     Kind.DRAINING: (503, 503, 14, "gateway is shutting down, retry"),
-    Kind.UPSTREAM_CONNECT: (502, 502, 14, "upstream unavailable"),
-    Kind.UPSTREAM_RESET: (502, 502, 14, "upstream connection failed"),
-    Kind.UPSTREAM_PROTOCOL: (502, 502, 14, "upstream sent an invalid response"),
-    Kind.UPSTREAM_TIMEOUT: (504, 504, 4, "upstream timed out"),
+    Kind.UPSTREAM_CONNECT: (502, 503, 14, "upstream unavailable"),
+    Kind.UPSTREAM_RESET: (502, 503, 14, "upstream connection failed"),
+    Kind.UPSTREAM_PROTOCOL: (502, 503, 14, "upstream sent an invalid response"),
+    Kind.UPSTREAM_TIMEOUT: (504, 503, 4, "upstream timed out"),
     Kind.INTERNAL: (503, 503, 14, "internal error, retry"),
     Kind.FORBIDDEN: (403, 403, 7, "client not allowed"),
 }
@@ -118,6 +125,10 @@ _REASONS = {
 # Seconds a sender should wait; short, because another replica or the next
 # attempt usually succeeds.
 RETRY_AFTER_SECONDS = 1
+# Failures of the upstream: no Retry-After (see the table above).
+_UPSTREAM = frozenset(
+    (Kind.UPSTREAM_CONNECT, Kind.UPSTREAM_RESET, Kind.UPSTREAM_PROTOCOL, Kind.UPSTREAM_TIMEOUT)
+)
 
 
 def status_of(kind: Kind, protocol: Protocol) -> int:
@@ -179,7 +190,7 @@ class ErrorRenderer:
             lines.append(f'WWW-Authenticate: Bearer realm="{realm}", error="invalid_token"')
         elif kind is Kind.SCOPE:
             lines.append(f'WWW-Authenticate: Bearer realm="{realm}", error="insufficient_scope"')
-        if status in (429, 503):
+        if status in (429, 503) and kind not in _UPSTREAM:
             lines.append(f"Retry-After: {RETRY_AFTER_SECONDS}")
         head = ("\r\n".join(lines) + "\r\n").encode()
         return status, head, body

@@ -73,6 +73,7 @@ class RequestHead:
         "keep_alive",
         "malformed",
         "method",
+        "otlp_encoded",
         "path",
         "query",
         "request_id",
@@ -89,6 +90,7 @@ class RequestHead:
         self.bad_framing = False
         self.expect_continue = False
         self.json = False
+        self.otlp_encoded = False  # Content-Type is OTLP/HTTP's (protobuf or JSON)
         self.xff: bytes | None = None
         self.forward: list[bytes] = []  # name, b": ", value, b"\r\n", ...
         self._client_ips: dict[bytes, bytes] | None = None
@@ -112,6 +114,7 @@ class RequestHead:
             self.content_length = int(value)  # llhttp validated it
         elif action == _CONTENT_TYPE:
             self.json = value[:16].lower() == b"application/json"
+            self.otlp_encoded = self.json or value[:22].lower() == b"application/x-protobuf"
             self.forward += (name, b": ", value, b"\r\n")
         elif action == _DROP:
             pass

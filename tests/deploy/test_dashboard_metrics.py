@@ -153,7 +153,7 @@ async def exported(start_gateway: StartGateway, upstream: RecordingUpstream) -> 
         ("/api/v1/write", UNKNOWN_TOKEN, 401),  # unknown
         ("/api/v1/write", REVOKED_TOKEN, 401),  # revoked
         ("/v1/traces", OTHER_TOKEN, 403),  # scope
-        ("/v1/traces", TOKEN, 502),  # upstream connect error
+        ("/v1/traces", TOKEN, 503),  # upstream connect error (503 on OTLP routes)
     ]
     async with aiohttp.ClientSession() as session:
         for path, token, status in attempts:

@@ -173,7 +173,8 @@ async def test_tokens_never_appear_in_logs_responses_or_metrics(
         await wait_for(lambda: len(upstream.requests) == 2)
         client.abort()
     statuses = sorted(r.status for r in responses)
-    assert statuses == [200, 204, 401, 401, 403, 404, 405, 408, 413, 502, 504]
+    # 503: the refused OTLP upstream (issue 10 item 13); 504: the hung remote-write one.
+    assert statuses == [200, 204, 401, 401, 403, 404, 405, 408, 413, 503, 504]
     await wait_for(lambda: sum(e.get("event") == "request" for e in log_capture) == 12)
     logs = "\n".join(repr(dict(e)) for e in log_capture)
     texts = {"logs": logs, "responses": "\n".join(r.raw.decode("latin-1") for r in responses)}

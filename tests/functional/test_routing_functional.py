@@ -5,10 +5,16 @@ reaches an upstream."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from google.rpc import status_pb2
 
 from gateway.process.gateway import Gateway
 from tests.conftest import StartGateway, StartRawUpstream, config_text
+from tests.support import (
+    OTLP as OTLP_CASE,
+)
 from tests.support import (
     ROUTE_IDS,
     ROUTES,
@@ -108,6 +114,64 @@ async def test_authenticated_unknown_path_is_404(
     metrics = await scrape(gw.admin_port)
     assert metrics.value("gateway_requests_total", route="unmatched", code="404") == 2
     assert up.connections == 0
+
+
+OTLP_ENCODINGS = [
+    ("application/x-protobuf", False),
+    ("Application/X-Protobuf", False),
+    ("application/json", True),
+    ("application/json; charset=utf-8", True),
+]
+
+
+@pytest.mark.parametrize("path", ["/v1/metrics", "/v1/logs", "/nope"])
+@pytest.mark.parametrize(("ctype", "as_json"), OTLP_ENCODINGS)
+async def test_unrouted_otlp_request_gets_a_google_rpc_status_404(
+    setup: tuple[Gateway, RawUpstream], path: str, ctype: str, as_json: bool
+) -> None:
+    """Issue 10 item 14: an OTLP exporter pointed at a signal with no route
+    reads the 404 as a google.rpc.Status in its own encoding."""
+    gw, up = setup
+    headers = [("Content-Type", ctype)]
+    resp = await raw_request(gw.port, request_bytes("POST", path, headers, b"\x0a\x00"))
+    assert resp.status == 404
+    assert_error_body(resp, OTLP_CASE, as_json=as_json)
+    if as_json:
+        assert json.loads(resp.body) == {"code": 5, "message": "not found"}  # NOT_FOUND
+    else:
+        status = status_pb2.Status()
+        status.ParseFromString(resp.body)
+        assert (status.code, status.message) == (5, "not found")
+    assert up.connections == 0
+
+
+@pytest.mark.parametrize("ctype", [None, "text/plain", "application/x-www-form-urlencoded"])
+async def test_unrouted_request_of_another_type_gets_text(
+    setup: tuple[Gateway, RawUpstream], ctype: str | None
+) -> None:
+    gw, _ = setup
+    headers = [] if ctype is None else [("Content-Type", ctype)]
+    resp = await raw_request(gw.port, request_bytes("POST", "/v1/metrics", headers, b"x"))
+    assert resp.status == 404
+    assert_error_body(resp, None)
+    assert resp.body == b"not found\n"
+
+
+async def test_otlp_encoding_does_not_change_refusals_before_routing(
+    setup: tuple[Gateway, RawUpstream],
+) -> None:
+    # Without a valid token nothing about the path is revealed: the same
+    # 401 as any unknown path.
+    gw, _ = setup
+    headers = [("Content-Type", "application/x-protobuf")]
+    resp = await raw_request(
+        gw.port, request_bytes("POST", "/v1/metrics", headers, b"x", token="wrong-token-xyz")
+    )
+    plain = await raw_request(
+        gw.port, request_bytes("POST", "/nope", body=b"x", token="wrong-token-xyz")
+    )
+    assert resp.status == plain.status == 401
+    assert resp.body == plain.body
 
 
 @pytest.mark.parametrize("case", ROUTES, ids=ROUTE_IDS)

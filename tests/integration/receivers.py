@@ -16,6 +16,7 @@ import hashlib
 import http.client
 import socket
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,7 +52,8 @@ class Received:
 
 
 Reply = tuple[int, dict[str, str], bytes]
-Handle = Callable[[str, str, dict[str, str], bytes], Reply]
+# None: the receiver gives no answer and drops the connection (a hung receiver).
+Handle = Callable[[str, str, dict[str, str], bytes], Reply | None]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -77,9 +79,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         body = self._body()
         headers = {k.lower(): v for k, v in self.headers.items()}
-        status, reply_headers, reply = self.server.owner.handle(
-            self.command, self.path, headers, body
-        )
+        answer = self.server.owner.handle(self.command, self.path, headers, body)
+        if answer is None:
+            self.close_connection = True
+            return
+        status, reply_headers, reply = answer
         self.server.owner.record(Received(self.command, self.path, headers, body, status, reply))
         self.send_response(status)
         for name, value in reply_headers.items():
@@ -152,7 +156,7 @@ class Server:
         self._thread.join(5.0)
         self._httpd = self._thread = None
 
-    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
+    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply | None:
         raise NotImplementedError
 
     def record(self, received: Received) -> None:
@@ -188,15 +192,33 @@ class ReceivedSpan:
 class OtlpReceiver(Server):
     """An OTLP/HTTP traces receiver: decodes ``ExportTraceServiceRequest``
     (protobuf; gzip or deflate when the request says so) like the Collector's
-    ``otlpreceiver``, and answers 200 with an ``ExportTraceServiceResponse``."""
+    ``otlpreceiver``, and answers 200 with an ``ExportTraceServiceResponse``.
+
+    ``hang(seconds)`` makes it a receiver that stops answering: every request
+    that arrives in that window is read, then held without an answer until the
+    window ends and its connection dropped; its spans are not kept (the work
+    was lost), and ``hung`` counts those requests."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.hung = 0
+        self._hang_until = 0.0
         self.spans: list[ReceivedSpan] = []
         self.errors: list[str] = []
         self.payload_sha256: list[str] = []  # of the decoded (decompressed) payloads
 
-    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
+    def hang(self, seconds: float) -> None:
+        with self._lock:
+            self._hang_until = time.monotonic() + seconds
+
+    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply | None:
+        with self._lock:
+            held = self._hang_until - time.monotonic()
+            if held > 0:
+                self.hung += 1
+        if held > 0:
+            time.sleep(held)  # on this request's own handler thread
+            return None
         if method != "POST" or path != "/v1/traces":
             return 404, {}, b""
         encoding = headers.get("content-encoding", "")

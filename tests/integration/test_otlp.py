@@ -88,7 +88,7 @@ def test_receiver_down_answers_retryable_then_recovers(
     start_gateway: StartGateway, otlp_receiver: OtlpReceiver
 ) -> None:
     """Scenario 5 (OTLP): with the receiver down the gateway answers only
-    502/503/504, which the SDK retries; once the receiver is back on the
+    503, which every OTLP SDK retries; once the receiver is back on the
     same port every span arrives, once."""
     gw = start_gateway(otlp_upstream=otlp_receiver.url + "/v1/traces")
     otlp_receiver.stop()
@@ -103,8 +103,9 @@ def test_receiver_down_answers_retryable_then_recovers(
         wait_until(
             answers, "the gateway's first answer with the receiver down", 20, watch=[gw.proc]
         )
-        # The OTLP retry list is 429, 502, 503, 504; the gateway never makes 429.
-        assert set(answers()) <= {"502", "503", "504"}, f"OTLP senders drop {answers()}"
+        # The spec's retry list is 429, 502, 503, 504, but the Go SDK before
+        # v1.20 retries only 429 and 503, and the Python SDK drops 429.
+        assert set(answers()) <= {"503"}, f"some OTLP SDK drops {answers()}"
         # A second attempt at the same batch: the SDK took the answer as retryable.
         wait_until(lambda: sum(answers().values()) >= 2, "the SDK's retry", 20, watch=[gw.proc])
         otlp_receiver.start()  # same port as before
@@ -120,7 +121,7 @@ def test_receiver_down_answers_retryable_then_recovers(
     assert sorted(ids_of(otlp_receiver.received_spans())) == sorted(sent)
     m = gw.metrics()
     codes = m.by("gateway_requests_total", "code", route="otlp_traces")
-    assert set(codes) - {"200"} <= {"502", "503", "504"}, f"non-retryable answers: {codes}"
+    assert set(codes) - {"200"} <= {"503"}, f"answers some SDK drops: {codes}"
     assert m.sum("gateway_upstream_errors_total", route="otlp_traces", kind="connect") >= 2
 
 

@@ -9,8 +9,9 @@ stalled bodies.
 
 Asserts, in order of how much they would hurt:
   * no failed request that was not a deliberate fault: a valid write may
-    fail only with a 502 (or a dropped connection) while its upstream is
-    down; every 2xx the client saw reached the upstream with the same body;
+    fail only with a 502 (503 on OTLP) or a dropped connection while its
+    upstream is down; every 2xx the client saw reached the upstream with the
+    same body;
   * no worker died or was restarted, the process drains and exits 0;
   * memory: no process's VmRSS grows more than ``RSS_GROWTH_BOUND`` between
     the end of warm-up and the end of the load (a leak of even 100 bytes per
@@ -365,11 +366,12 @@ async def _writer_loop(
             continue
         t1 = time.monotonic()
         expected = 204 if kind == "rw" else 200
+        down_status = 502 if kind == "rw" else 503  # OTLP: issue 10 item 13
         if resp.status == expected:
             ledger.outcomes[f"{kind}:{resp.status}"] += 1
             ledger.sent_2xx[kind].add(hashlib.sha256(body).hexdigest())
-        elif resp.status == 502 and ledger.deliberate(kind, t0, t1):
-            ledger.outcomes[f"{kind}:502-while-down"] += 1
+        elif resp.status == down_status and ledger.deliberate(kind, t0, t1):
+            ledger.outcomes[f"{kind}:{down_status}-while-down"] += 1
         else:
             ledger.fail(f"{kind} got {resp.status} {resp.body[:80]!r} at {t0:.1f}")
         if resp.header("Connection") == "close" and conn is not None:

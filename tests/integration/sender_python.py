@@ -1,0 +1,82 @@
+"""OTLP/HTTP sender process: the OpenTelemetry Python SDK (BatchSpanProcessor
++ OTLPSpanExporter, protobuf, gzip), run as its own program so that it meets
+an outage exactly as the JS SDK's ``node/sender.mjs`` does beside it.
+
+Contract (``tests.integration.senders``): environment in (OTLP_URL,
+OTLP_TOKEN, SPANS, PER_TICK, TICK_MS, EXPORT_TIMEOUT_MS), one JSON file out
+(RESULT_FILE): the ids sent and what each export returned.
+``python -m tests.integration.sender_python`` from the repository root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from opentelemetry.exporter.otlp.proto.http import Compression
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+
+class Tally(SpanExporter):
+    """Counts what each export returned, in spans (BatchSpanProcessor only logs it)."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self.inner = inner
+        self.counts = {"exported_ok": 0, "export_failed": 0, "export_calls": 0}
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        result = self.inner.export(spans)
+        self.counts["export_calls"] += 1
+        key = "exported_ok" if result is SpanExportResult.SUCCESS else "export_failed"
+        self.counts[key] += len(spans)
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+
+def main() -> None:
+    env = os.environ
+    timeout_ms = int(env.get("EXPORT_TIMEOUT_MS", "10000"))
+    sender = Tally(
+        OTLPSpanExporter(
+            endpoint=env["OTLP_URL"],
+            headers={"Authorization": f"Bearer {env['OTLP_TOKEN']}"},
+            compression=Compression.Gzip,
+            timeout=timeout_ms / 1000,
+        )
+    )
+    provider = TracerProvider(resource=Resource.create({"service.name": "obs-gateway-itest-py"}))
+    provider.add_span_processor(
+        BatchSpanProcessor(
+            sender,
+            schedule_delay_millis=100,
+            max_export_batch_size=128,
+            max_queue_size=10_000,
+            export_timeout_millis=2 * timeout_ms,  # the exporter's budget decides
+        )
+    )
+    tracer = provider.get_tracer("obs-gateway-itest")
+    total, per_tick = int(env.get("SPANS", "100")), int(env.get("PER_TICK", "10"))
+    tick = int(env.get("TICK_MS", "200")) / 1000
+    sent: list[str] = []
+    for i in range(total):
+        with tracer.start_as_current_span(f"py-{i}", attributes={"i": i}) as span:
+            ctx = span.get_span_context()
+            sent.append(f"{ctx.trace_id:032x}{ctx.span_id:016x}")
+        if (i + 1) % per_tick == 0:
+            time.sleep(tick)
+    provider.force_flush(4 * timeout_ms)
+    provider.shutdown()
+    result = {"sent": sent, **sender.counts}
+    Path(env["RESULT_FILE"]).write_text(json.dumps(result), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
