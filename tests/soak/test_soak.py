@@ -41,14 +41,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import OTHER_TOKEN, TOKEN, sha256, wait_for
-from tests.hostile.support import (
-    Closed,
-    Incomplete,
-    ParsedRequest,
-    RawConn,
-    parse_request,
-    request,
-)
+from tests.support.client import Closed, RawClient, raw_client
+from tests.support.wire import Incomplete, ParsedRequest, parse_request, request
 
 pytestmark = pytest.mark.soak
 
@@ -341,7 +335,7 @@ async def _writer_loop(
 ) -> None:
     """Valid writes on a keep-alive connection, reconnecting when needed."""
     path = "/api/v1/write" if kind == "rw" else "/v1/traces"
-    conn: RawConn | None = None
+    conn: RawClient | None = None
     while time.monotonic() < stop:
         body = rng.randbytes(rng.choice((200, 2000, 20_000)))
         chunked = kind == "rw" and rng.random() < 0.2
@@ -350,7 +344,7 @@ async def _writer_loop(
         t0 = time.monotonic()
         try:
             if conn is None:
-                conn = await RawConn.open(port)
+                conn = await RawClient.open(port)
             await conn.send(data)
             resp = await conn.response(timeout=15.0)
         except (OSError, Closed, TimeoutError) as exc:
@@ -390,7 +384,7 @@ async def _bad_token_loop(port: int, stop: float, ledger: Ledger, rng: random.Ra
             headers=[("X-Forwarded-For", addr)],
         )
         try:
-            async with await RawConn.open(port) as conn:
+            async with raw_client(port) as conn:
                 await conn.send(data)
                 resp = await conn.response(timeout=10.0)
         except (OSError, Closed, TimeoutError) as exc:
@@ -403,7 +397,7 @@ async def _bad_token_loop(port: int, stop: float, ledger: Ledger, rng: random.Ra
 
 
 async def _not_found_loop(port: int, stop: float, ledger: Ledger, rng: random.Random) -> None:
-    async with await RawConn.open(port) as conn:
+    async with raw_client(port) as conn:
         while time.monotonic() < stop:
             path = rng.choice(["/api/v1/write/", "/nope", "//v1/traces", "/api/v1/%77rite"])
             try:
@@ -425,10 +419,10 @@ async def _slow_loop(port: int, stop: float, ledger: Ledger, rng: random.Random)
         slow_head = rng.random() < 0.5
         t0 = time.monotonic()
         try:
-            async with await RawConn.open(port) as conn:
+            async with raw_client(port) as conn:
                 if slow_head:
                     await conn.send(b"POST /api/v1/write HTTP/1.1\r\nHost: gw\r\nX-Slow: ")
-                    closed = await conn.closed_within(HEADER_TIMEOUT + TIMING_SLACK)
+                    closed = await conn.closed(HEADER_TIMEOUT + TIMING_SLACK)
                     ok = closed
                 else:
                     await conn.send(
