@@ -25,56 +25,14 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import config_text, sha256, wait_for
+from tests.support.metrics import Metrics, scrape
 
 OBS_GATEWAY = str(Path(sys.executable).with_name("obs-gateway"))
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 RELOAD_EVENTS = frozenset({"config_reloaded", "config_reload_failed", "config_reload_partial"})
-
-
-# ------------------------------------------------------------------ metrics
-
-
-@dataclass(frozen=True)
-class Metrics:
-    """One scrape of the admin /metrics: (sample name, labels) → value."""
-
-    samples: Mapping[tuple[str, frozenset[tuple[str, str]]], float]
-    text: str
-
-    @classmethod
-    def parse(cls, text: str) -> Metrics:
-        samples = {
-            (s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
-        return cls(samples, text)
-
-    def get(self, name: str, **labels: str) -> float | None:
-        return self.samples.get((name, frozenset(labels.items())))
-
-    def value(self, name: str, **labels: str) -> float:
-        """The sample, which must exist."""
-        found = self.get(name, **labels)
-        assert found is not None, f"no sample {name}{labels} in:\n{self.lines(name)}"
-        return found
-
-    def matching(self, name: str, **labels: str) -> dict[frozenset[tuple[str, str]], float]:
-        """Every sample of ``name`` whose labels include ``labels``."""
-        want = set(labels.items())
-        return {lab: v for (n, lab), v in self.samples.items() if n == name and want <= lab}
-
-    def lines(self, *prefixes: str) -> str:
-        """The exposition lines of these metrics, as an operator would grep them."""
-        return "\n".join(
-            line
-            for line in self.text.splitlines()
-            if line.startswith(prefixes) and not line.startswith("#")
-        )
 
 
 # ------------------------------------------------------------------ process
@@ -140,12 +98,7 @@ class GatewayProcess:
         return await self.wait_event(RELOAD_EVENTS, since, timeout)
 
     async def metrics(self) -> Metrics:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(self.admin_url + "/metrics") as resp,
-        ):
-            assert resp.status == 200
-            return Metrics.parse(await resp.text())
+        return await scrape(self.admin_port)
 
 
 StartProcess = Callable[..., Awaitable[GatewayProcess]]

@@ -279,8 +279,8 @@ async def test_scopes_refuse_other_routes_with_403(
 
     metrics = await gw.metrics()
     scope = {
-        dict(labels)["credential"]: value
-        for labels, value in metrics.matching("gateway_auth_failures_total", reason="scope").items()
+        s.labels["credential"]: s.value
+        for s in metrics.select("gateway_auth_failures_total", reason="scope")
     }
     assert scope == {"vmagent": 1, "prober": 2}
     assert (
