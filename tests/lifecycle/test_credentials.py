@@ -18,9 +18,7 @@ import pytest
 
 from tests.conftest import RecordingUpstream, sha256, wait_for
 from tests.lifecycle.conftest import (
-    OBS_GATEWAY,
     Answer,
-    GatewayProcess,
     StartProcess,
     call,
     lifecycle_config,
@@ -29,6 +27,7 @@ from tests.lifecycle.conftest import (
     token_block,
     write_atomic,
 )
+from tests.support.process import OBS_GATEWAY, GatewayProcess
 
 WRITE = "/api/v1/write"
 TRACES = "/v1/traces"

@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tests.conftest import RecordingUpstream
 from tests.lifecycle.conftest import (
     Answer,
-    GatewayProcess,
     StartProcess,
     call,
     lifecycle_config,
@@ -34,6 +33,7 @@ from tests.lifecycle.conftest import (
     token_block,
     write_atomic,
 )
+from tests.support.process import GatewayProcess
 
 ISS = "https://sso.88oakapps.test"
 AUD = "obs-gateway"

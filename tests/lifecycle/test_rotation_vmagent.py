@@ -30,8 +30,6 @@ from aiohttp import web
 
 from tests.conftest import wait_for
 from tests.lifecycle.conftest import (
-    OBS_GATEWAY,
-    GatewayProcess,
     StartProcess,
     call,
     lifecycle_config,
@@ -39,6 +37,7 @@ from tests.lifecycle.conftest import (
     write_atomic,
 )
 from tests.support.metrics import Metrics
+from tests.support.process import OBS_GATEWAY, GatewayProcess
 
 pytestmark = [
     pytest.mark.integration,

@@ -74,6 +74,10 @@ class GatewayProcess:
         return self._proc
 
     @property
+    def started(self) -> bool:
+        return self._proc is not None
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
