@@ -19,7 +19,10 @@ import aiohttp
 import pytest
 
 from tests.conftest import OTHER_TOKEN, TOKEN, RecordingUpstream, config_text, wait_for
-from tests.support import GatewayProcess, raw_client, raw_request, request_bytes, scrape
+from tests.support.client import raw_client, raw_request
+from tests.support.metrics import scrape
+from tests.support.process import GatewayProcess
+from tests.support.wire import request_bytes
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -156,9 +159,9 @@ async def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(
     finally:
         upstream.release.set()
         await gw.stop()
-    assert gw.events("draining")
-    assert gw.events("stopped")
-    [access] = [e for e in gw.lines if e.get("route") == "remote_write"]
+    assert gw.find("draining")
+    assert gw.find("stopped")
+    [access] = [e for e in gw.events if e.get("route") == "remote_write"]
     assert (access["status"], access["credential"]) == (200, "cli")
     stdout = gw.raw_stdout.decode()
     assert token not in stdout
@@ -232,7 +235,7 @@ async def test_sighup_reloads_a_good_config_and_keeps_serving_on_a_bad_one(
         assert "routes[0].upstream" in failed["error"]
         assert await status_with(TOKEN) == 204
         metrics = await scrape(gw.admin_port)
-        assert metrics.value("gateway_config_reloads_total", result="success") == 1
-        assert metrics.value("gateway_config_reloads_total", result="failure") == 1
+        assert metrics.sum("gateway_config_reloads_total", result="success") == 1
+        assert metrics.sum("gateway_config_reloads_total", result="failure") == 1
     finally:
         await gw.stop()

@@ -18,9 +18,7 @@ import pytest
 
 from tests.conftest import RecordingUpstream, sha256, wait_for
 from tests.lifecycle.conftest import (
-    OBS_GATEWAY,
     Answer,
-    GatewayProcess,
     StartProcess,
     call,
     lifecycle_config,
@@ -29,6 +27,7 @@ from tests.lifecycle.conftest import (
     token_block,
     write_atomic,
 )
+from tests.support.process import OBS_GATEWAY, GatewayProcess
 
 WRITE = "/api/v1/write"
 TRACES = "/v1/traces"
@@ -279,8 +278,8 @@ async def test_scopes_refuse_other_routes_with_403(
 
     metrics = await gw.metrics()
     scope = {
-        dict(labels)["credential"]: value
-        for labels, value in metrics.matching("gateway_auth_failures_total", reason="scope").items()
+        s.labels["credential"]: s.value
+        for s in metrics.select("gateway_auth_failures_total", reason="scope")
     }
     assert scope == {"vmagent": 1, "prober": 2}
     assert (

@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tests.conftest import RecordingUpstream
 from tests.lifecycle.conftest import (
     Answer,
-    GatewayProcess,
     StartProcess,
     call,
     lifecycle_config,
@@ -34,6 +33,7 @@ from tests.lifecycle.conftest import (
     token_block,
     write_atomic,
 )
+from tests.support.process import GatewayProcess
 
 ISS = "https://sso.88oakapps.test"
 AUD = "obs-gateway"
@@ -285,8 +285,8 @@ async def test_every_bad_jwt_gets_the_plain_401_and_the_operator_the_reason(
 
     metrics = await gw.metrics()
     seen = {
-        (dict(lab)["reason"], dict(lab)["credential"], dict(lab)["token_id"]): value
-        for lab, value in metrics.matching("gateway_auth_failures_total").items()
+        (s.labels["reason"], s.labels["credential"], s.labels["token_id"]): s.value
+        for s in metrics.select("gateway_auth_failures_total")
     }
     assert seen == expected
     assert not any(e.get("level") == "error" for e in gw.events)

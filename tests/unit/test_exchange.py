@@ -20,8 +20,8 @@ from gateway.policy.generation import Generation
 from gateway.telemetry import log
 from gateway.telemetry.counters import Stats
 from tests.conftest import TOKEN, config_text
-from tests.hostile.support import Incomplete, parse_request, parse_statuses
 from tests.support.heads import parse_head
+from tests.support.wire import Incomplete, parse_request, parse_statuses
 
 
 @dataclass
