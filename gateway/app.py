@@ -24,7 +24,7 @@ from gateway.server import ClientConnection
 from gateway.tls import TlsTerminator
 from gateway.upstream import Pools
 
-__all__ = ["Gateway", "config_gauges", "listen_socket", "split_hostport"]
+__all__ = ["Gateway", "claim_port", "config_gauges", "listen_socket", "split_hostport"]
 
 # How often deadlines are checked: fine enough for second-scale timeouts,
 # coarse enough that thousands of idle connections cost next to nothing.
@@ -43,6 +43,7 @@ def listen_socket(listen: str, *, reuse_port: bool, listen_now: bool = True) -> 
 
     The supervisor binds without listening to reserve (and, for port 0,
     choose) the port; each worker then binds it again and listens.
+    A failure is an ``OSError`` naming the address.
     """
     host, port = split_hostport(listen)
     family, kind, proto, _, addr = socket.getaddrinfo(
@@ -57,10 +58,56 @@ def listen_socket(listen: str, *, reuse_port: bool, listen_now: bool = True) -> 
         if listen_now:
             sock.listen(2048)
         sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror}") from None
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def claim_port(sock: socket.socket, *, probe: bool) -> socket.socket:
+    """Make this process the only gateway on ``sock``'s address; returns a
+    lock to hold for as long as the process serves.
+
+    SO_REUSEPORT lets any process of the same user bind a port that is in
+    use, so a second supervisor would silently split the traffic with the
+    first.  Two checks refuse that: an abstract Unix socket named after the
+    address, which one process at a time can bind (per network namespace;
+    the kernel releases it however the process ends), catches two gateways
+    starting together; with ``probe`` (the supervisor, whose own socket is bound but
+    not listening), binding a socket without SO_REUSEPORT and listening
+    catches anything already listening there, a gateway or not.
+    """
+    name = _address(sock)
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lock.bind(f"\0obs-gateway:listen:{name}")
+    except OSError as exc:
+        lock.close()
+        raise OSError(
+            exc.errno, f"cannot listen on {name}: another obs-gateway serves this address"
+        ) from None
+    if probe:
+        check = socket.socket(sock.family, socket.SOCK_STREAM)
+        try:
+            check.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            check.bind(sock.getsockname())
+            check.listen(1)
+        except OSError as exc:
+            lock.close()
+            raise OSError(
+                exc.errno, f"cannot listen on {name}: {exc.strerror} (another program listens)"
+            ) from None
+        finally:
+            check.close()
+    return lock
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
 
 
 def config_gauges(
@@ -109,6 +156,7 @@ class Gateway:
         self._admin: Any = None
         self._tls: TlsTerminator | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._claim: socket.socket | None = None
         self._ready = False
         self.port = 0
         self.admin_port = 0
@@ -127,8 +175,16 @@ class Gateway:
             access,
             self.log,
         )
-        # Workers hand in their own SO_REUSEPORT socket; a single process binds here.
-        sock = self._sock or listen_socket(s.server.listen, reuse_port=False)
+        # Workers hand in their own SO_REUSEPORT socket (the supervisor holds
+        # the claim); a single process binds here, exclusively.
+        sock = self._sock
+        if sock is None:
+            sock = listen_socket(s.server.listen, reuse_port=False)
+            try:
+                self._claim = claim_port(sock, probe=False)
+            except OSError:
+                sock.close()
+                raise
         ssl_ctx = None
         if s.tls_context is not None:
             self._tls = TlsTerminator(s.tls_context)
@@ -252,4 +308,7 @@ class Gateway:
         if self._admin is not None:
             await self._admin.close()
             self._admin = None
+        if self._claim is not None:
+            self._claim.close()
+            self._claim = None
         log.flush()

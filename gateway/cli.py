@@ -207,7 +207,10 @@ async def _lifecycle(
     try:
         port, admin_port = await start()
     except OSError as exc:
-        logger.error("listen_failed", error=exc.strerror or str(exc))
+        error = exc.strerror or str(exc)
+        logger.error("listen_failed", error=error)
+        log.flush()
+        print(f"obs-gateway: {error}", file=sys.stderr)  # noqa: T201
         await stop()
         return 1
     started = True

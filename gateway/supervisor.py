@@ -2,7 +2,8 @@
 
 Owns no client traffic.  It validates the config, reserves the public port
 (bound with SO_REUSEPORT but not listening, so port 0 resolves once and
-every worker binds the same port), starts N workers and restarts any that
+every worker binds the same port; claimed so that no other gateway or
+program shares it), starts N workers and restarts any that
 die, pushes config on SIGHUP (validated here first), serves the admin
 listener with metrics summed across workers (counters of a worker that
 died are kept, so sums never go backwards), and on SIGTERM drains every
@@ -24,7 +25,7 @@ from typing import Any
 
 from gateway import log
 from gateway.admin import AdminServer
-from gateway.app import config_gauges, listen_socket
+from gateway.app import claim_port, config_gauges, listen_socket
 from gateway.config import ConfigError, Settings, load
 from gateway.control import ChannelClosed, read_message, write_message
 from gateway.metrics import Snapshot, merge
@@ -63,6 +64,7 @@ class Supervisor:
         self.port = 0
         self.admin_port = 0
         self._reserved: socket.socket | None = None
+        self._claim: socket.socket | None = None
         self._retired: list[Snapshot] = []
         self._ids = itertools.count(1)
         self._latest: Snapshot = merge([])
@@ -75,6 +77,9 @@ class Supervisor:
             self.settings.server.listen, reuse_port=True, listen_now=False
         )
         self.port = self._reserved.getsockname()[1]
+        # SO_REUSEPORT is for our own workers only: refuse a port that
+        # another gateway (or anything else) already serves.
+        self._claim = claim_port(self._reserved, probe=True)
         for worker in self.workers:
             await self._spawn(worker)
         try:
@@ -281,4 +286,6 @@ class Supervisor:
             await self._admin.close()
         if self._reserved is not None:
             self._reserved.close()
+        if self._claim is not None:
+            self._claim.close()
         log.flush()
