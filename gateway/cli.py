@@ -1,4 +1,4 @@
-"""Command line: ``run``, ``check-config``, ``hash-token``.
+"""Command line: ``run``, ``check-config``, ``hash-token [--stdin]``.
 
 The only module that exits the process or installs signal handlers.
 Exit codes: 0 clean stop, 1 runtime failure (cannot listen), 2 bad config
@@ -25,7 +25,9 @@ import uvloop
 
 from gateway import __version__, log
 from gateway.app import Gateway
+from gateway.auth import MAX_AUTHORIZATION_BYTES
 from gateway.config import ConfigError, Settings, expiry_warnings, load
+from gateway.credentials import token_digest
 from gateway.memory import tune_malloc
 from gateway.watch import watch_files
 
@@ -50,7 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--index", type=int, required=True)
     check = sub.add_parser("check-config", help="validate a config; print credential × route")
     check.add_argument("config", type=Path)
-    sub.add_parser("hash-token", help="print a fresh 256-bit token and its sha256 config line")
+    hash_token = sub.add_parser(
+        "hash-token", help="print a fresh 256-bit token and its sha256 config line"
+    )
+    hash_token.add_argument(
+        "--stdin",
+        action="store_true",
+        help="digest the existing token read from standard input instead (surrounding "
+        "whitespace, such as echo's newline, is not part of it, as for token_env/token_file)",
+    )
     return p
 
 
@@ -59,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("run", "_worker"):
         tune_malloc()
     if args.command == "hash-token":
-        return _hash_token()
+        return _digest_stdin() if args.stdin else _hash_token()
     if args.command == "_worker":
         # Workers import only the data path: no aiohttp, no prometheus-client.
         from gateway.worker import serve_worker  # noqa: PLC0415
@@ -109,6 +119,30 @@ def _hash_token() -> int:
     print(f'        (in a [[credentials.tokens]] entry: sha256 = "{digest}")')  # noqa: T201
     print("Give the token to the sender; put only the digest in the config.")  # noqa: T201
     return 0
+
+
+def _digest_stdin() -> int:
+    """The config line for a token that already exists (the runbook's first
+    step); the token itself is never printed."""
+    if sys.stdin.isatty():
+        print("token, then Enter and Ctrl-D:", file=sys.stderr)  # noqa: T201
+    try:
+        digest = _stdin_token_digest(sys.stdin.buffer.read(MAX_AUTHORIZATION_BYTES + 1))
+    except ConfigError as exc:
+        print(f"obs-gateway: hash-token --stdin: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    print(f'config: token_sha256 = "{digest}"')  # noqa: T201
+    print(f'        (in a [[credentials.tokens]] entry: sha256 = "{digest}")')  # noqa: T201
+    return 0
+
+
+def _stdin_token_digest(data: bytes) -> str:
+    if len(data) > MAX_AUTHORIZATION_BYTES:
+        raise ConfigError(f"longer than {MAX_AUTHORIZATION_BYTES} bytes: not a bearer token")
+    if len(data.split()) > 1:
+        # The gateway refuses such a header: the digest would match nothing.
+        raise ConfigError("whitespace inside: not one bearer token (a 'Bearer ' prefix?)")
+    return token_digest(data, "token").hex()
 
 
 def _when(ts: float | None) -> str:

@@ -51,6 +51,64 @@ def test_hash_token_prints_a_fresh_token_and_its_digest_line() -> None:
     assert hash_token()[0] != token
 
 
+def digest_line(stdin: bytes) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "hash-token", "--stdin"],
+        input=stdin,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+
+
+async def test_hash_token_stdin_gives_the_line_that_authenticates_an_existing_token(
+    tmp_path: Path,
+) -> None:
+    """The runbook's first step: the digest of the token senders already
+    hold.  ``echo "$T" | sha256sum`` would hash the newline too, and after
+    the reload every sender would get 401."""
+    token, fresh_line = hash_token()
+    for given in (token, token + "\n", token + "\r\n", f"  {token}\t\n"):
+        result = digest_line(given.encode())
+        assert result.returncode == 0, result.stderr
+        out = result.stdout.decode()
+        assert out.splitlines()[0] == f"config: {fresh_line}", repr(given)
+        assert token not in out
+    newline_digest = hashlib.sha256(f"{token}\n".encode()).hexdigest()
+    assert newline_digest not in out
+    # The printed line, in a config, lets the token in.
+    config = tmp_path / "gateway.toml"
+    line = out.splitlines()[0].removeprefix("config: ")
+    config.write_text(config_text(credentials=single_credential(line)))
+    gw = GatewayProcess(config)
+    try:
+        await gw.start()
+        health = await raw_request(gw.port, request_bytes("GET", "/health", token=token))
+        assert health.status == 200
+        assert json.loads(health.body)["credential"] == "cli"
+    finally:
+        await gw.stop()
+
+
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        (b"Bearer test-token-0123456789abcdef\n", "whitespace inside"),
+        (b"test-token-0123456789abcdef\nother-token-0123456789abcdef\n", "whitespace inside"),
+        (b"\n", "empty"),
+        (b"", "empty"),
+        (b"short-token\n", "shorter than 16"),
+        (b"x" * 5000, "longer than 4096"),
+    ],
+)
+def test_hash_token_stdin_refuses_what_cannot_be_one_token(given: bytes, says: str) -> None:
+    result = digest_line(given)
+    assert result.returncode == 2
+    assert result.stdout == b""
+    assert says in result.stderr.decode()
+    assert b"0123456789abcdef" not in result.stderr  # what was given is never echoed
+
+
 def single_credential(line: str) -> str:
     return f'[[credentials]]\nname = "cli"\n{line}\nroutes = ["remote_write", "otlp_traces"]\n'
 
