@@ -35,9 +35,14 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="obs-gateway", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="obs-gateway",
+        description="Authenticated ingest gateway for remote-write and OTLP/HTTP.",
+    )
     p.add_argument("--version", action="version", version=f"obs-gateway {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    # The metavar lists the public commands: argparse would show the
+    # internal _worker in the usage line, and "==SUPPRESS==" as its help.
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,check-config,hash-token}")
     run = sub.add_parser("run", help="serve with a config file")
     run.add_argument("--config", "-c", required=True, type=Path)
     run.add_argument(
@@ -47,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="worker processes (default: [server] workers, else one per CPU)",
     )
-    worker = sub.add_parser("_worker", help=argparse.SUPPRESS)
+    worker = sub.add_parser("_worker")  # started by the supervisor; no help: not listed
     worker.add_argument("--fd", type=int, required=True)
     worker.add_argument("--index", type=int, required=True)
     check = sub.add_parser("check-config", help="validate a config; print credential × route")

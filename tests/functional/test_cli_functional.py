@@ -51,6 +51,18 @@ def test_hash_token_prints_a_fresh_token_and_its_digest_line() -> None:
     assert hash_token()[0] != token
 
 
+def test_help_lists_the_public_commands_only() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "SUPPRESS" not in result.stdout
+    assert "_worker" not in result.stdout
+    assert "``" not in result.stdout  # no reStructuredText from a docstring
+    for command in ("run", "check-config", "hash-token"):
+        assert re.search(rf"^    {command} +\S", result.stdout, re.M), command
+    # The supervisor's way of starting a worker still parses.
+    assert "--fd" in run_cli("_worker", "--help").stdout
+
+
 def digest_line(stdin: bytes) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         [sys.executable, "-m", "gateway", "hash-token", "--stdin"],
