@@ -198,7 +198,9 @@ async def test_revoked_token_is_refused_like_any_other_but_named_for_the_operato
         == 1
     )
     assert (
-        metrics.value("gateway_auth_failures_total", reason="unknown", credential="", token_id="")
+        metrics.value(
+            "gateway_auth_failures_total", reason="unknown", credential="none", token_id="none"
+        )
         == 1
     )
     await wait_for(lambda: bool(gw.find("request", error="auth_revoked")), 5)
