@@ -1,8 +1,9 @@
 """Accounting: the metrics and the one access-log line of a finished request.
 
 Called exactly once per request, after its response ended or its client
-went away.  Everything logged is a name from config, a number, or the
-client address: never a header value, so never a token.
+went away.  Everything logged is a name from config, a number, the client
+address or the request path (truncated; never the query string): never a
+header value, so never a token.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ if TYPE_CHECKING:
 __all__ = ["account", "record_rejected"]
 
 _perf = time.perf_counter
+# Logged paths are cut here: a path is client input, and one line per
+# request must stay small whatever a client sends.
+MAX_LOGGED_PATH = 200
 
 
 def account(ex: Exchange) -> None:
@@ -44,7 +48,9 @@ def account(ex: Exchange) -> None:
             "request",
             request_id=head.request_id.decode("ascii", "replace"),
             method=head.method.decode("latin-1"),
-            path=head.path[:200].decode("latin-1") if ex.route is None else None,
+            # The raw bytes (latin-1: one character each, nothing decoded or
+            # normalised), which the JSON renderer escapes.
+            path=head.path[:MAX_LOGGED_PATH].decode("latin-1"),
             route=ex.route_name,
             credential=ex.credential,
             token_id=ex.token_id or None,
