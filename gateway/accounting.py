@@ -33,7 +33,9 @@ def account(ex: Exchange) -> None:
     if ex.upstream_seconds >= 0:
         rstats.upstream.observe(ex.upstream_seconds)
     rstats.response_bytes += ex.bytes_out
-    pair = stats.pair(ex.route_name, ex.credential)
+    # A refused token's credential is named in the log line, not here: a
+    # request counts under a credential only once it authenticated.
+    pair = stats.pair(ex.route_name, ex.credential if ex.principal is not None else "none")
     pair.codes[ex.status] = pair.codes.get(ex.status, 0) + 1
     pair.request_bytes += ex.body_in
     if ex.principal is not None:

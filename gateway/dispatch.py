@@ -108,6 +108,10 @@ def _auth_failed(ex: Exchange, failure: Failure, head: RequestHead, mono: float)
     # yet valid name the token id, so the operator learns which sender still
     # holds an old secret, however often it retries.
     stats.auth_failure(failure.reason, failure.credential, failure.token_id)
+    # The access line names the token the config knows (revoked, expired,
+    # ...) as the metric does: the operator hunting a forgotten sender reads
+    # the log first.  Request counters still count it as unauthenticated.
+    ex.credential = failure.credential or "none"
     ex.token_id = failure.token_id
     throttle = ex.shared.admission.throttle
     if throttle.limit and throttle.blocked(ex.client, mono):
