@@ -17,7 +17,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -81,13 +81,23 @@ def main(argv: list[str] | None = None) -> int:
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(serve_worker(args.fd, args.index))
+    # check-config often runs in a shell without the service's environment:
+    # a variable it lacks is checked with a placeholder and reported, not
+    # fatal.  run needs every one of them.
+    environ = _Placeholders(os.environ) if args.command == "check-config" else None
     try:
-        settings = load(args.config)
+        settings = load(args.config, environ=environ)
     except ConfigError as exc:
         print(f"obs-gateway: config error: {exc}", file=sys.stderr)  # noqa: T201
         return 2
-    if args.command == "check-config":
+    if environ is not None:
         print(_matrix(settings))  # noqa: T201
+        for name in environ.unset:
+            print(  # noqa: T201
+                f"obs-gateway: warning: {name} is not set here, so it was checked with a "
+                "placeholder; 'run' refuses to start without it",
+                file=sys.stderr,
+            )
         return 0
     workers = args.workers if args.workers is not None else settings.server.workers
     workers = workers or default_workers()
@@ -99,6 +109,28 @@ def main(argv: list[str] | None = None) -> int:
         if workers == 1:
             return runner.run(_serve(settings, args.config))
         return runner.run(_supervise(settings, args.config, workers))
+
+
+class _Placeholders(Mapping[str, str]):
+    """The environment, where a variable that is not set reads as a
+    placeholder (per name, long enough for any secret) and is remembered."""
+
+    def __init__(self, real: Mapping[str, str]) -> None:
+        self._real = real
+        self.unset: list[str] = []
+
+    def __getitem__(self, name: str) -> str:
+        if name in self._real:
+            return self._real[name]
+        if name not in self.unset:
+            self.unset.append(name)
+        return f"placeholder-for-unset-{name}-{'x' * 32}"
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._real)
+
+    def __len__(self) -> int:
+        return len(self._real)
 
 
 def default_workers(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:

@@ -156,15 +156,45 @@ def test_check_config_bad_exits_2_naming_the_key(
     assert "Traceback" not in result.stderr
 
 
-def test_check_config_unset_token_env_exits_2(tmp_path: Path) -> None:
+def test_check_config_warns_of_an_unset_token_env_and_still_checks_the_rest(
+    tmp_path: Path,
+) -> None:
+    """check-config runs in an operator's shell, which rarely has the
+    service's environment: an unset variable is a warning naming it, with
+    the matrix printed; run still refuses the same config."""
     config = tmp_path / "gateway.toml"
-    config.write_text(config_text(credentials=single_credential('token_env = "OBS_TEST_UNSET"')))
-    env = {k: v for k, v in os.environ.items() if k != "OBS_TEST_UNSET"}
+    two = single_credential('token_env = "OBS_TEST_UNSET"') + (
+        '[[credentials]]\nname = "cli2"\nroutes = ["remote_write"]\n'
+        '[[credentials.tokens]]\nid = "b"\nenv = "OBS_TEST_UNSET_TOO"\n'
+    )
+    config.write_text(config_text(credentials=two))
+    unset = ("OBS_TEST_UNSET", "OBS_TEST_UNSET_TOO")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    result = run_cli("check-config", str(config), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "config OK" in result.stdout
+    assert "  cli/default: - → -" in result.stdout
+    assert "  cli2/b: - → -" in result.stdout
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 2
+    for name, line in zip(unset, warnings, strict=True):
+        assert f"warning: {name} is not set here" in line
+        assert "'run' refuses to start without it" in line
+    assert "placeholder-for" not in result.stdout + result.stderr.replace("a placeholder", "")
+    # Everything else is still checked: a bad key is still an error.
+    config.write_text(config_text(credentials=two).replace("[server]", "[server]\nlisten_port = 1"))
     result = run_cli("check-config", str(config), env=env)
     assert result.returncode == 2
-    assert "credentials[0].token_env" in result.stderr
-    # run refuses the same config without serving.
-    assert run_cli("run", "--config", str(config), env=env).returncode == 2
+    assert "server.listen_port" in result.stderr
+    # A variable that is set is used as it is: too short is an error.
+    config.write_text(config_text(credentials=two))
+    short = run_cli("check-config", str(config), env={**env, "OBS_TEST_UNSET": "short"})
+    assert short.returncode == 2
+    assert "credentials[0].token_env: the token is shorter" in short.stderr
+    # run refuses the config without serving, naming the key.
+    refused = run_cli("run", "--config", str(config), env=env)
+    assert refused.returncode == 2
+    assert "credentials[0].token_env: environment variable OBS_TEST_UNSET" in refused.stderr
 
 
 def test_check_config_missing_file_exits_2(tmp_path: Path) -> None:
