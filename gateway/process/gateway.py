@@ -23,7 +23,7 @@ from gateway.datapath.shared import Shared
 from gateway.datapath.upstream import Pools
 from gateway.policy.generation import Generation
 from gateway.process.gauges import config_gauges
-from gateway.process.sockets import listen_socket, split_hostport
+from gateway.process.sockets import claim_port, listen_socket, split_hostport
 from gateway.telemetry import log
 from gateway.telemetry.counters import Stats
 from gateway.telemetry.snapshot import Gauges
@@ -58,6 +58,7 @@ class Gateway:
         self._admin: Any = None
         self._tls: TlsTerminator | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._claim: socket.socket | None = None
         self._ready = False
         self.port = 0
         self.admin_port = 0
@@ -76,8 +77,16 @@ class Gateway:
             access,
             self.log,
         )
-        # Workers hand in their own SO_REUSEPORT socket; a single process binds here.
-        sock = self._sock or listen_socket(s.server.listen, reuse_port=False)
+        # Workers hand in their own SO_REUSEPORT socket (the supervisor holds
+        # the claim); a single process binds here, exclusively.
+        sock = self._sock
+        if sock is None:
+            sock = listen_socket(s.server.listen, reuse_port=False)
+            try:
+                self._claim = claim_port(sock, probe=False)
+            except OSError:
+                sock.close()
+                raise
         ssl_ctx = None
         if s.tls_context is not None:
             self._tls = TlsTerminator(s.tls_context)
@@ -200,4 +209,7 @@ class Gateway:
         if self._admin is not None:
             await self._admin.close()
             self._admin = None
+        if self._claim is not None:
+            self._claim.close()
+            self._claim = None
         log.flush()

@@ -130,7 +130,9 @@ class Stats:
         return stats
 
     def auth_failure(self, reason: str, credential: str = "", token_id: str = "") -> None:
-        key = (reason, credential, token_id)
+        # "none" where the config names nothing (missing, malformed, unknown),
+        # as gateway_requests_total labels a request before authentication.
+        key = (reason, credential or "none", token_id or "none")
         self.auth_failures[key] = self.auth_failures.get(key, 0) + 1
 
     def limit_rejection(self, reason: str) -> None:

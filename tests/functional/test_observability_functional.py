@@ -65,9 +65,12 @@ async def test_metrics_reflect_requests(
     assert m.sum(requests, route="otlp_traces", credential="other", code="403") == 1
     assert m.sum(requests, route="remote_write", credential="ingest", code="405") == 1
     assert m.sum(requests) == 9
-    assert m.sum("gateway_auth_failures_total", reason="missing") == 1
-    assert m.sum("gateway_auth_failures_total", reason="unknown") == 1
-    assert m.sum("gateway_auth_failures_total", reason="scope") == 1
+    failures = "gateway_auth_failures_total"
+    # "none" where the config names no credential, as in gateway_requests_total.
+    assert m.sum(failures, reason="missing", credential="none", token_id="none") == 1
+    assert m.sum(failures, reason="unknown", credential="none", token_id="none") == 1
+    assert m.sum(failures, reason="scope", credential="other", token_id="default") == 1
+    assert m.sum(failures) == 3
     assert m.sum("gateway_request_bytes_total", route="remote_write", credential="ingest") == 151
     assert m.sum("gateway_request_bytes_total", route="otlp_traces", credential="traces") == 10
     # The upstream's 7 bytes plus the gateway's own bodies on this route: two

@@ -40,14 +40,21 @@ __all__ = [
     "wait_until",
 ]
 
-# Program → the Debian package that ships it (what CI's apt-get line installs).
-PACKAGES = {
-    "victoria-metrics": "victoria-metrics",
-    "vmagent": "victoria-metrics",
-    "vmauth": "victoria-metrics",
-    "prometheus": "prometheus",
-    "promtool": "prometheus",
-}
+SYSTEM_DEPS = Path(__file__).resolve().parents[2] / "scripts" / "system-deps.txt"
+
+
+def _packages() -> dict[str, str]:
+    """Program → the Debian package that ships it, from the table `make
+    test` installs from (scripts/ensure-system-deps)."""
+    out = {}
+    for line in SYSTEM_DEPS.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            program, package = line.split()[:2]
+            out[program] = package
+    return out
+
+
+PACKAGES = _packages()
 
 T = TypeVar("T")
 
@@ -73,7 +80,8 @@ def require_binary(name: str) -> str:
         package = PACKAGES.get(name, name)
         pytest.fail(
             f"{name!r} is not on PATH: install the Debian package {package!r} "
-            f"(apt-get install {package}); the integration tier does not skip",
+            f"(make test does when it may; else: sudo apt-get install {package}); "
+            "the integration tier does not skip",
             pytrace=False,
         )
     return path

@@ -233,7 +233,7 @@ BAD_TOKENS: dict[str, tuple[Callable[[rsa.RSAPrivateKey], str], tuple[str, str, 
     ),
     "unknown kid": (
         lambda _k: sign(rsa.generate_private_key(public_exponent=65537, key_size=2048), kid="k9"),
-        ("jwt_invalid", "", ""),
+        ("jwt_invalid", "none", "none"),
     ),
     "known kid, other key": (
         lambda _k: sign(rsa.generate_private_key(public_exponent=65537, key_size=2048)),
@@ -253,7 +253,7 @@ BAD_TOKENS: dict[str, tuple[Callable[[rsa.RSAPrivateKey], str], tuple[str, str, 
         ),
         ("jwt_invalid", "apps", "k1"),
     ),
-    "not a JWT at all": (lambda _k: "eyJhbGciOi.x.y", ("jwt_invalid", "", "")),
+    "not a JWT at all": (lambda _k: "eyJhbGciOi.x.y", ("jwt_invalid", "none", "none")),
 }
 
 
@@ -269,7 +269,7 @@ async def test_every_bad_jwt_gets_the_plain_401_and_the_operator_the_reason(
     assert (unknown.status, unknown_otlp.status) == (401, 401)
     assert unknown_otlp.json() == {"code": 16, "message": "invalid bearer token"}
 
-    expected: dict[tuple[str, str, str], int] = {("unknown", "", ""): 2}
+    expected: dict[tuple[str, str, str], int] = {("unknown", "none", "none"): 2}
     for what, (make, labels) in BAD_TOKENS.items():
         token = make(signing_key)
         answer = await call("POST", gw.url + WRITE, token, b"x")

@@ -16,7 +16,6 @@ import contextlib
 import itertools
 import os
 import re
-import shutil
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +28,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import wait_for
+from tests.integration.harness import require_binary
 from tests.lifecycle.conftest import (
     StartProcess,
     call,
@@ -39,13 +39,9 @@ from tests.lifecycle.conftest import (
 from tests.support.metrics import Metrics
 from tests.support.process import OBS_GATEWAY, GatewayProcess
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        not (shutil.which("victoria-metrics") and shutil.which("vmagent")),
-        reason="needs the victoria-metrics and vmagent binaries (Debian: victoria-metrics)",
-    ),
-]
+# A missing victoria-metrics or vmagent fails the test naming the package
+# (require_binary): this test never skips.
+pytestmark = [pytest.mark.integration]
 
 T = TypeVar("T")
 SCRAPE_INTERVAL = 1.0
@@ -97,7 +93,7 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
     async def start(name: str, *args: str) -> tuple[asyncio.subprocess.Process, int]:
         out = (tmp_path / f"{name}.log").open("wb")
         proc = await asyncio.create_subprocess_exec(
-            name, *args, stdout=out, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path
+            require_binary(name), *args, stdout=out, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path
         )
         out.close()
         procs.append(proc)

@@ -185,7 +185,7 @@ def test_a_refused_request_never_touches_an_upstream(loop: asyncio.AbstractEvent
     assert parse_statuses(bytes(port.sent)) == [401]
     assert ex.finished
     assert cast(FakePools, shared.pools).pool.released == []
-    assert shared.stats.auth_failures == {("missing", "", ""): 1}
+    assert shared.stats.auth_failures == {("missing", "none", "none"): 1}
 
 
 def test_a_streamed_body_over_the_limit_aborts_the_upstream_unterminated(
