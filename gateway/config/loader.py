@@ -74,7 +74,12 @@ class Settings:
 
 
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
-_FIELD_MSG = re.compile(r"^(?P<field>[A-Za-z_][A-Za-z0-9_]*): (?P<msg>.*)$", re.DOTALL)
+# A rule's own message names its field, or an item of a list field
+# ("upstreams[1]: …", "upstreams[1].name: …").
+_FIELD_MSG = re.compile(
+    r"^(?P<field>[A-Za-z_][A-Za-z0-9_]*(?:\[\d+\](?:\.[A-Za-z_][A-Za-z0-9_]*)?)?): (?P<msg>.*)$",
+    re.DOTALL,
+)
 _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
 
 

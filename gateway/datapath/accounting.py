@@ -1,9 +1,10 @@
 """Accounting: the metrics and the one access-log line of a finished request.
 
 Called exactly once per request, after its response ended or its client
-went away.  Everything logged is a name from config, a number, the client
-address or the request path (truncated; never the query string): never a
-header value, so never a token.
+went away.  Everything logged is a name from config (routes, credentials,
+backend labels), a number, a fixed word, the client address or the request
+path (truncated; never the query string): never a header value, so never
+a token.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def account(shared: Shared, ex: Finished) -> None:
     access = shared.access
     if access is not None:
         head = ex.head
+        label = ex.label
         access.info(
             "request",
             request_id=head.request_id.decode("ascii", "replace"),
@@ -61,6 +63,9 @@ def account(shared: Shared, ex: Finished) -> None:
             bytes_out=ex.bytes_out,
             duration_ms=round(duration * 1000, 3),
             upstream_ms=round(ex.upstream_seconds * 1000, 3) if ex.upstream_seconds >= 0 else None,
+            # The backends tried, in order, and why each but the last was left.
+            backends=ex.history or ([label] if label else None),
+            retried=ex.retried,
             client=ex.client,
             error=ex.error or None,
         )

@@ -1,9 +1,10 @@
 """``GET /health``: proof that a credential works, and optionally that every
-upstream accepts connections (``?deep=1``).
+backend accepts connections (``?deep=1``).
 
 The body names the credential, token id, scopes and seconds to expiry, and
-for a deep check each route's reachability by route name: never a secret,
-never an upstream address.
+for a deep check each route's reachability by route name and each of its
+backends' by position in its list: never a secret, never an upstream
+address (nor a backend label, which may be one).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterable
 import orjson
 
 from gateway.policy.auth import Principal
-from gateway.policy.routing import Route
+from gateway.policy.routing import Route, Upstream
 
 __all__ = [
     "DEEP_TIMEOUT_SECONDS",
@@ -32,13 +33,11 @@ def wants_deep(query: bytes) -> bool:
     return b"deep=1" in query.split(b"&")
 
 
-async def check_upstreams(routes: Iterable[Route], timeout: float) -> dict[str, bool]:
-    """route name → whether its upstream accepted a TCP connection."""
+async def check_upstreams(routes: Iterable[Route], timeout: float) -> dict[str, list[bool]]:
+    """route name → whether each of its backends accepted a TCP connection."""
     loop = asyncio.get_running_loop()
 
-    async def reachable(route: Route) -> bool:
-        up = route.upstream
-        assert up is not None
+    async def reachable(up: Upstream) -> bool:
         try:
             async with asyncio.timeout(timeout):
                 transport, _ = await loop.create_connection(asyncio.Protocol, up.host, up.port)
@@ -47,13 +46,26 @@ async def check_upstreams(routes: Iterable[Route], timeout: float) -> dict[str, 
         transport.close()
         return True
 
-    proxied = [r for r in routes if r.upstream is not None]
-    results = await asyncio.gather(*(reachable(r) for r in proxied))
-    return {r.name: ok for r, ok in zip(proxied, results, strict=True)}
+    proxied = [(r.name, r.backends.backends) for r in routes if r.backends is not None]
+    results = await asyncio.gather(
+        *(reachable(b.upstream) for _, backends in proxied for b in backends)
+    )
+    out: dict[str, list[bool]] = {}
+    at = 0
+    for name, backends in proxied:
+        out[name] = list(results[at : at + len(backends)])
+        at += len(backends)
+    return out
+
+
+def _route_status(oks: list[bool]) -> str:
+    if all(oks):
+        return "ok"
+    return "degraded" if any(oks) else "unreachable"
 
 
 def health_response(
-    principal: Principal, now: float, upstreams: dict[str, bool] | None
+    principal: Principal, now: float, upstreams: dict[str, list[bool]] | None
 ) -> tuple[int, bytes]:
     expires_in = None
     if principal.not_after is not None:
@@ -67,9 +79,15 @@ def health_response(
     }
     status = 200
     if upstreams is not None:
-        doc["upstreams"] = {name: "ok" if ok else "unreachable" for name, ok in upstreams.items()}
-        if not all(upstreams.values()):
+        # A route is served while one backend is reachable: 503 only when
+        # some route has none; "degraded" whenever any backend is down.
+        doc["upstreams"] = {name: _route_status(oks) for name, oks in upstreams.items()}
+        doc["backends"] = {
+            name: ["ok" if ok else "unreachable" for ok in oks] for name, oks in upstreams.items()
+        }
+        if not all(all(oks) for oks in upstreams.values()):
             doc["status"] = "degraded"
+        if not all(any(oks) for oks in upstreams.values()):
             status = 503
     return status, orjson.dumps(doc)
 
@@ -77,7 +95,7 @@ def health_response(
 def health_answer(
     principal: Principal,
     now: float,
-    upstreams: dict[str, bool] | None,
+    upstreams: dict[str, list[bool]] | None,
     date_line: bytes,
     close: bool,
     head_only: bool,

@@ -1,6 +1,7 @@
 """Per-process state shared by every connection: the config generation in
-force, counters, admission state, upstream pools, the open connections,
-the clock line and the request-id source.  One instance per process.
+force, counters, admission state, upstream pools, the backends' health
+(``BackendRegistry``), the open connections, the clock line and the
+request-id source.  One instance per process.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import time
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 
+from gateway.policy.balance import BackendRegistry
 from gateway.policy.limits import Admission
+from gateway.telemetry.snapshot import HealthSnap
 
 if TYPE_CHECKING:
     from gateway.datapath.ports import Tracked
@@ -30,6 +33,7 @@ class Shared:
         "_id_prefix",
         "access",
         "admission",
+        "backends",
         "connections",
         "date_line",
         "draining",
@@ -51,11 +55,15 @@ class Shared:
         log: Any,
         *,
         tls: bool = False,
+        backends: BackendRegistry | None = None,
     ) -> None:
         self.loop = loop
-        self.gen = gen
         self.stats = stats
         self.pools = pools
+        # The registry ``gen`` was built with (its balancers' states).
+        self.backends = backends if backends is not None else BackendRegistry()
+        self.gen = gen
+        self.install(gen)
         self.access = access  # a structlog logger, or None when access logs are off
         self.log = log
         self.tls = tls
@@ -69,6 +77,38 @@ class Shared:
         # across workers and restarts without a syscall per request.
         self._id_prefix = os.urandom(6).hex().encode()
         self._id_counter = 0
+
+    def install(self, gen: Generation) -> None:
+        """Bind a generation's balancers to this process's pools and
+        counters (once, so a request reads them from its lane), and forget
+        the health of backends it no longer has.  Then it may serve."""
+        stats = self.stats
+        balancers = gen.routes.balancers
+        for bal in balancers:
+            bal.rstats = stats.route(bal.route)
+            for lane in bal.lanes:
+                lane.pool = self.pools.get(lane.backend.upstream)
+                lane.stats = stats.backend(bal.route, lane.backend.label)
+        self.backends.keep(balancers)
+        self.gen = gen
+
+    def backend_health(self) -> list[HealthSnap]:
+        """Each backend of the config in force as this worker sees it now."""
+        now = self.loop.time()
+        return [
+            HealthSnap(
+                bal.route,
+                lane.backend.label,
+                lane.backend.index,
+                int(lane.state.healthy(now)),
+                1,
+                int(lane.state.ejected_until > now),
+                int(not lane.state.probe_ok),
+                lane.state.outstanding,
+            )
+            for bal in self.gen.routes.balancers
+            for lane in bal.lanes
+        ]
 
     def tick_date(self) -> None:
         self.date_line = b"Date: " + formatdate(time.time(), usegmt=True).encode() + b"\r\n"

@@ -3,7 +3,10 @@ needs (route table, authenticator, rendered errors, client policy,
 per-credential rules, the limits as plain attributes).
 
 Immutable and replaced as a whole on reload, so an exchange that captured
-one at its start finishes on it.  Built from validated ``Settings``; no I/O.
+one at its start finishes on it.  The one exception is by design: each
+route's balancer points at the worker's backend states, which outlive
+generations (a reload keeps what the worker knows of a backend's health).
+Built from validated ``Settings``; no I/O.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from gateway.policy.auth import Authenticator
+from gateway.policy.balance import BackendRegistry
 from gateway.policy.clients import ClientPolicy, networks, within
 from gateway.policy.errors import ErrorRenderer
 from gateway.policy.routing import RouteTable
@@ -55,14 +59,17 @@ class Generation:
         "min_body_grace",
         "min_body_rate",
         "pool_idle_timeout",
+        "replay_memory_bytes",
         "response_timeout",
         "routes",
         "settings",
     )
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, backends: BackendRegistry | None = None) -> None:
         self.settings = settings
-        self.routes = RouteTable(settings.routes)
+        # Balancers bound to the worker's backend states (a fresh registry
+        # when none is given: a generation that serves nothing, e.g. a test's).
+        self.routes = RouteTable(settings.routes, settings.upstream, backends)
         self.auth = Authenticator(settings.credentials)
         self.errors = ErrorRenderer(settings.server.realm)
         self.clients = ClientPolicy(settings.clients)
@@ -75,6 +82,7 @@ class Generation:
         self.connect_timeout = u.connect_timeout_seconds
         self.response_timeout = u.response_timeout_seconds
         self.pool_idle_timeout = u.pool_idle_timeout_seconds
+        self.replay_memory_bytes = u.replay_memory_bytes
         self.max_connections = lim.max_connections
         self.max_header_bytes = s.max_header_bytes
         self.max_header_count = s.max_header_count
@@ -86,5 +94,5 @@ class Generation:
         self.min_body_grace = lim.min_body_rate_grace_seconds
 
     @classmethod
-    def build(cls, settings: Settings) -> Generation:
-        return cls(settings)
+    def build(cls, settings: Settings, backends: BackendRegistry | None = None) -> Generation:
+        return cls(settings, backends)

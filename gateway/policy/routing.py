@@ -3,8 +3,9 @@
 No decoding, no normalisation, no regex: ``/api/v1/write/../x``,
 ``//api/v1/write``, ``%2e%2e`` or a trailing slash are simply other paths,
 so they can never reach an upstream.  Everything a request needs from its
-route (upstream address, request-target prefix, allowed methods, limits)
-is computed here once per config generation.
+route (its backends and their balancer, allowed methods, limits) is
+computed here once per config generation; the backends' health lives in
+the worker's ``BackendRegistry`` (``balance.py``), which outlives it.
 
 Must not know: sockets, HTTP framing, credentials' secrets.
 """
@@ -12,31 +13,15 @@ Must not know: sockets, HTTP framing, credentials' secrets.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
-from gateway.config.schema import RouteSpec
+from gateway.config.schema import RouteSpec, UpstreamSpec
+from gateway.policy.backends import BackendSet, Upstream, route_backends
+from gateway.policy.balance import BackendRegistry, Balancer
 from gateway.policy.errors import Protocol
 
 __all__ = ["HEALTH_PATH", "Route", "RouteTable", "Upstream", "split_target"]
 
 HEALTH_PATH = b"/health"
-
-
-@dataclass(frozen=True, slots=True)
-class Upstream:
-    """Where a route's requests go.  Logged never: addresses stay internal."""
-
-    scheme: str
-    host: str
-    port: int
-    # Bytes sent as the Host header and as the start of the request target.
-    host_header: bytes = field(repr=False)
-    path: bytes = field(repr=False)
-    query: bytes = field(repr=False)
-
-    @property
-    def key(self) -> tuple[str, str, int]:
-        return (self.scheme, self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,52 +31,34 @@ class Route:
     protocol: Protocol
     methods: frozenset[bytes]
     allow_line: bytes  # "Allow: POST\r\n", for 405 answers
+    # The first backend (what a code path that knows one backend uses).
     upstream: Upstream | None
     max_body_bytes: int
+    backends: BackendSet | None = None
+    # The set bound to this worker's backend states (runtime: not compared).
+    balancer: Balancer | None = field(default=None, compare=False, repr=False)
 
     def target(self, query: bytes) -> bytes:
-        """The request-target sent upstream: its path, then both queries."""
+        """The request-target sent to the first backend."""
         up = self.upstream
         assert up is not None
-        if not query:
-            return up.path + (b"?" + up.query if up.query else b"")
-        if up.query:
-            return up.path + b"?" + up.query + b"&" + query
-        return up.path + b"?" + query
+        return up.target(query)
 
 
-def _upstream(url: str) -> Upstream:
-    parts = urlsplit(url)
-    scheme = parts.scheme
-    host = parts.hostname or ""
-    port = parts.port or (443 if scheme == "https" else 80)  # schema.py refuses port 0
-    default_port = port == (443 if scheme == "https" else 80)
-    # The name alone goes through IDNA (schema.py checked it can); the port
-    # is never part of a label.
-    name = host.encode("ascii") if host.isascii() else host.encode("idna")
-    shown = b"[" + name + b"]" if ":" in host else name
-    host_header = shown if default_port else shown + b":%d" % port
-    return Upstream(
-        scheme,
-        host,
-        port,
-        host_header,
-        (parts.path or "/").encode(),
-        parts.query.encode(),
-    )
-
-
-def _route(spec: RouteSpec) -> Route:
+def _route(spec: RouteSpec, upstream: UpstreamSpec, registry: BackendRegistry) -> Route:
     methods = frozenset(m.encode() for m in spec.methods)
     allow = b"Allow: " + ", ".join(sorted(spec.methods)).encode() + b"\r\n"
+    bset = route_backends(spec, upstream)
     return Route(
         spec.name,
         spec.path.encode(),
         Protocol.of(spec.protocol),
         methods,
         allow,
-        _upstream(spec.upstream),
+        bset.backends[0].upstream,
         spec.max_body_bytes,
+        bset,
+        registry.balancer(spec.name, bset),
     )
 
 
@@ -126,10 +93,21 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
 class RouteTable:
     __slots__ = ("_by_path", "routes")
 
-    def __init__(self, specs: tuple[RouteSpec, ...]) -> None:
-        self.routes: tuple[Route, ...] = tuple(_route(s) for s in specs)
+    def __init__(
+        self,
+        specs: tuple[RouteSpec, ...],
+        upstream: UpstreamSpec | None = None,
+        registry: BackendRegistry | None = None,
+    ) -> None:
+        up = upstream if upstream is not None else UpstreamSpec()
+        reg = registry if registry is not None else BackendRegistry()
+        self.routes: tuple[Route, ...] = tuple(_route(s, up, reg) for s in specs)
         self._by_path: dict[bytes, Route] = {r.path: r for r in self.routes}
         self._by_path[HEALTH_PATH] = HEALTH
+
+    @property
+    def balancers(self) -> list[Balancer]:
+        return [r.balancer for r in self.routes if r.balancer is not None]
 
     def get(self, path: bytes) -> Route | None:
         return self._by_path.get(path)

@@ -112,7 +112,7 @@ async def _control(
         while True:
             message = await read_message(reader)
             if isinstance(message, StatsRequest):
-                reply = StatsReply(message.id, gateway.stats.snapshot(), process_sample(index))
+                reply = StatsReply(message.id, gateway.snapshot(), process_sample(index))
                 write_message(writer, reply)
             elif isinstance(message, Configure):
                 write_message(writer, _reload(gateway, message))
