@@ -88,7 +88,18 @@ class Lane:
 class Balancer:
     """A ``BackendSet`` bound to this worker's backend states."""
 
-    __slots__ = ("_cursor", "attempts", "first", "lanes", "route", "rstats", "set", "single")
+    __slots__ = (
+        "_cursor",
+        "_equal",
+        "_orders",
+        "attempts",
+        "first",
+        "lanes",
+        "route",
+        "rstats",
+        "set",
+        "single",
+    )
 
     def __init__(self, route: str, bset: BackendSet, states: list[BackendState]) -> None:
         self.route = route
@@ -99,6 +110,10 @@ class Balancer:
         self.single = len(self.lanes) == 1
         self.attempts = bset.attempts
         self._cursor = 0
+        lanes = self.lanes
+        self._equal = all(lane.backend.weight == 1 for lane in lanes)
+        # The lanes in rotation order from each position (n² references; n ≤ 32).
+        self._orders = tuple(lanes[i:] + lanes[:i] for i in range(len(lanes)))
         # The route's counters, filled by the data path (as lanes' slots are).
         self.rstats: Any = None
 
@@ -106,34 +121,62 @@ class Balancer:
         """The lane for the next attempt, none of ``tried``; None when every
         backend was tried."""
         policy = self.set.policy
-        healthy = [lane for lane in self.lanes if not lane.bit & tried and lane.state.healthy(now)]
-        if healthy:
-            if policy == FIRST_AVAILABLE:
-                return healthy[0]
-            if policy == LEAST_OUTSTANDING:
-                load = min(lane.state.outstanding / lane.backend.weight for lane in healthy)
-                healthy = [
-                    lane for lane in healthy if lane.state.outstanding / lane.backend.weight == load
-                ]
-            return self._round_robin(healthy)
-        left = [lane for lane in self.lanes if not lane.bit & tried]
-        if not left:
-            return None
-        # None is healthy: the one whose last failure is oldest may be back.
-        return min(left, key=lambda lane: lane.state.last_failure)
+        if policy == FIRST_AVAILABLE:
+            for lane in self.lanes:
+                state = lane.state
+                if not lane.bit & tried and state.probe_ok and state.ejected_until <= now:
+                    return lane
+        else:
+            chosen = (
+                self._rotating(now, tried, policy == LEAST_OUTSTANDING)
+                if self._equal
+                else self._by_weight(now, tried, policy == LEAST_OUTSTANDING)
+            )
+            if chosen is not None:
+                return chosen
+        # None left to try is healthy: the one whose last failure is oldest may be back.
+        fallback: Lane | None = None
+        for lane in self.lanes:
+            if not lane.bit & tried and (
+                fallback is None or lane.state.last_failure < fallback.state.last_failure
+            ):
+                fallback = lane
+        return fallback
 
-    def _round_robin(self, lanes: list[Lane]) -> Lane:
-        """Smooth weighted round robin (as nginx's): with equal weights, plain
-        rotation; unequal ones interleave rather than burst."""
-        if len(lanes) == 1:
-            return lanes[0]
-        if all(lane.backend.weight == 1 for lane in lanes):
-            # Rotation from the lane after the one chosen last.
-            n = len(self.lanes)
-            start = self._cursor
-            chosen = min(lanes, key=lambda lane: (lane.backend.index - start) % n)
-            self._cursor = (chosen.backend.index + 1) % n
-            return chosen
+    def _rotating(self, now: float, tried: int, least: bool) -> Lane | None:
+        """Equal weights: scan in rotation order from the lane after the last
+        one chosen; the first healthy lane (round_robin) or the first of the
+        least loaded (least_outstanding) wins, so ties rotate.  Allocates
+        nothing: it runs once per request."""
+        best: Lane | None = None
+        load = 0
+        for lane in self._orders[self._cursor]:
+            state = lane.state
+            if lane.bit & tried or not state.probe_ok or state.ejected_until > now:
+                continue
+            if best is None or (least and state.outstanding < load):
+                best, load = lane, state.outstanding
+                if not least or not load:
+                    break
+        if best is not None:
+            self._cursor = (best.backend.index + 1) % len(self.lanes)
+        return best
+
+    def _by_weight(self, now: float, tried: int, least: bool) -> Lane | None:
+        healthy = [lane for lane in self.lanes if not lane.bit & tried and lane.state.healthy(now)]
+        if not healthy:
+            return None
+        if least:
+            low = min(lane.state.outstanding / lane.backend.weight for lane in healthy)
+            healthy = [
+                lane for lane in healthy if lane.state.outstanding / lane.backend.weight == low
+            ]
+        return self._weighted(healthy)
+
+    @staticmethod
+    def _weighted(lanes: list[Lane]) -> Lane:
+        """Smooth weighted round robin (as nginx's): unequal weights interleave
+        rather than burst."""
         total = 0
         best = lanes[0]
         for lane in lanes:
