@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from bench.payloads import Payload, write_payload
-from bench.peers import REPO, Stack, render
+from bench.peers import GATEWAY_TEMPLATES, REPO, Stack, render
 from bench.procs import Procs, free_port
 from bench.workloads import RESULTS, WORKLOADS
 
@@ -65,16 +65,27 @@ def _send(port: int, payload: Payload, token: str, n: int) -> None:
     conn.close()
 
 
-def _run(stack: Stack, rundir: Path, payload: Payload, requests: int, tag: str, repo: Path) -> int:
+def _run(
+    stack: Stack,
+    rundir: Path,
+    payload: Payload,
+    requests: int,
+    tag: str,
+    repo: Path,
+    target: str = "gateway",
+) -> int:
     """Total instructions of one gateway process that served ``requests``."""
     assert stack.sink is not None
     port, admin = free_port(), free_port()
+    template, extra = GATEWAY_TEMPLATES[target]
     conf = render(
-        "gateway.toml",
+        template,
         rundir / f"gateway-{tag}.toml",
         port=port,
         admin=admin,
         sink=stack.sink.port,
+        sink2=stack.sink_port2,
+        **extra,
         stream_sink=stack.stream_sink_port,
         vm=9,
         access="false",
@@ -111,6 +122,13 @@ def _run(stack: Stack, rundir: Path, payload: Payload, requests: int, tag: str, 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench instructions", description=__doc__)
     p.add_argument("--size", default="1k", choices=list(WORKLOADS))
+    p.add_argument(
+        "--target",
+        default="gateway",
+        choices=list(GATEWAY_TEMPLATES),
+        help="gateway (one backend per route), gateway-2b (two, replay copies kept), "
+        "gateway-2b-nocopy (two, no copies)",
+    )
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument(
@@ -133,11 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         stack = Stack(procs, rundir, token, workers=1, sink_workers=1, access_log=False)
         stack.start_sink()
         repo = args.gateway_repo.resolve()
-        base = _run(stack, rundir, payload, args.warmup, "base", repo)
-        more = _run(stack, rundir, payload, args.warmup + args.requests, "more", repo)
+        base = _run(stack, rundir, payload, args.warmup, "base", repo, args.target)
+        more = _run(stack, rundir, payload, args.warmup + args.requests, "more", repo, args.target)
     per_request = (more - base) / args.requests
     print(
-        f"{args.size} ({payload.size:,} B): {per_request:,.0f} instructions per request "
+        f"{args.size} ({payload.size:,} B), {args.target}: {per_request:,.0f} instructions "
+        "per request "
         f"(callgrind, user space, {args.requests} requests after {args.warmup}; "
         f"gateway from {repo}; {rundir})"
     )
