@@ -188,8 +188,7 @@ class GatewayCollector(Collector):
         for name, r in sorted(snap.routes.items()):
             for reason, n in sorted(r.retries.items()):
                 retries.add_metric([name, reason], n)
-            if r.replayed_bytes:
-                replayed.add_metric([name], r.replayed_bytes)
+            replayed.add_metric([name], r.replayed_bytes)
             for reason, n in sorted(r.replay_skipped.items()):
                 skipped.add_metric([name, reason], n)
         in_use = GaugeMetricFamily(
