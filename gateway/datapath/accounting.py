@@ -32,6 +32,7 @@ def account(shared: Shared, ex: Finished) -> None:
     rstats.duration.observe(duration)
     if ex.upstream_seconds >= 0:
         rstats.upstream.observe(ex.upstream_seconds)
+        rstats.added.observe(max(0.0, duration - ex.upstream_seconds))
     rstats.response_bytes += ex.bytes_out
     # A refused token's credential is named in the log line, not here: a
     # request counts under a credential only once it authenticated.
