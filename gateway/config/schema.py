@@ -205,7 +205,7 @@ class ReloadSpec(_Spec, frozen=True):
 class RouteSpec(_Spec, frozen=True):
     name: str
     path: str
-    protocol: Literal["prometheus-remote-write", "otlp-http"]
+    protocol: Literal["prometheus-remote-write", "otlp-http", "otlp-grpc"]
     upstream: str
     methods: tuple[str, ...] = ("POST",)
     # vmagent retries a 413 forever (head-of-line blocking), so the default

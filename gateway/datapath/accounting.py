@@ -19,7 +19,8 @@ __all__ = ["account", "record_rejected"]
 _perf = time.perf_counter
 
 
-def account(shared: Shared, ex: Finished) -> None:
+def account(shared: Shared, ex: Finished, grpc_status: str | None = None) -> None:
+    """``grpc_status``: a gRPC call's outcome (its trailers'), for the access line."""
     duration = _perf() - ex.head.t0
     stats = shared.stats
     rstats = ex.rstats
@@ -44,6 +45,7 @@ def account(shared: Shared, ex: Finished) -> None:
             "request",
             request_id=head.request_id.decode("ascii", "replace"),
             method=head.method.decode("latin-1"),
+            http=head.version,
             path=head.path[:200].decode("latin-1") if ex.route is None else None,
             route=ex.route_name,
             credential=ex.credential,
@@ -55,6 +57,7 @@ def account(shared: Shared, ex: Finished) -> None:
             upstream_ms=round(ex.upstream_seconds * 1000, 3) if ex.upstream_seconds >= 0 else None,
             client=ex.client,
             error=ex.error or None,
+            grpc_status=grpc_status,
         )
 
 
