@@ -204,7 +204,10 @@ class GrpcExchange(GrpcStream):
         self._req.append((data, flow))
         self._pump_request()
         if self.dkind == D_BODY:
-            self.deadline = self.shared.loop.time() + self.gen.body_idle_timeout
+            now = self.shared.loop.time()
+            self.deadline = now + self.gen.body_idle_timeout
+            if self.too_slow(now):
+                self._abort(Kind.CLIENT_TIMEOUT, "client_timeout")
 
     def on_end(self) -> None:
         self.request_done = True

@@ -73,6 +73,7 @@ class GrpcStream:
     """One HTTP/2 stream carrying a gRPC call: state, answers, endings."""
 
     __slots__ = (
+        "_body_t0",
         "_held",
         "_queued_on",
         "_req",
@@ -143,6 +144,7 @@ class GrpcStream:
         self._trailers: Headers | None = None
         self._held: list[Slots] = []
         self._queued_on: Slots | None = None
+        self._body_t0 = 0.0
         self._task: object = None
 
     # ------------------------------------------------------------------
@@ -247,3 +249,14 @@ class GrpcStream:
 
     def admitted(self) -> None:
         """A slot freed up for this queued stream (called by ``Slots``)."""
+
+    def too_slow(self, now: float) -> bool:
+        """The HTTP/1.1 minimum body rate, for a stream that trickles its body."""
+        gen = self.gen
+        if not gen.min_body_rate:
+            return False
+        if self._body_t0 == 0.0:
+            self._body_t0 = now
+            return False
+        elapsed = now - self._body_t0
+        return elapsed > gen.min_body_grace and self.body_in < elapsed * gen.min_body_rate

@@ -146,10 +146,13 @@ class H2ServerConnection:
         pass  # handed over by h2switch, already connected
 
     def data_received(self, data: bytes) -> None:
+        if self.deadline_kind == 0:
+            return  # closed: whatever was still in flight is dropped
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError:
-            # h2 queued a GOAWAY with the error: send it and go.
+            # h2 queued a GOAWAY with the error (a stream-closed error is
+            # one too): send it and go.
             self.shared.stats.limit_rejection("h2_protocol")
             self._close()
             return
@@ -281,13 +284,15 @@ class H2ServerConnection:
             return
         self.shared.stats.limit_rejection("h2_flood")
         self._goaway = True
+        # The ACKs h2 queued for the flood are not owed to it: GOAWAY alone.
+        self.h2.clear_outbound_data_buffer()
         self.h2.close_connection(_ENHANCE_YOUR_CALM)
         self._close()
         raise _Closed
 
     # -- StreamPort: used by streams ------------------------------------------
     def send_headers(self, sid: int, headers: Headers, end: bool) -> None:
-        with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset meanwhile
+        with contextlib.suppress(h2.exceptions.ProtocolError):  # reset meanwhile
             self.h2.send_headers(sid, headers, end_stream=end)
 
     def send_data(self, sid: int, data: bytes, end: bool) -> None:
@@ -298,21 +303,21 @@ class H2ServerConnection:
                 conn.send_data(sid, data[:size])
                 data = data[size:]
             conn.send_data(sid, data, end_stream=end)
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:
             pass
 
     def window(self, sid: int) -> int:
         try:
             return self.h2.local_flow_control_window(sid)
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:
             return 0
 
     def ack(self, sid: int, n: int) -> None:
-        if n:
+        if n and self.deadline_kind:
             self.h2.acknowledge_received_data(n, sid)
 
     def reset(self, sid: int, code: int) -> None:
-        with contextlib.suppress(h2.exceptions.StreamClosedError):
+        with contextlib.suppress(h2.exceptions.ProtocolError):
             self.h2.reset_stream(sid, code)
 
     def touched(self, up: H2Upstream) -> None:
