@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import hpack
@@ -161,8 +161,8 @@ class Attacker:
 
 
 @pytest.fixture
-async def gateway(start_gateway: StartGateway, receiver: TraceReceiver) -> AsyncIterator[Any]:
-    yield await start_gateway(grpc_config(receiver.port, server=FAST))
+async def gateway(start_gateway: StartGateway, receiver: TraceReceiver) -> Any:
+    return await start_gateway(grpc_config(receiver.port, server=FAST))
 
 
 async def _flood(port: int, frames: Iterator[bytes], limit: int) -> tuple[Attacker, int]:
