@@ -151,9 +151,9 @@ class Attacker:
     def grpc_status(self, sid: int) -> str | None:
         for f in self.frames:
             if isinstance(f, HeadersFrame) and f.stream_id == sid:
-                fields = dict(self.decoder.decode(f.data))
-                if "grpc-status" in fields:
-                    return str(fields["grpc-status"])
+                fields = {bytes(k): bytes(v) for k, v in self.decoder.decode(f.data, raw=True)}
+                if b"grpc-status" in fields:
+                    return fields[b"grpc-status"].decode()
         return None
 
     def close(self) -> None:
