@@ -105,7 +105,14 @@ class H2ServerConnection:
         self.peer_bytes = peer.encode()
         self.cert_subject = cert_subject
         self.scheme = b"https" if shared.tls else b"http"
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        # Inbound fields are validated (they are the client's); outbound ones
+        # are ours or were validated on the way in, so h2 does not redo it.
+        config = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self.h2 = h2.connection.H2Connection(config)
         self.streams: dict[int, GrpcExchange] = {}
         self._touched: list[H2Upstream] = []

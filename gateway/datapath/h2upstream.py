@@ -63,7 +63,13 @@ class H2Upstream(asyncio.Protocol):
     def __init__(self, pool: H2Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        # Outbound fields were validated when the client sent them.
+        config = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self.h2 = h2.connection.H2Connection(config)
         self.sinks: dict[int, StreamSink] = {}
         self.closed = False
