@@ -190,7 +190,7 @@ async def test_admitted_request_is_not_refused_by_its_old_queue_deadline(
         await _send(first, "/api/v1/write", b"hold")
         await wait_for(lambda: len(strict_upstream.requests) == 1)
         await _send(queued, "/api/v1/write", b"slow")
-        await wait_for(lambda: len(waiters) == 1)  # type: ignore[arg-type]
+        await wait_for(lambda: len(waiters) == 1)
         await asyncio.sleep(0.2)  # queue time passes: that is the case under test
         release.set()
         assert (await first.response()).status == 204
