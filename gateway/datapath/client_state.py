@@ -172,7 +172,13 @@ class ClientState(asyncio.Protocol):
             return
         if self._advancing:
             return  # the loop below, further up the stack, starts the next one
-        self._advance()
+        if self._pending or self._head_by or self._write_paused or self._paused:
+            self._advance()
+        elif not self._lingering:
+            # Nothing pipelined, nothing paused (one request at a time, as
+            # every sender we serve does): wait idle for the next request.
+            self.deadline_kind = _IDLE
+            self.deadline = self.shared.loop.time() + self.shared.gen.keepalive_timeout
 
     def _advance(self) -> None:
         """Start the pending exchanges in order, then wait for the next request."""
@@ -193,7 +199,7 @@ class ClientState(asyncio.Protocol):
             self._advancing = False
         if self._lingering:
             return
-        if not self._pending:
+        if not self._pending and self._paused & PAUSE_PIPELINE:
             # Nothing waits any more; the exchange now active reads its body.
             self.resume(PAUSE_PIPELINE)
         if self.active is None:
