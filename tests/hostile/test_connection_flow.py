@@ -256,3 +256,25 @@ async def test_requests_pipelined_in_one_read_are_capped(
     answered = stream.count(b"HTTP/1.1 401 ")
     assert 256 <= answered < 2000, answered
     assert set(parse_statuses(b"\r\n" + stream)) == {401}
+
+
+# -- /health with a body ----------------------------------------------------------------
+
+
+async def test_health_with_a_stalled_body_is_closed_at_the_body_idle_timeout(
+    start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    """/health is answered at its head; the body left to drop has the body
+    idle deadline of every local answer (it had none: held forever)."""
+    body_idle = 0.5
+    gw = await start_gateway(hostile_config(strict_upstream))
+    async with await RawConn.open(gw.port) as conn:
+        await conn.send(
+            request("GET", "/health", token=TOKEN, headers=[("Content-Length", "100")]) + b"abc"
+        )
+        assert (await conn.response()).status == 200
+        t0 = time.monotonic()
+        closed = await conn.closed_within(body_idle + SLACK + 2)
+        elapsed = time.monotonic() - t0
+    assert closed, "a stalled /health body held the connection"
+    assert elapsed <= body_idle + SLACK
