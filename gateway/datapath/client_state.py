@@ -112,7 +112,7 @@ class ClientState(asyncio.Protocol):
         self.deadline_kind = kind
         if self.active is not None:
             self.active.client_write_paused(False)
-        elif self._pending and not self._lingering:
+        elif self._pending:  # parsed before it stopped reading: answer them now
             self._advance()
         self.resume(PAUSE_WRITE)
         self.flush()

@@ -10,6 +10,7 @@ synchronisation; every wait on the gateway is a condition with a deadline.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import pytest
@@ -278,3 +279,41 @@ async def test_health_with_a_stalled_body_is_closed_at_the_body_idle_timeout(
         elapsed = time.monotonic() - t0
     assert closed, "a stalled /health body held the connection"
     assert elapsed <= body_idle + SLACK
+
+
+async def test_capped_pipeline_to_a_client_that_pauses_reading_is_answered_in_full(
+    start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    """Proxied requests pipelined past the cap, 64 KiB answers, a client with
+    a small receive buffer that reads only after a second: the gateway stops
+    while it does not read, then answers every request it took, in order,
+    and closes."""
+    body = b"r" * 65536
+
+    async def big(conn: UpConn, req: ParsedRequest) -> None:
+        await conn.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-N: %s\r\n\r\n" % (len(body), req.body)
+            + body
+        )
+
+    strict_upstream.responder = big
+    gw = await start_gateway(
+        hostile_config(strict_upstream, server="body_idle_timeout_seconds = 5")
+    )
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", gw.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 22)
+    async with RawConn(reader, writer) as conn:
+        await conn.send(
+            b"".join(request("POST", "/api/v1/write", b"%d" % i, token=TOKEN) for i in range(600))
+        )
+        await asyncio.sleep(1.0)  # not reading: that is the case under test
+        held = len(strict_upstream.requests)
+        answers = [await conn.response(timeout=10.0) for _ in range(held)]
+        rest = await conn.eof(timeout=10.0)
+    assert held < 256, "the gateway kept starting requests for a client that did not read"
+    assert [r.header("X-N") for r in answers] == [str(i) for i in range(held)]
+    n = held + rest.count(b"HTTP/1.1 200 ")
+    assert 256 <= n < 600, n
+    assert [r.body for r in strict_upstream.requests] == [b"%d" % i for i in range(n)]
