@@ -18,26 +18,42 @@ from gateway.config.schema import ConfigError, TlsSpec
 __all__ = ["TlsTerminator", "server_context"]
 
 
-def server_context(spec: TlsSpec, base: Path) -> ssl.SSLContext:
-    """Build and validate (cert and key must match) a server context."""
+def server_context(spec: TlsSpec, base: Path, h2: bool = False) -> ssl.SSLContext:
+    """Build and validate (cert and key must match) a server context.
+
+    ``h2``: offer HTTP/2 in ALPN (only when an ``otlp-grpc`` route exists,
+    so a config without one keeps every TLS sender on HTTP/1.1).
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(["h2", "http/1.1"] if h2 else ["http/1.1"])
+    # OpenSSL's error for an unreadable file names neither the file nor which
+    # of the two it was: read each first, so the error names its own key.
+    cert = _readable(base / spec.cert_file, "cert_file")
+    key = _readable(base / spec.key_file, "key_file")
     try:
-        ctx.load_cert_chain(base / spec.cert_file, base / spec.key_file)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"server.tls.cert_file: cannot read {exc.filename!r}") from None
+        ctx.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(
             f"server.tls.key_file: certificate and key do not load as a pair: {exc.strerror or exc}"
         ) from None
     if spec.client_ca_file is not None:
+        ca = _readable(base / spec.client_ca_file, "client_ca_file")
         try:
-            ctx.load_verify_locations(cafile=base / spec.client_ca_file)
+            ctx.load_verify_locations(cafile=ca)
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"server.tls.client_ca_file: {exc.strerror or exc}") from None
         ctx.verify_mode = ssl.CERT_REQUIRED if spec.client_auth == "required" else ssl.CERT_OPTIONAL
     return ctx
+
+
+def _readable(path: Path, key: str) -> Path:
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"server.tls.{key}: cannot read {str(path)!r}: {exc.strerror}") from None
+    return path
 
 
 class TlsTerminator:

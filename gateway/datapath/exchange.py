@@ -97,9 +97,13 @@ class Exchange(ExchangeBase):
             shared.draining,
         )
         # Attributed to the presented credential, unless refused before
-        # authentication (revoked / expired failures still name their token).
+        # authentication.  A revoked / expired token's access line names its
+        # credential and token id, as the metric does: the operator hunting a
+        # forgotten sender reads the log first.  Counters count it as
+        # unauthenticated (accounting keys them on ``principal``).
         if not d.anonymous:
             if isinstance(who, Failure):
+                self.credential = who.credential or "none"
                 self.token_id = who.token_id
             else:
                 self.principal = who

@@ -302,7 +302,9 @@ class ExchangeBase:
         self.state = _FINISHED
         if self.rstats is not None:
             self.rstats.in_flight -= 1
-        body_bytes = self.shared.admission.byte_rate.get(self.credential)
+        body_bytes = (
+            self.shared.admission.byte_rate.get(self.credential) if self.principal else None
+        )
         if body_bytes is not None:
             body_bytes.spend(self.body_in)  # paid after the fact; admission waits for repayment
         account(self.shared, self)

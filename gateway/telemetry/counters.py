@@ -58,12 +58,20 @@ class _Hist:
 class RouteStats:
     """Everything keyed by route alone."""
 
-    __slots__ = ("duration", "in_flight", "response_bytes", "upstream", "upstream_errors")
+    __slots__ = (
+        "added",
+        "duration",
+        "in_flight",
+        "response_bytes",
+        "upstream",
+        "upstream_errors",
+    )
 
     def __init__(self) -> None:
         self.in_flight = 0
         self.duration = _Hist()
         self.upstream = _Hist()
+        self.added = _Hist()  # the whole exchange minus the upstream's response time
         self.response_bytes = 0
         self.upstream_errors: dict[str, int] = {}
 
@@ -130,7 +138,9 @@ class Stats:
         return stats
 
     def auth_failure(self, reason: str, credential: str = "", token_id: str = "") -> None:
-        key = (reason, credential, token_id)
+        # "none" where the config names nothing (missing, malformed, unknown),
+        # as gateway_requests_total labels a request before authentication.
+        key = (reason, credential or "none", token_id or "none")
         self.auth_failures[key] = self.auth_failures.get(key, 0) + 1
 
     def limit_rejection(self, reason: str) -> None:
@@ -150,6 +160,7 @@ class Stats:
                     [*r.upstream.counts, r.upstream.total],
                     r.response_bytes,
                     dict(r.upstream_errors),
+                    [*r.added.counts, r.added.total],
                 )
                 for name, r in self.routes.items()
             },

@@ -23,7 +23,6 @@ import aiohttp
 import promql_parser
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import (
     OTHER_TOKEN,
@@ -33,6 +32,7 @@ from tests.conftest import (
     config_text,
     sha256,
 )
+from tests.support.metrics import scrape
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "obs-gateway.json"
@@ -160,10 +160,7 @@ async def exported(start_gateway: StartGateway, upstream: RecordingUpstream) -> 
             headers = {"Authorization": f"Bearer {token}"} if token else {}
             async with session.post(base + path, data=b"\x00" * 64, headers=headers) as resp:
                 assert resp.status == status, (path, token, await resp.text())
-        async with session.get(f"http://127.0.0.1:{gw.admin_port}/metrics") as resp:
-            assert resp.status == 200
-            text = await resp.text()
-    return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    return {s.name for s in (await scrape(gw.admin_port)).samples}
 
 
 def _unexported(queries: list[tuple[str, str]], exported: set[str]) -> list[str]:

@@ -18,12 +18,9 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import TOKEN, RecordingUpstream, StartGateway, config_text, wait_for
-from tests.support import (
-    GatewayProcess,
-    chunked,
-    raw_client,
-    request_bytes,
-)
+from tests.support.client import raw_client
+from tests.support.process import GatewayProcess
+from tests.support.wire import chunked, request_bytes
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 KiB, MiB = 1024, 1024 * 1024

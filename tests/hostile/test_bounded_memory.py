@@ -20,8 +20,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TOKEN, config_text
-from tests.hostile.support import ParsedRequest, RawConn, RawUpstream, UpConn, request
-from tests.support import GatewayProcess, scrape
+from tests.support.client import raw_client
+from tests.support.metrics import scrape
+from tests.support.process import GatewayProcess, memory_kib
+from tests.support.upstreams import RawUpstream, UpConn
+from tests.support.wire import ParsedRequest, request
 
 MiB = 1024 * 1024
 # What one connection may add to the gateway's peak memory.  The attacks
@@ -56,7 +59,7 @@ async def _gateway(
     try:
         await gw.start()
         # Warm up (first-request imports, pools, allocator arenas).
-        async with await RawConn.open(gw.port) as conn:
+        async with raw_client(gw.port) as conn:
             await conn.send(request("POST", "/api/v1/write", b"warm", token=TOKEN))
             assert (await conn.response()).status == 204
         yield gw
@@ -75,7 +78,7 @@ class PeakRss:
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> PeakRss:
-        self.base = self.peak = self.gw.status()["VmRSS"]
+        self.base = self.peak = memory_kib(self.gw.proc.pid)["VmRSS"]
         self._task = asyncio.create_task(self._sample())
         return self
 
@@ -88,7 +91,7 @@ class PeakRss:
 
     def _take(self) -> None:
         with contextlib.suppress(OSError, KeyError):
-            self.peak = max(self.peak, self.gw.status()["VmRSS"])
+            self.peak = max(self.peak, memory_kib(self.gw.proc.pid)["VmRSS"])
 
     async def _sample(self) -> None:
         while True:
@@ -167,7 +170,7 @@ async def test_a_trailer_that_never_ends_is_refused(
     (valid token): refused by the head limits, the upstream never sees the
     request complete, and the gateway's memory stays flat."""
     async with _gateway(tmp_path, strict_upstream) as gw, PeakRss(gw) as rss:
-        async with await RawConn.open(gw.port) as conn:
+        async with raw_client(gw.port) as conn:
             head = request("POST", "/api/v1/write", b"", token=TOKEN, chunked=True)
             head = head.removesuffix(b"0\r\n\r\n") + b"5\r\nhello\r\n0\r\nX-Trailer: "
             await conn.send(head)
@@ -204,7 +207,7 @@ async def test_a_head_that_never_ends_is_refused(
     behind a request the upstream holds: cut at the head limits, memory flat."""
     strict_upstream.responder = _hold
     async with _gateway(tmp_path, strict_upstream) as gw, PeakRss(gw) as rss:
-        async with await RawConn.open(gw.port) as conn:
+        async with raw_client(gw.port) as conn:
             first = request("POST", "/api/v1/write", b"hold", token=TOKEN)
             await conn.send(
                 (first if where == "pipelined" else b"")

@@ -11,13 +11,15 @@ import pytest
 
 from tests.conftest import OTHER_TOKEN, TOKEN, StartGateway, sha256
 from tests.hostile.conftest import hostile_config
-from tests.hostile.support import RawConn, RawUpstream, Response, request
+from tests.support.client import raw_client
+from tests.support.upstreams import RawUpstream
+from tests.support.wire import Response, request
 
 
 async def _ask(
     port: int, headers: list[tuple[str, str]], token: str | None = TOKEN, body: bytes = b"x"
 ) -> Response:
-    async with await RawConn.open(port) as conn:
+    async with raw_client(port) as conn:
         await conn.send(request("POST", "/api/v1/write", body, token=token, headers=headers))
         return await conn.response()
 
@@ -206,7 +208,7 @@ async def test_denied_otlp_client_gets_403_protobuf(
     gw = await start_gateway(
         hostile_config(strict_upstream, extra=_clients(deny='["127.0.0.1/32"]'))
     )
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(request("POST", "/v1/traces", b"x", token=TOKEN))
         resp = await conn.response()
     assert resp.status == 403

@@ -17,19 +17,14 @@ import pytest
 
 from tests.conftest import TOKEN, StartGateway, wait_for
 from tests.hostile.conftest import hostile_config
-from tests.hostile.support import (
-    ParsedRequest,
-    RawConn,
-    RawUpstream,
-    UpConn,
-    parse_statuses,
-    request,
-)
+from tests.support.client import RawClient, raw_client
+from tests.support.upstreams import RawUpstream, UpConn
+from tests.support.wire import ParsedRequest, parse_statuses, request
 
 SLACK = 1.0  # the sweeper ticks every timeout / 5; a loaded CI box
 
 
-async def _trickle(conn: RawConn, data: bytes, every: float) -> None:
+async def _trickle(conn: RawClient, data: bytes, every: float) -> None:
     """One byte every ``every`` seconds until done or refused."""
     for i in range(len(data)):
         try:
@@ -59,7 +54,7 @@ async def test_pipelined_request_whose_body_comes_later_is_read(
     gw = await start_gateway(hostile_config(strict_upstream))
     second = request("POST", "/api/v1/write", b"b" * 2000, token=TOKEN)
     half = len(second) - 1000
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(request("POST", "/api/v1/write", b"one", token=TOKEN) + second[:half])
         await wait_for(lambda: len(strict_upstream.requests) == 1)
         if when == "after_the_first_answer":
@@ -93,13 +88,13 @@ async def test_slow_head_pipelined_behind_a_request_gets_the_header_timeout(
         )
     )
     second = request("POST", "/api/v1/write", b"two", token=TOKEN)
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         t0 = time.monotonic()
         await conn.send(request("POST", "/api/v1/write", b"one", token=TOKEN) + second[:10])
         assert (await conn.response()).status == 204
         sender = asyncio.create_task(_trickle(conn, second[10:], 0.1))  # about 12 s
         try:
-            closed = await conn.closed_within(header_timeout + SLACK + 1)
+            closed = await conn.closed(header_timeout + SLACK + 1)
             elapsed = time.monotonic() - t0
         finally:
             sender.cancel()
@@ -119,13 +114,13 @@ async def test_header_timeout_counts_from_the_first_byte_not_the_target(
         hostile_config(strict_upstream, server=f"header_timeout_seconds = {header_timeout}")
     )
     rest = request("POST", "/api/v1/write", b"x", token=TOKEN)[4:]
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(b"POST")
         t0 = time.monotonic()
         await asyncio.sleep(1.7)  # still inside the first idle wait (header_timeout)
         sender = asyncio.create_task(_trickle(conn, rest, 0.1))
         try:
-            closed = await conn.closed_within(2 * header_timeout + SLACK)
+            closed = await conn.closed(2 * header_timeout + SLACK)
             elapsed = time.monotonic() - t0
         finally:
             sender.cancel()
@@ -144,16 +139,16 @@ async def test_idle_keep_alive_connection_gets_the_keepalive_timeout(
             strict_upstream, server="header_timeout_seconds = 0.3\nkeepalive_timeout_seconds = 2"
         )
     )
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(request("POST", "/api/v1/write", b"one", token=TOKEN))
         assert (await conn.response()).status == 204
         t0 = time.monotonic()
-        assert not await conn.closed_within(1.0)
+        assert not await conn.closed(1.0)
         # Still usable, then closed at the keep-alive deadline.
         await conn.send(request("POST", "/api/v1/write", b"two", token=TOKEN))
         assert (await conn.response()).status == 204
         t0 = time.monotonic()
-        assert await conn.closed_within(2.0 + SLACK)
+        assert await conn.closed(2.0 + SLACK)
         assert time.monotonic() - t0 >= 2.0 - 0.05
 
 
@@ -177,7 +172,7 @@ async def test_pipelined_head_sent_promptly_is_not_cut_while_the_first_is_slow(
         )
     )
     second = request("POST", "/api/v1/write", b"two", token=TOKEN)
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(request("POST", "/api/v1/write", b"one", token=TOKEN) + second[:20])
         await wait_for(lambda: len(strict_upstream.requests) == 1)
         await conn.send(second[20:])
@@ -202,7 +197,7 @@ async def test_refused_expect_continue_closes_the_connection(
         "POST", "/api/v1/write", b"x" * 100, headers=[("Expect", "100-continue")]
     ).removesuffix(b"x" * 100)
     follow = request("POST", "/api/v1/write", b"y" * 60, token=TOKEN)
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(head)
         resp = await conn.response(interim=True)
         assert resp.status == 401
@@ -228,7 +223,7 @@ async def test_http10_with_transfer_encoding_is_answered_then_closed(
         + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
         + request("POST", "/api/v1/write", b"SMUGGLED", token=TOKEN)
     )
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(data)
         resp = await conn.response()
         rest = await conn.eof(timeout=3.0)
@@ -251,7 +246,7 @@ async def test_requests_pipelined_in_one_read_are_capped(
         hostile_config(strict_upstream, extra="[limits]\nauth_failure_limit = 0")
     )
     one = b"GET /x HTTP/1.1\r\nHost: gw\r\n\r\n"
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(one * 2000)
         stream = await conn.eof(timeout=5.0)
     answered = stream.count(b"HTTP/1.1 401 ")
@@ -269,13 +264,13 @@ async def test_health_with_a_stalled_body_is_closed_at_the_body_idle_timeout(
     idle deadline of every local answer (it had none: held forever)."""
     body_idle = 0.5
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(
             request("GET", "/health", token=TOKEN, headers=[("Content-Length", "100")]) + b"abc"
         )
         assert (await conn.response()).status == 200
         t0 = time.monotonic()
-        closed = await conn.closed_within(body_idle + SLACK + 2)
+        closed = await conn.closed(body_idle + SLACK + 2)
         elapsed = time.monotonic() - t0
     assert closed, "a stalled /health body held the connection"
     assert elapsed <= body_idle + SLACK
@@ -304,7 +299,8 @@ async def test_capped_pipeline_to_a_client_that_pauses_reading_is_answered_in_fu
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", gw.port))
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 22)
-    async with RawConn(reader, writer) as conn:
+    conn = RawClient(reader, writer)
+    try:
         await conn.send(
             b"".join(request("POST", "/api/v1/write", b"%d" % i, token=TOKEN) for i in range(600))
         )
@@ -312,6 +308,8 @@ async def test_capped_pipeline_to_a_client_that_pauses_reading_is_answered_in_fu
         held = len(strict_upstream.requests)
         answers = [await conn.response(timeout=10.0) for _ in range(held)]
         rest = await conn.eof(timeout=10.0)
+    finally:
+        await conn.close()
     assert held < 256, "the gateway kept starting requests for a client that did not read"
     assert [r.header("X-N") for r in answers] == [str(i) for i in range(held)]
     n = held + rest.count(b"HTTP/1.1 200 ")

@@ -35,21 +35,21 @@ from hypothesis import strategies as st
 
 from gateway.config.loader import ConfigError, loads
 from gateway.policy.auth import Authenticator, Failure, Principal
-from gateway.policy.errors import ErrorRenderer, Kind, Protocol, status_of
+from gateway.policy.errors import ErrorRenderer, Kind, Protocol, grpc_trailers_only, status_of
 from gateway.policy.generation import Generation
 from gateway.policy.headers import HOP_BY_HOP, REQUEST_DROP, connection_tokens, drop_listed
 from tests.conftest import OTHER_TOKEN, TOKEN, StartGateway, config_text, sha256, wait_for
 from tests.hostile.conftest import hostile_config
-from tests.hostile.support import (
-    ParsedRequest,
-    RawConn,
-    RawUpstream,
-    UpConn,
-    parse_request,
-    parse_statuses,
-    read_response,
-)
+from tests.support.client import raw_client
 from tests.support.heads import ParsedHead
+from tests.support.upstreams import RawUpstream, UpConn
+from tests.support.wire import (
+    ParsedRequest,
+    Response,
+    parse_request,
+    parse_response,
+    parse_statuses,
+)
 
 PROPERTY = settings(
     max_examples=300,
@@ -486,16 +486,10 @@ def test_a_token_pasted_into_a_secret_field_is_not_echoed(field: str, pasted: st
 # -- the error mapping ------------------------------------------------------------
 
 
-def _parse_rendered(data: bytes) -> Any:
-    async def parse() -> Any:
-        reader = asyncio.StreamReader()
-        reader.feed_data(data)
-        reader.feed_eof()
-        resp = await read_response(reader)
-        assert await reader.read() == b"", "bytes after the response"
-        return resp
-
-    return asyncio.run(parse())
+def _parse_rendered(data: bytes) -> Response:
+    resp, used = parse_response(data, eof=True)
+    assert used == len(data), "bytes after the response"
+    return resp
 
 
 def test_error_mapping_every_kind_and_protocol() -> None:
@@ -506,7 +500,18 @@ def test_error_mapping_every_kind_and_protocol() -> None:
     renderer = ErrorRenderer("obs-gateway")
     date = b"Date: Thu, 01 Jan 2026 00:00:00 GMT\r\n"
     for kind in Kind:
-        for protocol in Protocol:
+        fields = dict(grpc_trailers_only(kind))
+        # gRPC: trailers-only HTTP 200; never UNKNOWN (2) or INTERNAL (13);
+        # pushback exactly where HTTP/1.1 has Retry-After.
+        assert fields[b":status"] == b"200"
+        assert fields[b"content-type"] == b"application/grpc"
+        code = int(fields[b"grpc-status"])
+        assert code not in (0, 2, 13), kind
+        assert fields[b"grpc-message"]
+        pushback = b"grpc-retry-pushback-ms" in fields
+        assert pushback == (code == 14 and not kind.name.startswith("UPSTREAM_")), kind
+        assert pushback == (b"google.rpc.retryinfo-bin" in fields)
+        for protocol in (Protocol.PLAIN, Protocol.REMOTE_WRITE, Protocol.OTLP):
             for as_json in (False, True):
                 for close in (False, True):
                     status, data, body_len = renderer.render(kind, protocol, as_json, date, close)
@@ -525,9 +530,7 @@ def test_error_mapping_every_kind_and_protocol() -> None:
                     elif status in (429, 503):
                         assert resp.header("Retry-After") == "1"
                     if status == 401:
-                        assert resp.header(
-                            "WWW-Authenticate",
-                        ).startswith("Bearer ")
+                        assert (resp.header("WWW-Authenticate") or "").startswith("Bearer ")
                     ctype = resp.header("Content-Type")
                     if protocol is Protocol.OTLP and as_json:
                         assert ctype == "application/json"
@@ -757,7 +760,7 @@ async def test_socket_fuzz_never_crashes_never_500_never_forwards_elsewhere(  # 
 
     async def run(i: int, data: bytes, split: int, half_close: bool) -> None:
         try:
-            async with await RawConn.open(gw.port) as conn:
+            async with raw_client(gw.port) as conn:
                 with contextlib.suppress(ConnectionResetError, BrokenPipeError):
                     if split:
                         await conn.send(data[:split])
@@ -837,7 +840,7 @@ async def test_socket_fuzz_never_crashes_never_500_never_forwards_elsewhere(  # 
     assert not problems, summary + "\n" + "\n".join(problems)
 
     # 4. Still serving, nothing left over.
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(_req("POST", "/api/v1/write", b"final"))
         assert (await conn.response()).status in (200, 204)
     await wait_for(lambda: gw.stats.open_connections == 0, 5.0)

@@ -15,22 +15,14 @@ import pytest
 
 from tests.conftest import TOKEN
 from tests.hostile.conftest import hostile_config
-from tests.hostile.support import RawConn, RawUpstream, request
-from tests.support import GatewayProcess
-
-
-async def _events(proc: GatewayProcess, names: tuple[str, ...], n: int, timeout: float) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while sum(len(proc.events(name)) for name in names) < n:
-        assert proc.proc is not None
-        assert proc.proc.returncode is None, f"gateway exited {proc.proc.returncode}"
-        assert loop.time() < deadline, f"no {names} event; {proc.lines[-5:]}"
-        await asyncio.sleep(0.05)
+from tests.support.client import raw_client
+from tests.support.process import GatewayProcess
+from tests.support.upstreams import RawUpstream
+from tests.support.wire import request
 
 
 async def _post(port: int, body: bytes) -> int:
-    async with await RawConn.open(port) as conn:
+    async with raw_client(port) as conn:
         await conn.send(request("POST", "/api/v1/write", body, token=TOKEN))
         return (await conn.response()).status
 
@@ -89,12 +81,12 @@ async def test_unservable_config_is_a_failed_reload_and_later_reloads_work(
         config.write_text(bad)
         os.kill(proc.proc.pid, signal.SIGHUP)
         # Refused and said so, like any invalid config.
-        await _events(proc, ("config_reload_failed", "config_reload_partial"), 1, 5.0)
+        await proc.wait_event(("config_reload_failed", "config_reload_partial"), timeout=5.0)
         assert await _post(proc.port, b"old-config") == 204
         config.write_text(good)
         os.kill(proc.proc.pid, signal.SIGHUP)
-        await _events(proc, ("config_reloaded",), 1, 15.0)
-        assert not proc.events("config_reload_partial"), proc.events("config_reload_partial")
+        await proc.wait_event("config_reloaded", timeout=15.0)
+        assert not proc.find("config_reload_partial"), proc.find("config_reload_partial")
         assert await _post(proc.port, b"new-config") == 204
     finally:
         await proc.stop()

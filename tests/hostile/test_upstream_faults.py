@@ -13,15 +13,9 @@ import pytest
 
 from tests.conftest import TOKEN, StartGateway, config_text, wait_for
 from tests.hostile.conftest import hostile_config
-from tests.hostile.support import (
-    Closed,
-    ParsedRequest,
-    RawConn,
-    RawUpstream,
-    UpConn,
-    request,
-    respond_204,
-)
+from tests.support.client import Closed, RawClient, raw_client
+from tests.support.upstreams import RawUpstream, UpConn, respond_204
+from tests.support.wire import ParsedRequest, request
 
 RESPONSE_TIMEOUT = 0.5
 SLACK = 1.0
@@ -43,7 +37,7 @@ async def test_hanging_upstream_is_a_gateway_timeout_and_the_connection_survives
 ) -> None:
     strict_upstream.responder = _hang
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         t0 = time.monotonic()
         await conn.send(request("POST", path, b"data", token=TOKEN))
         resp = await conn.response(timeout=RESPONSE_TIMEOUT + SLACK + 1)
@@ -105,7 +99,7 @@ async def test_broken_upstream_answer_is_a_bad_gateway(
 ) -> None:
     strict_upstream.responder = FAULTS[fault]  # type: ignore[assignment]
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(request("POST", path, b"data", token=TOKEN))
         resp = await conn.response(timeout=RESPONSE_TIMEOUT + SLACK)
         assert resp.status == failed(route, 502)
@@ -126,7 +120,7 @@ async def test_refused_upstream_is_a_bad_gateway(
         dead = s.getsockname()[1]  # bound, never listening: connections are refused
         strict_upstream.port = dead
         gw = await start_gateway(hostile_config(strict_upstream))
-        async with await RawConn.open(gw.port) as conn:
+        async with raw_client(gw.port) as conn:
             await conn.send(request("POST", path, b"data", token=TOKEN))
             resp = await conn.response()
     assert resp.status == failed(route, 502)
@@ -148,7 +142,7 @@ async def test_slow_but_live_upstream_is_passed_through(
 
     strict_upstream.responder = slow
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         t0 = time.monotonic()
         await conn.send(request("POST", "/v1/traces", b"data", token=TOKEN))
         resp = await conn.response(timeout=5.0)
@@ -169,7 +163,7 @@ async def test_upstream_stalling_mid_body_truncates_the_response(
 
     strict_upstream.responder = stall
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(request("POST", "/v1/traces", b"data", token=TOKEN))
         with pytest.raises(Closed):
             await conn.response(timeout=RESPONSE_TIMEOUT + SLACK + 1)
@@ -185,7 +179,7 @@ async def test_upstream_closing_mid_body_truncates_the_response(
 
     strict_upstream.responder = cut
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(request("POST", "/v1/traces", b"data", token=TOKEN))
         with pytest.raises(Closed):
             await conn.response()
@@ -208,7 +202,7 @@ async def test_close_delimited_answer_is_complete_only_at_a_clean_close(
 
     strict_upstream.responder = close_delimited
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(request("POST", "/v1/traces", b"data", token=TOKEN))
         if ending == "fin":
             resp = await conn.response()
@@ -271,7 +265,7 @@ async def test_slow_connect_is_bounded_by_the_connect_timeout_not_the_response_t
 
         server = asyncio.create_task(serve())
         try:
-            async with await RawConn.open(gw.port) as conn:
+            async with raw_client(gw.port) as conn:
                 t0 = time.monotonic()
                 await conn.send(request("POST", "/api/v1/write", b"accepted", token=TOKEN))
                 for filler in fillers:
@@ -304,7 +298,7 @@ async def test_upstream_answering_before_the_body_ends(
         asyncio.get_running_loop().create_task(early(conn))
 
     strict_upstream.on_connect = watcher
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(
             b"POST /api/v1/write HTTP/1.1\r\nHost: gw\r\n"
             + f"Authorization: Bearer {TOKEN}\r\nContent-Length: 100000\r\n\r\n".encode()
@@ -314,7 +308,7 @@ async def test_upstream_answering_before_the_body_ends(
         assert resp.status == 413
         assert resp.body == b"too big!"
         assert resp.header("Connection") == "close"
-        assert await conn.closed_within(3.0)
+        assert await conn.closed(3.0)
     await wait_for(strict_upstream.conns[0].closed.is_set)
     assert strict_upstream.requests == []
 
@@ -329,7 +323,7 @@ async def test_upstream_5xx_is_passed_through_verbatim(
 
     strict_upstream.responder = five_hundred
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(request("POST", "/api/v1/write", b"data", token=TOKEN))
         resp = await conn.response()
     assert (resp.status, resp.body, resp.header("X-Vm")) == (500, b"oops", "1")
@@ -339,7 +333,7 @@ async def test_pooled_connection_closed_by_upstream_is_not_reused(
     start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(request("POST", "/api/v1/write", b"one", token=TOKEN))
         assert (await conn.response()).status == 204
         # The upstream closes its idle keep-alive connection (its own idle timeout).
@@ -362,7 +356,7 @@ async def test_client_leaving_while_upstream_works_aborts_upstream(
     gw = await start_gateway(
         hostile_config(strict_upstream, upstream="response_timeout_seconds = 30")
     )
-    conn = await RawConn.open(gw.port)
+    conn = await RawClient.open(gw.port)
     await conn.send(request("POST", "/api/v1/write", b"data", token=TOKEN))
     await wait_for(lambda: len(strict_upstream.requests) == 1)
     conn.abort()

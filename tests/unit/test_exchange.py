@@ -20,8 +20,8 @@ from gateway.policy.generation import Generation
 from gateway.telemetry import log
 from gateway.telemetry.counters import Stats
 from tests.conftest import TOKEN, config_text
-from tests.hostile.support import Incomplete, parse_request, parse_statuses
 from tests.support.heads import parse_head
+from tests.support.wire import Incomplete, parse_request, parse_statuses
 
 
 @dataclass
@@ -185,7 +185,7 @@ def test_a_refused_request_never_touches_an_upstream(loop: asyncio.AbstractEvent
     assert parse_statuses(bytes(port.sent)) == [401]
     assert ex.finished
     assert cast(FakePools, shared.pools).pool.released == []
-    assert shared.stats.auth_failures == {("missing", "", ""): 1}
+    assert shared.stats.auth_failures == {("missing", "none", "none"): 1}
 
 
 def test_a_streamed_body_over_the_limit_aborts_the_upstream_unterminated(
