@@ -179,13 +179,14 @@ class Authenticator:
                 leeway=config.leeway,
                 options=_JWT_REQUIRED,  # type: ignore[arg-type]
             )
+            # A validly signed exp past a float's range (10**400) is no date.
+            expires = float(claims["exp"])
         except jwt.ExpiredSignatureError:
             return Failure("expired", cred.name, token_id)
         except jwt.ImmatureSignatureError:
             return Failure("not_yet_valid", cred.name, token_id)
-        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError, OverflowError):
             return Failure("jwt_invalid", cred.name, token_id)
-        expires = float(claims["exp"])
         principal = Principal(cred.name, token_id, _scoped(config, cred.routes, claims), expires)
         if len(self._jwt_cache) >= JWT_CACHE_SIZE:
             self._jwt_cache.clear()

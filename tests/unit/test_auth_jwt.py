@@ -112,6 +112,10 @@ def test_valid_token_is_scoped_by_claim(
         (_claims(exp=None), "jwt_invalid"),
         (_claims(aud=None), "jwt_invalid"),
         (_claims(iss=None), "jwt_invalid"),
+        # Validly signed, but no date: past a float's range, or JSON's Infinity.
+        (_claims(exp=10**400), "jwt_invalid"),
+        (_claims(exp=float("inf")), "jwt_invalid"),
+        (_claims(nbf=float("-inf")), "jwt_invalid"),
     ],
 )
 def test_claims_are_enforced(
