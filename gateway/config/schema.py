@@ -291,6 +291,10 @@ class JwtSpec(_Spec, frozen=True):
     public_key_file: str | None = None
     hmac_secret_env: str | None = None
     hmac_secret_file: str | None = None
+    # The key id tokens signed with a PEM key or an HMAC secret carry in
+    # their header (a JWKS names its own).  Needed when another credential
+    # also has a key without one: a token without kid would fit either.
+    kid: str = ""
     leeway_seconds: Annotated[float, msgspec.Meta(ge=0, le=300)] = 30.0
     # The claim listing what the token may do ("" → every route of the
     # credential).  Values map to routes through ``scopes``; without a
@@ -328,6 +332,10 @@ class JwtSpec(_Spec, frozen=True):
             )
         if not self.issuer or not self.audience:
             raise ValueError("issuer: issuer and audience are required (RFC 8725 §3.8-3.9)")
+        if self.kid and self.jwks_file is not None:
+            raise ValueError('kid: a JWKS names its keys itself (its "kid" members)')
+        if self.kid and not NAME.match(self.kid):
+            raise ValueError(f"kid: {self.kid!r} must match [A-Za-z0-9_.-]{{1,64}}")
 
 
 class CredentialSpec(_Spec, frozen=True):

@@ -112,7 +112,7 @@ class Authenticator:
                 failure = Failure("revoked", cred.name, r.id)
                 entries.append(_Entry(r.digest, None, None, None, failure))
         self._entries = tuple(entries)
-        # A key without a kid is usable only when it is the only such key.
+        # The config has at most one key without a kid (config/loader.py).
         self._jwt_single = unnamed[0] if len(unnamed) == 1 else None
 
     def authenticate(self, header: bytes | None, now: float) -> Principal | Failure:
