@@ -185,9 +185,12 @@ class LimitsSpec(_Spec, frozen=True):
     queue_size: Annotated[int, msgspec.Meta(ge=0)] = 256
     queue_timeout_seconds: Positive = 1.0
     # After this many auth failures from one client address within the
-    # window, its requests are refused without checking the token (0: off).
+    # window, its further failures get 429/503 instead of 401;
+    # valid credentials are still served (0: off).  "strict": every request
+    # from the address is refused before its token is checked.
     auth_failure_limit: Annotated[int, msgspec.Meta(ge=0)] = 30
     auth_failure_window_seconds: Positive = 60.0
+    auth_throttle_mode: Literal["failures", "strict"] = "failures"
     # Slow-body defence: after the grace period a body must average at
     # least this rate (0: off).  1 KiB/s passes any real sender.
     min_body_rate_bytes_per_second: Annotated[int, msgspec.Meta(ge=0)] = 1024

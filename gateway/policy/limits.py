@@ -103,11 +103,13 @@ class FailureThrottle:
     which at worst forgives some offenders early.
     """
 
-    __slots__ = ("_seen", "limit", "max_tracked", "window")
+    __slots__ = ("_seen", "limit", "max_tracked", "strict", "window")
 
     def __init__(self, limit: int, window: float, max_tracked: int = 100_000) -> None:
         self.limit = limit  # 0: off
         self.window = window
+        # Refuse a blocked address before its token is checked (decide.py).
+        self.strict = False
         self.max_tracked = max_tracked
         self._seen: dict[str, list[float]] = {}  # address → [window start, count]
 
@@ -163,6 +165,7 @@ class Admission:
         self.queue_timeout = limits.queue_timeout_seconds
         self.throttle.limit = limits.auth_failure_limit
         self.throttle.window = limits.auth_failure_window_seconds
+        self.throttle.strict = limits.auth_throttle_mode == "strict"
         for cred in credentials:
             slots = self.credential_slots.get(cred.name)
             if slots is None:
