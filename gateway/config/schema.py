@@ -184,8 +184,8 @@ class LimitsSpec(_Spec, frozen=True):
     max_concurrent_requests: PositiveInt = 1024
     queue_size: Annotated[int, msgspec.Meta(ge=0)] = 256
     queue_timeout_seconds: Positive = 1.0
-    # After this many auth failures from one client address within the
-    # window, its further failures get 429/503 instead of 401;
+    # After this many auth failures from one client address (IPv6: its /64)
+    # within the window, its further failures get 429/503 instead of 401;
     # valid credentials are still served (0: off).  "strict": every request
     # from the address is refused before its token is checked.
     auth_failure_limit: Annotated[int, msgspec.Meta(ge=0)] = 30

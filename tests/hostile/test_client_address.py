@@ -212,3 +212,25 @@ async def test_denied_otlp_client_gets_403_protobuf(
     assert resp.status == 403
     assert resp.header("Content-Type") == "application/x-protobuf"
     assert strict_upstream.conns == []
+
+
+async def test_one_ipv6_64_is_one_throttled_address(
+    start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    """A host owns its whole /64: at 70f0a08 a fresh address from it per
+    attempt was never throttled.  Clients behind a trusted proxy, so the
+    test can speak from IPv6 addresses over 127.0.0.1."""
+    limits = "[limits]\nauth_failure_limit = 3\n"
+    gw = await start_gateway(
+        hostile_config(strict_upstream, extra=_clients(**TRUSTED) + "\n" + limits)
+    )
+    bad = "wrong-token-0123456789abcdef"
+    statuses = [
+        (await _ask(gw.port, [("X-Forwarded-For", f"2001:db8:7:1::{i:x}")], token=bad)).status
+        for i in range(1, 6)
+    ]
+    assert statuses == [401, 401, 401, 429, 429]
+    # Its neighbour /64 is someone else; a valid token from the /64 still works.
+    assert (await _ask(gw.port, [("X-Forwarded-For", "2001:db8:7:2::1")], token=bad)).status == 401
+    assert (await _ask(gw.port, [("X-Forwarded-For", "2001:db8:7:1::99")])).status == 204
+    assert gw.stats.limit_rejections == {"auth_throttle": 2}
