@@ -91,11 +91,11 @@ class Exchange(ExchangeBase):
         policy = gen.clients
         if policy.proxied:
             self.client = policy.resolve(self.conn.peer, head.client_ip)
-        admission, now = shared.admission, shared.loop.time()
-        throttle = admission.throttle
-        if throttle.strict and throttle.blocked(self.client, now):
-            # decide refuses it before authentication: skip the token check
-            # (a JWT verify costs tens of microseconds).
+        if gen.throttle_strict and shared.admission.throttle.blocked(
+            self.client, shared.loop.time()
+        ):
+            # Strict auth throttle: refused without checking the token (a
+            # JWT verify costs tens of microseconds); decide says where.
             who: Principal | Failure = UNCHECKED
         else:
             who = gen.auth.authenticate(head.authorization, time.time())
@@ -106,8 +106,8 @@ class Exchange(ExchangeBase):
             who,
             self.conn.cert_subject,
             gen,
-            admission,
-            now,
+            shared.admission,
+            shared.loop.time(),
             shared.draining,
         )
         # Attributed to the presented credential, unless refused before

@@ -58,6 +58,7 @@ class Generation:
         "response_timeout",
         "routes",
         "settings",
+        "throttle_strict",
     )
 
     def __init__(self, settings: Settings) -> None:
@@ -84,6 +85,8 @@ class Generation:
         self.max_raw_head = s.max_header_bytes + s.max_url_bytes + 256 * 1024
         self.min_body_rate = lim.min_body_rate_bytes_per_second
         self.min_body_grace = lim.min_body_rate_grace_seconds
+        # The exchange skips authentication for a throttled address (decide.py).
+        self.throttle_strict = lim.auth_throttle_mode == "strict"
 
     @classmethod
     def build(cls, settings: Settings) -> Generation:

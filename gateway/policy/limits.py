@@ -132,13 +132,11 @@ class FailureThrottle:
     offender is forgiven early, never all of them at once.
     """
 
-    __slots__ = ("_seen", "limit", "max_tracked", "strict", "window")
+    __slots__ = ("_seen", "limit", "max_tracked", "window")
 
     def __init__(self, limit: int, window: float, max_tracked: int = 100_000) -> None:
         self.limit = limit  # 0: off
         self.window = window
-        # Refuse a blocked address before its token is checked (decide.py).
-        self.strict = False
         self.max_tracked = max_tracked
         # key → [window start, count], oldest window first.
         self._seen: OrderedDict[str, list[float]] = OrderedDict()
@@ -200,7 +198,6 @@ class Admission:
         self.queue_timeout = limits.queue_timeout_seconds
         self.throttle.limit = limits.auth_failure_limit
         self.throttle.window = limits.auth_failure_window_seconds
-        self.throttle.strict = limits.auth_throttle_mode == "strict"
         for cred in credentials:
             slots = self.credential_slots.get(cred.name)
             if slots is None:

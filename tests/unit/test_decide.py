@@ -15,6 +15,7 @@ import pytest
 
 from gateway.config.loader import Settings, loads
 from gateway.policy import decide as d
+from gateway.policy.auth import Failure, Principal
 from gateway.policy.errors import Kind
 from gateway.policy.generation import Generation
 from gateway.policy.limits import Admission
@@ -87,7 +88,11 @@ class Request:
             for _ in range(self.settings.limits.auth_failure_limit):
                 admission.throttle.failed(self.client, 0.0)
         route = gen.routes.get(head.path)
-        who = gen.auth.authenticate(head.authorization, 0.0)
+        # As the exchange does: a strict throttle skips authentication.
+        if gen.throttle_strict and admission.throttle.blocked(self.client, 0.0):
+            who: Principal | Failure = d.UNCHECKED
+        else:
+            who = gen.auth.authenticate(head.authorization, 0.0)
         return d.decide(
             head, route, self.client, who, self.cert_subject, gen, admission, 0.0, self.draining
         )
