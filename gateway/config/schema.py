@@ -117,6 +117,11 @@ class ServerSpec(_Spec, frozen=True):
     max_header_bytes: PositiveInt = 16384
     max_header_count: PositiveInt = 100
     max_url_bytes: PositiveInt = 8192
+    # Header names with "_" are dropped (nginx's underscores_in_headers off):
+    # backends that fold "_" into "-" would read Transfer_Encoding as
+    # Transfer-Encoding.  On: kept, unless one folds into a field the gateway
+    # handles or into another field of the same request.
+    underscores_in_headers: bool = False
     # realm= in WWW-Authenticate (RFC 6750 §3).
     realm: str = "obs-gateway"
     tls: TlsSpec | None = None

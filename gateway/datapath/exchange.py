@@ -190,16 +190,22 @@ class Exchange(ExchangeBase):
             assert up is not None
             head = self.head
             conn = self.conn
+            gen = self.gen
+            client = self.client
             # Body bytes parsed while queued land after the head, in order.
             self.up_buf.append(
                 head.upstream_head(
                     route.target(head.query),
                     up.host_header,
                     conn.peer_bytes,
-                    self.gen.clients.proxied and self.gen.clients.trusted(conn.peer),
+                    gen.clients.proxied and gen.clients.trusted(conn.peer),
                     conn.scheme,
+                    conn.peer_bytes if client is conn.peer else client.encode(),
+                    gen.underscores_in_headers,
                 )
             )
+            if head.underscored:
+                self.shared.stats.header_dropped("underscore", len(head.underscored) // 2)
         admission = self.shared.admission
         own = admission.credential_slots.get(self.credential)
         for slots in (own, admission.slots):

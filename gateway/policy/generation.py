@@ -59,6 +59,7 @@ class Generation:
         "routes",
         "settings",
         "throttle_strict",
+        "underscores_in_headers",
     )
 
     def __init__(self, settings: Settings) -> None:
@@ -80,6 +81,7 @@ class Generation:
         self.max_header_bytes = s.max_header_bytes
         self.max_header_count = s.max_header_count
         self.max_url_bytes = s.max_url_bytes
+        self.underscores_in_headers = s.underscores_in_headers
         # Raw bytes a head spread over several reads may take: the limits
         # plus one full read (256 KiB in uvloop) that may carry body bytes.
         self.max_raw_head = s.max_header_bytes + s.max_url_bytes + 256 * 1024
