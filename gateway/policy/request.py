@@ -103,7 +103,7 @@ class RequestHead:
         self.json = False
         self.otlp_encoded = False  # Content-Type is OTLP/HTTP's (protobuf or JSON)
         self.xff: bytes | None = None
-        self.forward: list[bytes] = []  # name, b": ", value, b"\r\n", ...
+        self.forward: list[bytes] = []  # the client's fields: name, b": ", value, b"\r\n", ...
         self._client_ips: dict[bytes, bytes] | None = None
         self._hosts = 0
         self._rid: bytes | None = None
@@ -175,8 +175,7 @@ class RequestHead:
         rid = self._rid
         if rid is None or len(rid) > 128 or not rid.isascii():
             rid = request_id
-        self.forward += (b"X-Request-Id", b": ", rid, b"\r\n")
-        self.request_id = rid  # decoded only when logged
+        self.request_id = rid  # sent by upstream_head; decoded only when logged
         if client_header == b"x-forwarded-for":
             self.client_ip = self.xff
         else:
@@ -211,9 +210,8 @@ class RequestHead:
         # A forwarding chain is only kept from a trusted proxy; from anyone
         # else it could be invented, so the upstream sees the peer alone.
         xff = self.xff + b", " + peer if trusted and self.xff is not None else peer
-        forward = self.forward
-        if self.underscored is not None and underscores:
-            forward, self.underscored = _fold(forward, self.underscored, self._listed)
+        if underscores and self.underscored is not None:
+            self.forward, self.underscored = _fold(self.forward, self.underscored, self._listed)
         if self.chunked:
             framing = b"Transfer-Encoding: chunked\r\n\r\n"
         elif self.content_length is not None:
@@ -228,8 +226,10 @@ class RequestHead:
                 b" HTTP/1.1\r\nHost: ",
                 host,
                 b"\r\n",
-                *forward,
-                b"X-Forwarded-For: ",
+                *self.forward,
+                b"X-Request-Id: ",
+                self.request_id,
+                b"\r\nX-Forwarded-For: ",
                 xff,
                 b"\r\nX-Forwarded-Proto: ",
                 scheme,
