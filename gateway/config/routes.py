@@ -88,7 +88,7 @@ class HealthCheckSpec(Spec, frozen=True):
 class RouteSpec(Spec, frozen=True):
     name: str
     path: str
-    protocol: Literal["prometheus-remote-write", "otlp-http"]
+    protocol: Literal["prometheus-remote-write", "otlp-http", "otlp-grpc"]
     # Exactly one of the two: ``upstream = "…"`` is a list of one.
     upstream: str | None = None
     upstreams: tuple[str | BackendSpec, ...] = ()
@@ -128,8 +128,10 @@ class RouteSpec(Spec, frozen=True):
     def _check_backends(self) -> None:
         if (self.upstream is None) == (not self.upstreams):
             raise ValueError("upstream: give exactly one of upstream and upstreams")
+        self._check_grpc_route()
         if self.upstream is not None:
             check_url(self.upstream, "upstream")
+            self._check_grpc(self.upstream, "upstream")
             return
         if len(self.upstreams) > MAX_BACKENDS:
             raise ValueError(f"upstreams: at most {MAX_BACKENDS} backends")
@@ -141,6 +143,7 @@ class RouteSpec(Spec, frozen=True):
                 url, name = entry, None
             else:
                 url, name = entry.url, entry.name
+            self._check_grpc(url, f"upstreams[{i}]")
             if url in urls:
                 raise ValueError(f"upstreams[{i}]: {url!r} is listed twice")
             urls.add(url)
@@ -152,6 +155,24 @@ class RouteSpec(Spec, frozen=True):
         for i, label in enumerate(labels):
             if labels.index(label) != i:
                 raise ValueError(f"upstreams[{i}].name: the label {label!r} is used twice")
+
+    def _check_grpc_route(self) -> None:
+        if self.protocol != "otlp-grpc":
+            return
+        if self.health_check is not None:
+            raise ValueError("health_check: not for an otlp-grpc route (its probe is HTTP/1.1)")
+        if len(self.upstreams) > 1:
+            # The HTTP/2 upstream path (datapath/h2upstream.py) has one pool
+            # per route and no failover yet.
+            raise ValueError("upstreams: an otlp-grpc route takes one backend")
+
+    def _check_grpc(self, url: str, key: str) -> None:
+        parts = urlsplit(url)
+        if self.protocol == "otlp-grpc" and (parts.path not in ("", "/") or parts.query):
+            raise ValueError(
+                f"{key}: an otlp-grpc upstream is scheme, host and port only (the gRPC "
+                f"method path is forwarded as it is): {url!r}"
+            )
 
     def backends(self) -> tuple[tuple[str, BackendSpec], ...]:
         """(label, backend) for every backend in order, each label its own:

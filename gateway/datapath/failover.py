@@ -83,7 +83,7 @@ class Failover(ExchangeBase):
         lane.stats.requests += 1
         if self.replay is not None and self.tried.bit_count() >= self.balancer.attempts:  # type: ignore[union-attr]
             self.drop_copy()  # the last attempt: nothing will be sent again
-        head, conn, gen = self.head, self.conn, self.gen
+        head, conn, gen, client = self.head, self.conn, self.gen, self.client
         up = lane.backend.upstream
         self.up_buf[0] = head.upstream_head(
             up.target(head.query),
@@ -91,7 +91,13 @@ class Failover(ExchangeBase):
             conn.peer_bytes,
             gen.clients.proxied and gen.clients.trusted(conn.peer),
             conn.scheme,
+            conn.peer_bytes if client is conn.peer else client.encode(),
+            gen.underscores_in_headers,
         )
+        if head.underscored and self.tried == lane.bit:
+            # Counted once, on the first attempt: upstream_head has folded
+            # what config keeps, and left what it dropped.
+            self.shared.stats.header_dropped("underscore", len(head.underscored) // 2)
         pool = self.pool = lane.pool
         upstream = pool.acquire()
         if upstream is not None:

@@ -17,9 +17,11 @@ from gateway.policy.limits import Admission
 from gateway.telemetry.snapshot import HealthSnap
 
 if TYPE_CHECKING:
+    from gateway.datapath.h2upstream import H2Pool, H2Pools
     from gateway.datapath.ports import Tracked
     from gateway.datapath.upstream import Pools
     from gateway.policy.generation import Generation
+    from gateway.policy.routing import Upstream
     from gateway.telemetry.counters import Stats
 
 __all__ = ["Shared"]
@@ -38,6 +40,7 @@ class Shared:
         "date_line",
         "draining",
         "gen",
+        "h2pools",
         "log",
         "loop",
         "pools",
@@ -64,6 +67,7 @@ class Shared:
         self.backends = backends if backends is not None else BackendRegistry()
         self.gen = gen
         self.install(gen)
+        self.h2pools: H2Pools | None = None  # made with the first gRPC call
         self.access = access  # a structlog logger, or None when access logs are off
         self.log = log
         self.tls = tls
@@ -109,6 +113,15 @@ class Shared:
             for bal in self.gen.routes.balancers
             for lane in bal.lanes
         ]
+
+    def h2pool(self, upstream: Upstream) -> H2Pool:
+        pools = self.h2pools
+        if pools is None:
+            # Imported with the first gRPC call: h2 stays unloaded until then.
+            from gateway.datapath.h2upstream import H2Pools  # noqa: PLC0415
+
+            pools = self.h2pools = H2Pools(self.loop)
+        return pools.get(upstream)
 
     def tick_date(self) -> None:
         self.date_line = b"Date: " + formatdate(time.time(), usegmt=True).encode() + b"\r\n"

@@ -66,6 +66,7 @@ class RouteStats:
     """Everything keyed by route alone."""
 
     __slots__ = (
+        "added",
         "duration",
         "in_flight",
         "replay_skipped",
@@ -80,6 +81,7 @@ class RouteStats:
         self.in_flight = 0
         self.duration = _Hist()
         self.upstream = _Hist()
+        self.added = _Hist()  # the whole exchange minus the upstream's response time
         self.response_bytes = 0
         self.upstream_errors: dict[str, int] = {}
         # Failover: retries by the kind of failure that caused them, body
@@ -132,6 +134,7 @@ class Stats:
     __slots__ = (
         "auth_failures",
         "backends",
+        "headers_dropped",
         "limit_rejections",
         "open_connections",
         "pairs",
@@ -150,6 +153,7 @@ class Stats:
         self.tokens: dict[tuple[str, str], TokenStats] = {}
         self.auth_failures: dict[tuple[str, str, str], int] = {}
         self.limit_rejections: dict[str, int] = {}
+        self.headers_dropped: dict[str, int] = {}  # reason → request header fields
         self.open_connections = 0
 
     def route(self, name: str) -> RouteStats:
@@ -188,6 +192,9 @@ class Stats:
     def limit_rejection(self, reason: str) -> None:
         self.limit_rejections[reason] = self.limit_rejections.get(reason, 0) + 1
 
+    def header_dropped(self, reason: str, n: int = 1) -> None:
+        self.headers_dropped[reason] = self.headers_dropped.get(reason, 0) + n
+
     def upstream_error(self, route: str, kind: str) -> None:
         errors = self.route(route).upstream_errors
         errors[kind] = errors.get(kind, 0) + 1
@@ -202,6 +209,7 @@ class Stats:
                     [*r.upstream.counts, r.upstream.total],
                     r.response_bytes,
                     dict(r.upstream_errors),
+                    [*r.added.counts, r.added.total],
                     dict(r.retries),
                     r.replayed_bytes,
                     dict(r.replay_skipped),
@@ -219,6 +227,7 @@ class Stats:
             [FailureSnap(*key, n) for key, n in self.auth_failures.items()],
             dict(self.limit_rejections),
             self.open_connections,
+            headers_dropped=dict(self.headers_dropped),
             backends=[
                 BackendSnap(
                     route, label, b.requests, dict(b.failures), dict(b.ejections), dict(b.probes)

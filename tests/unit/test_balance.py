@@ -7,6 +7,7 @@ a backend whose URL survives a reload."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 import msgspec
 import pytest
@@ -17,13 +18,13 @@ from gateway.policy.backends import FIRST_AVAILABLE, Ejection, route_backends
 from gateway.policy.balance import BackendRegistry, Balancer, Transition
 
 
-def route(urls: list[object], **keys: object) -> RouteSpec:
+def route(urls: Sequence[object], **keys: object) -> RouteSpec:
     raw = {"name": "rw", "path": "/w", "protocol": "prometheus-remote-write", "upstreams": urls}
     return msgspec.convert({**raw, **keys}, RouteSpec)
 
 
 def balancer(
-    urls: list[object], registry: BackendRegistry | None = None, **keys: object
+    urls: Sequence[object], registry: BackendRegistry | None = None, **keys: object
 ) -> Balancer:
     up = msgspec.convert(keys.pop("upstream", {}), UpstreamSpec)
     bset = route_backends(route(urls, **keys), up)
