@@ -109,6 +109,7 @@ class Shared:
                 int(lane.state.ejected_until > now),
                 int(not lane.state.probe_ok),
                 lane.state.outstanding,
+                lane.backend.named,
             )
             for bal in self.gen.routes.balancers
             for lane in bal.lanes

@@ -98,6 +98,7 @@ class Backend:
     url: str = field(repr=False)  # with the set's owner: the key of its per-worker state
     upstream: Upstream = field(repr=False)
     weight: int = 1
+    named: bool = False  # the label is a configured name, not the URL's host:port
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +161,7 @@ def backend_set(
     """A set of these (label, backend) entries under the route's policy,
     failover and health settings (a route's own, or an override's)."""
     backends = tuple(
-        Backend(i, label, spec.url, upstream_of(spec.url), spec.weight)
+        Backend(i, label, spec.url, upstream_of(spec.url), spec.weight, spec.name is not None)
         for i, (label, spec) in enumerate(entries)
     )
     attempts = min(route.attempts, len(backends))

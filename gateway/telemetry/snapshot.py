@@ -68,6 +68,7 @@ class HealthSnap(_Value):
     ejected: int  # workers that ejected it after failures
     probe_down: int  # workers whose active probe says it is down
     outstanding: int  # requests in flight on it
+    named: bool = False  # its label is a configured name (else host:port of its URL)
 
 
 class PairSnap(_Value):

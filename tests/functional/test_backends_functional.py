@@ -8,6 +8,7 @@ and the metrics naming backends, health kept across a reload, and
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import Counter
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -49,7 +50,7 @@ def writes(up: RawUpstream) -> int:
     return sum(1 for r in up.requests if r.path == WRITE)
 
 
-async def post(gw: Gateway, path: str = WRITE, body: bytes = BODY) -> Response:
+async def post(gw: Gateway | GatewayProcess, path: str = WRITE, body: bytes = BODY) -> Response:
     return await raw_request(gw.port, request_bytes("POST", path, body=body), timeout=10)
 
 
@@ -514,3 +515,61 @@ async def test_workers_each_probe_and_the_supervisor_sums_their_views(tmp_path: 
     finally:
         await gw.stop()
         await stop_all([a, b])
+
+
+async def test_status_shows_each_backend_of_each_worker(tmp_path: Path) -> None:
+    """``obs-gateway status`` (and GET /status): a two-backend route's
+    backends in order, by position or configured name (no address), the
+    refusing one out on every worker, the attempts and failures of the
+    last minute, the route's retries."""
+    b = (await upstreams(1))[0]
+    try:
+        with refused_port() as dead:
+            config = tmp_path / "gateway.toml"
+            config.write_text(
+                backends_config(
+                    [f"http://127.0.0.1:{dead}{WRITE}", {"url": b.url + WRITE, "name": "vm-b"}],
+                    rw_keys='balance = "first_available"',
+                    upstream="eject_base_seconds = 60\neject_max_seconds = 60",
+                )
+            )
+            gw = GatewayProcess(config, ("--workers", "2"))
+            try:
+                await gw.start()
+                sent = 0
+                # New connections until both workers have had one (the kernel
+                # spreads them): each ejects the refusing backend once.
+                while len(gw.find("backend_ejected")) < 2:
+                    assert sent < 64, gw.find("backend_ejected")
+                    assert (await post(gw)).status == 204
+                    sent += 1
+                    await asyncio.sleep(0.05)
+                args = ("-m", "gateway", "status", "--admin", f"127.0.0.1:{gw.admin_port}")
+                done = await asyncio.create_subprocess_exec(
+                    sys.executable, *args, "--json", stdout=asyncio.subprocess.PIPE
+                )
+                out, _ = await done.communicate()
+                table = await asyncio.create_subprocess_exec(
+                    sys.executable, *args, stdout=asyncio.subprocess.PIPE
+                )
+                text, _ = await table.communicate()
+            finally:
+                await gw.stop()
+    finally:
+        await b.stop()
+    [route] = [r for r in orjson.loads(out)["routes"] if r["name"] == "remote_write"]
+    first, second = route["backends"]
+    assert (first["name"], first["index"], first["healthy"]) == ("#0", 0, False)
+    assert second["name"] == "vm-b"
+    assert b"127.0.0.1" not in out  # no address
+    assert (first["workers"], first["ejected_workers"], first["healthy_workers"]) == (2, 2, 0)
+    assert first["failures"] == {"connect": 2}  # one per worker, then ejected for a minute
+    assert (second["healthy"], second["requests"], second["last_minute"]["requests"]) == (
+        True,
+        sent,
+        sent,
+    )
+    assert route["retries"] == {"connect": 2}
+    lines = text.decode().splitlines()
+    assert any("#0" in line and "OUT 0/2 workers" in line for line in lines)
+    assert any("vm-b" in line and " ok " in f"{line} " for line in lines)
