@@ -3,7 +3,9 @@
 Called exactly once per request, after its response ended or its client
 went away.  Everything logged is a name from config, a number, the client
 address or the request path (truncated; never the query string): never a
-header value, so never a token.
+header value, so never a token.  ``tenant`` is the labels and headers the
+credential forwarded with, as the config writes them (a claim's value
+stays ``{claim:…}``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def account(shared: Shared, ex: Finished) -> None:
     access = shared.access
     if access is not None:
         head = ex.head
+        target = ex.target
         access.info(
             "request",
             request_id=head.request_id.decode("ascii", "replace"),
@@ -63,6 +66,7 @@ def account(shared: Shared, ex: Finished) -> None:
             upstream_ms=round(ex.upstream_seconds * 1000, 3) if ex.upstream_seconds >= 0 else None,
             client=ex.client,
             error=ex.error or None,
+            tenant=target.tenant if target is not None else None,
         )
 
 

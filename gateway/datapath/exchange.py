@@ -24,7 +24,7 @@ from gateway.policy.errors import Kind
 if TYPE_CHECKING:
     from gateway.datapath.upstream import Pool, UpstreamConnection
     from gateway.policy.limits import Slots
-    from gateway.policy.routing import Route
+    from gateway.policy.routing import Route, Target
 
 __all__ = ["DISCARD_LIMIT", "Exchange", "State"]
 
@@ -176,20 +176,29 @@ class Exchange(ExchangeBase):
             self.state = _QUEUED
             self.route = route
             self.limit = route.max_body_bytes
-            up = route.upstream
-            assert up is not None
+            principal = self.principal
+            assert principal is not None
+            assert route.default is not None
+            # The credential's own target for this route (tenancy), else the route's.
+            targets = principal.targets
+            target = route.default if targets is None else targets.get(route.name, route.default)
+            self.target = target
             head = self.head
             conn = self.conn
+            trusted = self.gen.clients.proxied and self.gen.clients.trusted(conn.peer)
             # Body bytes parsed while queued land after the head, in order.
-            self.up_buf.append(
-                head.upstream_head(
-                    route.target(head.query),
-                    up.host_header,
-                    conn.peer_bytes,
-                    self.gen.clients.proxied and self.gen.clients.trusted(conn.peer),
-                    conn.scheme,
+            if target.plain:
+                self.up_buf.append(
+                    head.upstream_head(
+                        target.render(head.query),
+                        target.upstream.host_header,
+                        conn.peer_bytes,
+                        trusted,
+                        conn.scheme,
+                    )
                 )
-            )
+            else:
+                self.up_buf.append(self._pinned_head(target, trusted))
         admission = self.shared.admission
         own = admission.credential_slots.get(self.credential)
         for slots in (own, admission.slots):
@@ -203,6 +212,24 @@ class Exchange(ExchangeBase):
             self._queued_on = None
             self.conn.resume(PAUSE_QUEUE)
         self._proxy(route)
+
+    def _pinned_head(self, target: Target, trusted: bool) -> bytes:
+        """The upstream head of a target that filters the client's query or
+        pins fields; what the client tried to override is counted."""
+        head, conn = self.head, self.conn
+        request_target, labels, others = target.filtered(head.query)
+        data = head.upstream_head(
+            request_target,
+            target.upstream.host_header,
+            conn.peer_bytes,
+            trusted,
+            conn.scheme,
+            target.headers,
+        )
+        fields = head.pinned_dropped if target.headers is not None else 0
+        if labels or others or fields:
+            self.shared.stats.overrides_dropped(self.credential, labels, others, fields)
+        return data
 
     def _queue(self, slots: Slots) -> None:
         if self._queued_on is slots or slots.enqueue(self):
@@ -244,8 +271,9 @@ class Exchange(ExchangeBase):
         head = self.head
         rstats = self.rstats = self.shared.stats.route(route.name)
         rstats.in_flight += 1
-        up = route.upstream
-        assert up is not None
+        target = self.target
+        assert target is not None
+        up = target.upstream
         if head.expect_continue and head.has_body and not self.request_done:
             self.conn.out.append(_CONTINUE)
         pool = self.pool = self.shared.pools.get(up)

@@ -8,8 +8,8 @@ value:
     malformed head (400) → global allow/deny (403) → authentication (a failure from a throttled
     address: OVERLOADED, else 401) → client certificate (401) → credential
     CIDRs (403) → route known (404) → method (405) → /health → scope (403)
-    → draining (503) → framing (400) → declared body size (413) → request
-    rate → byte rate (429/503) → proxy
+    → tenant claims (403) → draining (503) → framing (400) → declared body
+    size (413) → request rate → byte rate (429/503) → proxy
 
 Unauthenticated callers learn nothing about routes: the credential is
 checked before the path means anything.  The only state it touches is the
@@ -94,6 +94,10 @@ NOT_FOUND = Refuse(Kind.NOT_FOUND)
 NOT_FOUND_OTLP = Refuse(Kind.NOT_FOUND, otlp=True)
 METHOD = Refuse(Kind.METHOD, allow=True)
 SCOPE = Refuse(Kind.SCOPE, "scope", auth="scope")
+# A JWT whose claim a forward value needs is missing it, or its value is
+# not allowed (tenancy.py): its data would land nowhere it may go.
+CLAIM_MISSING = Refuse(Kind.TENANT, "claim_missing", auth="claim_missing")
+CLAIM_INVALID = Refuse(Kind.TENANT, "claim_invalid", auth="claim_invalid")
 DRAINING = Refuse(Kind.DRAINING, "draining")
 BAD_FRAMING = Refuse(Kind.BAD_REQUEST, "bad_framing")
 TOO_LARGE = Refuse(Kind.TOO_LARGE, "body_too_large")
@@ -178,6 +182,9 @@ def decide(  # noqa: PLR0912
         return HEALTH_CHECK
     if route.name not in who.routes:
         return SCOPE
+    refused = who.refused
+    if refused is not None and route.name in refused:
+        return CLAIM_MISSING if refused[route.name] == "claim_missing" else CLAIM_INVALID
     if draining:
         return DRAINING
     if head.bad_framing:

@@ -7,6 +7,7 @@ policy lives in this one table, per route protocol:
     AUTH_MISSING       401 WWW-Authenticate  401                  401
     AUTH_INVALID       401 error=invalid_token
     SCOPE              403 insufficient_scope
+    TENANT             403 (a JWT's tenant claim is missing or not allowed)
     FORBIDDEN          403 (client address or certificate not allowed)
     NOT_FOUND          404                   404                  404
     METHOD             405 + Allow           405 + Allow
@@ -79,6 +80,7 @@ class Kind(enum.IntEnum):
     UPSTREAM_TIMEOUT = 15
     INTERNAL = 16
     FORBIDDEN = 17
+    TENANT = 18
 
 
 # kind: (remote-write status, otlp status, gRPC code for OTLP bodies, message)
@@ -104,6 +106,7 @@ _TABLE: dict[Kind, tuple[int, int, int, str]] = {
     Kind.UPSTREAM_TIMEOUT: (504, 503, 4, "upstream timed out"),
     Kind.INTERNAL: (503, 503, 14, "internal error, retry"),
     Kind.FORBIDDEN: (403, 403, 7, "client not allowed"),
+    Kind.TENANT: (403, 403, 7, "token has no usable tenant claim"),
 }
 
 _REASONS = {

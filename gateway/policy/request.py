@@ -3,8 +3,10 @@
 The client connection feeds each header to ``RequestHead.header`` as it is
 parsed (one pass, no list of pairs to walk again): framing and auth fields
 are taken out, hop-by-hop fields dropped (RFC 9110 §7.6.1), end-to-end
-fields kept as ready-to-send bytes.  ``finish`` applies the checks that
-need the whole head, and ``upstream_head`` renders what the upstream gets.
+fields kept as ready-to-send bytes (four pieces per field: name, ": ",
+value, CRLF).  ``finish`` applies the checks that need the whole head, and
+``upstream_head`` renders what the upstream gets, with the fields a
+credential pins in place of the client's copies.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from gateway.policy.routing import split_target
 
 if TYPE_CHECKING:
     import httptools
+
+    from gateway.policy.forward import PinnedHeaders
 
 __all__ = ["RequestHead"]
 
@@ -75,6 +79,7 @@ class RequestHead:
         "method",
         "otlp_encoded",
         "path",
+        "pinned_dropped",
         "query",
         "request_id",
         "t0",
@@ -159,7 +164,7 @@ class RequestHead:
         rid = self._rid
         if rid is None or len(rid) > 128 or not rid.isascii():
             rid = request_id
-        self.forward += (b"X-Request-Id: ", rid, b"\r\n")
+        self.forward += (b"X-Request-Id", b": ", rid, b"\r\n")
         self.request_id = rid  # decoded only when logged
         if client_header == b"x-forwarded-for":
             self.client_ip = self.xff
@@ -180,11 +185,24 @@ class RequestHead:
             self.bad_framing = True
 
     def upstream_head(
-        self, target: bytes, host: bytes, peer: bytes, trusted: bool, scheme: bytes
+        self,
+        target: bytes,
+        host: bytes,
+        peer: bytes,
+        trusted: bool,
+        scheme: bytes,
+        pinned: PinnedHeaders | None = None,
     ) -> bytes:
+        """``pinned``: the credential's fields; the client's copies of them,
+        in any spelling, are counted in ``pinned_dropped`` and not sent."""
         # A forwarding chain is only kept from a trusted proxy; from anyone
         # else it could be invented, so the upstream sees the peer alone.
         xff = self.xff + b", " + peer if trusted and self.xff is not None else peer
+        forward = self.forward
+        if pinned is not None:
+            # Last, over every field that would be sent: no other step may
+            # add a client field after this one.
+            forward, self.pinned_dropped = pinned.apply(forward)
         if self.chunked:
             framing = b"Transfer-Encoding: chunked\r\n\r\n"
         elif self.content_length is not None:
@@ -199,7 +217,7 @@ class RequestHead:
                 b" HTTP/1.1\r\nHost: ",
                 host,
                 b"\r\n",
-                *self.forward,
+                *forward,
                 b"X-Forwarded-For: ",
                 xff,
                 b"\r\nX-Forwarded-Proto: ",

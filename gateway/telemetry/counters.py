@@ -16,7 +16,14 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
-from gateway.telemetry.snapshot import FailureSnap, PairSnap, RouteSnap, Snapshot, TokenSnap
+from gateway.telemetry.snapshot import (
+    FailureSnap,
+    OverrideSnap,
+    PairSnap,
+    RouteSnap,
+    Snapshot,
+    TokenSnap,
+)
 
 __all__ = ["DURATION_BUCKETS", "Stats"]
 
@@ -96,6 +103,7 @@ class Stats:
         "auth_failures",
         "limit_rejections",
         "open_connections",
+        "overrides",
         "pairs",
         "routes",
         "tokens",
@@ -107,6 +115,8 @@ class Stats:
         self.tokens: dict[tuple[str, str], TokenStats] = {}
         self.auth_failures: dict[tuple[str, str, str], int] = {}
         self.limit_rejections: dict[str, int] = {}
+        # (credential, kind) → client arguments / fields a forward table overrode.
+        self.overrides: dict[tuple[str, str], int] = {}
         self.open_connections = 0
 
     def route(self, name: str) -> RouteStats:
@@ -138,6 +148,15 @@ class Stats:
     def limit_rejection(self, reason: str) -> None:
         self.limit_rejections[reason] = self.limit_rejections.get(reason, 0) + 1
 
+    def overrides_dropped(self, credential: str, labels: int, args: int, fields: int) -> None:
+        """What a client sent that its credential's forwarding removed:
+        extra_label arguments, other query arguments, pinned header fields."""
+        overrides = self.overrides
+        for kind, n in (("extra_label", labels), ("query_arg", args), ("header", fields)):
+            if n:
+                key = (credential, kind)
+                overrides[key] = overrides.get(key, 0) + n
+
     def upstream_error(self, route: str, kind: str) -> None:
         errors = self.route(route).upstream_errors
         errors[kind] = errors.get(kind, 0) + 1
@@ -166,4 +185,5 @@ class Stats:
             [FailureSnap(*key, n) for key, n in self.auth_failures.items()],
             dict(self.limit_rejections),
             self.open_connections,
+            overrides=[OverrideSnap(*key, n) for key, n in self.overrides.items()],
         )

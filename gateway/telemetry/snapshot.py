@@ -17,6 +17,7 @@ import msgspec
 __all__ = [
     "FailureSnap",
     "Gauges",
+    "OverrideSnap",
     "PairSnap",
     "ProcessSample",
     "RouteSnap",
@@ -61,6 +62,14 @@ class FailureSnap(_Value):
     count: int
 
 
+class OverrideSnap(_Value):
+    """Client arguments or fields removed because a credential pins them."""
+
+    credential: str
+    kind: str  # extra_label, query_arg, header
+    count: int
+
+
 class ProcessSample(_Value):
     """One worker's CPU seconds and resident bytes."""
 
@@ -77,6 +86,7 @@ class Snapshot(_Value):
     limit_rejections: dict[str, int]
     open_connections: int
     processes: list[ProcessSample] = msgspec.field(default_factory=list)
+    overrides: list[OverrideSnap] = msgspec.field(default_factory=list)
 
 
 class Gauges(_Value):
@@ -105,6 +115,7 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     tokens: dict[tuple[str, str], TokenSnap] = {}
     failures: dict[tuple[str, str, str], int] = {}
     rejections: dict[str, int] = {}
+    overrides: dict[tuple[str, str], int] = {}
     open_connections = 0
     for snap in snapshots:
         for name, r in snap.routes.items():
@@ -139,6 +150,9 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
             failures[fkey] = failures.get(fkey, 0) + f.count
         for reason, n in snap.limit_rejections.items():
             rejections[reason] = rejections.get(reason, 0) + n
+        for o in snap.overrides:
+            okey = (o.credential, o.kind)
+            overrides[okey] = overrides.get(okey, 0) + o.count
         open_connections += snap.open_connections
     return Snapshot(
         routes,
@@ -147,4 +161,5 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
         [FailureSnap(*key, n) for key, n in failures.items()],
         rejections,
         open_connections,
+        overrides=[OverrideSnap(*key, n) for key, n in overrides.items()],
     )
