@@ -44,7 +44,8 @@ def forwarding_lines(settings: Settings) -> list[str]:
 def tenancy_warnings(settings: Settings) -> list[str]:
     out = []
     for route in settings.routes:
-        plain, kept_apart = [], []
+        plain: list[str] = []
+        kept_apart: list[str] = []
         for cred in settings.credentials:
             if route.name not in cred.routes:
                 continue
