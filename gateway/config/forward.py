@@ -127,7 +127,7 @@ def _check_headers(headers: dict[str, str]) -> None:
             raise ValueError(f"{key}: use '-', not '_': backends fold one into the other")
         if not _HEADER_NAME.fullmatch(name):
             raise ValueError(f"{key}: not a header name (letters, digits and '-')")
-        if name.lower() in _OWNED_HEADERS:
+        if name.lower() in _OWNED_HEADERS or name.lower().startswith("x-forwarded-"):
             raise ValueError(f"{key}: the gateway sets or re-frames this header itself")
         if name.lower() in seen:
             raise ValueError(f"{key}: given twice (header names are case-insensitive)")

@@ -195,6 +195,10 @@ routes = {routes}
             "credentials[0].forward.headers.authorization:",
         ),
         (
+            _forward('headers = { "X-Forwarded-Host" = "a" }'),
+            "credentials[0].forward.headers.X-Forwarded-Host:",
+        ),
+        (
             _forward('headers = { "X-Request-Id" = "a" }'),
             "credentials[0].forward.headers.X-Request-Id:",
         ),
@@ -274,3 +278,15 @@ def test_route_query_key() -> None:
             ),
             environ={},
         )
+
+
+def test_the_claim_memo_is_bounded() -> None:
+    """Tokens with ever new claim values (a busy issuer, or one minting
+    tenants by the thousand) cannot grow the memo without bound."""
+    tenancy = generation(CLAIMS).tenancy["issuer"]
+    first = tenancy.for_claims({"tenant": "t0"})
+    for i in range(10_000):
+        tenancy.for_claims({"tenant": f"t{i}"})
+        assert len(tenancy._memo) <= 4096
+    again = tenancy.for_claims({"tenant": "t0"})  # rebuilt after the memo started over
+    assert again[0]["remote_write"].bare == first[0]["remote_write"].bare
