@@ -386,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import instructions  # noqa: PLC0415  (valgrind runs are a tool apart)
 
         return instructions.main(argv[1:])
+    if argv[:1] == ["tenancy"]:
+        from bench import tenancy  # noqa: PLC0415  (a comparison apart from the main run)
+
+        return tenancy.main(argv[1:])
     if argv[:1] == ["profile"]:
         from bench import profile  # noqa: PLC0415  (py-spy is only needed here)
 
