@@ -116,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="runs per credential (5)")
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--instructions", action="store_true", help="also count with callgrind")
+    p.add_argument(
+        "--cpu",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the wrk runs (default: on; --no-cpu with --instructions counts only)",
+    )
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--requests", type=int, default=1000)
     args = p.parse_args(argv)
@@ -135,15 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     with Procs(rundir) as procs:
         stack = Stack(procs, rundir, tokens["plain"], workers=1, sink_workers=1, access_log=False)
         stack.start_sink()
-        cpu = _cpu(stack, rundir, payload, tokens, args)
+        cpu = _cpu(stack, rundir, payload, tokens, args) if args.cpu else {}
         result["cpu_us_per_request"] = cpu
         if args.instructions:
             result["instructions_per_request"] = _instructions(stack, rundir, payload, tokens, args)
-    plain, tenant = (statistics.median(cpu[n]) for n in ("plain", "tenant"))
-    print(
-        f"CPU per request (median of {args.repeats}): plain {plain:.1f} µs, "
-        f"tenant {tenant:.1f} µs, difference {tenant - plain:+.1f} µs ({tenant / plain - 1:+.1%})"
-    )
+    if cpu:
+        plain, tenant = (statistics.median(cpu[n]) for n in ("plain", "tenant"))
+        print(
+            f"CPU per request (median of {args.repeats}): plain {plain:.1f} µs, tenant "
+            f"{tenant:.1f} µs, difference {tenant - plain:+.1f} µs ({tenant / plain - 1:+.1%})"
+        )
     if args.instructions:
         ins = result["instructions_per_request"]
         print(

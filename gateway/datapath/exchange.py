@@ -185,20 +185,26 @@ class Exchange(ExchangeBase):
             self.target = target
             head = self.head
             conn = self.conn
-            trusted = self.gen.clients.proxied and self.gen.clients.trusted(conn.peer)
-            # Body bytes parsed while queued land after the head, in order.
-            if target.plain:
-                self.up_buf.append(
-                    head.upstream_head(
-                        target.render(head.query),
-                        target.upstream.host_header,
-                        conn.peer_bytes,
-                        trusted,
-                        conn.scheme,
-                    )
-                )
+            query = head.query
+            # A filtered query costs a parse only when the client sent one.
+            if query and target.query is not None:
+                request_target = self._filter_query(target, query)
             else:
-                self.up_buf.append(self._pinned_head(target, trusted))
+                request_target = target.render(query)
+            pinned = target.headers
+            # Body bytes parsed while queued land after the head, in order.
+            self.up_buf.append(
+                head.upstream_head(
+                    request_target,
+                    target.upstream.host_header,
+                    conn.peer_bytes,
+                    self.gen.clients.proxied and self.gen.clients.trusted(conn.peer),
+                    conn.scheme,
+                    pinned,
+                )
+            )
+            if pinned is not None and head.pinned_dropped:
+                self.shared.stats.overrides_dropped(self.credential, "header", head.pinned_dropped)
         admission = self.shared.admission
         own = admission.credential_slots.get(self.credential)
         for slots in (own, admission.slots):
@@ -213,23 +219,15 @@ class Exchange(ExchangeBase):
             self.conn.resume(PAUSE_QUEUE)
         self._proxy(route)
 
-    def _pinned_head(self, target: Target, trusted: bool) -> bytes:
-        """The upstream head of a target that filters the client's query or
-        pins fields; what the client tried to override is counted."""
-        head, conn = self.head, self.conn
-        request_target, labels, others = target.filtered(head.query)
-        data = head.upstream_head(
-            request_target,
-            target.upstream.host_header,
-            conn.peer_bytes,
-            trusted,
-            conn.scheme,
-            target.headers,
-        )
-        fields = head.pinned_dropped if target.headers is not None else 0
-        if labels or others or fields:
-            self.shared.stats.overrides_dropped(self.credential, labels, others, fields)
-        return data
+    def _filter_query(self, target: Target, query: bytes) -> bytes:
+        """The request-target with what the client may not set removed, counted."""
+        request_target, labels, others = target.filtered(query)
+        stats = self.shared.stats
+        if labels:
+            stats.overrides_dropped(self.credential, "extra_label", labels)
+        if others:
+            stats.overrides_dropped(self.credential, "query_arg", others)
+        return request_target
 
     def _queue(self, slots: Slots) -> None:
         if self._queued_on is slots or slots.enqueue(self):

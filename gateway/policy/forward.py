@@ -28,6 +28,7 @@ __all__ = [
     "arg_name",
     "arg_names",
     "fold",
+    "fold_names",
     "label_arg",
 ]
 
@@ -93,27 +94,50 @@ class QueryFilter:
 
 
 class PinnedHeaders:
-    """Fields a credential sets on every upstream request of a route."""
+    """Fields a credential sets on every upstream request of a route.
 
-    __slots__ = ("lines", "names")
+    ``RequestHead.upstream_head`` folds the names of the fields it would
+    send into one ``"\\n"``-separated string (a few C calls) and asks
+    ``present`` whether a pinned name is among them; only then does
+    ``strip`` walk the fields.
+    """
+
+    __slots__ = ("lines", "names", "present")
 
     def __init__(self, fields: list[tuple[str, str]]) -> None:
         self.names = frozenset(fold(n.encode("ascii")) for n, _ in fields)
+        alternatives = b"|".join(re.escape(n) for n in sorted(self.names))
+        self.present = re.compile(b"\n(?:" + alternatives + b")\n").search
         lines: list[bytes] = []
         for name, value in fields:
             lines += (name.encode("ascii"), b": ", value.encode("ascii"), b"\r\n")
         self.lines = tuple(lines)
 
-    def apply(self, forward: list[bytes]) -> tuple[list[bytes], int]:
+    def strip(self, forward: list[bytes], folded: bytes) -> tuple[list[bytes], int]:
         """``forward`` (name, b": ", value, b"\\r\\n", ...) without the client's
-        copies, then ours; and how many copies were removed."""
-        names = self.names
-        out: list[bytes] = []
+        copies of pinned fields, and how many there were; ``folded`` is its
+        names as ``fold`` spells them, each between newlines."""
+        out = list(forward)
         dropped = 0
-        for i in range(0, len(forward), 4):
-            if fold(forward[i]) in names:
+        folded_names = folded[1:-1].split(b"\n")
+        # One pass per pinned name (and copy), each a C-level list search.
+        for name in self.names:
+            while name in folded_names:
+                i = folded_names.index(name)
+                del folded_names[i]
+                del out[4 * i : 4 * i + 4]
                 dropped += 1
-            else:
-                out += forward[i : i + 4]
-        out += self.lines
         return out, dropped
+
+    def apply(self, forward: list[bytes]) -> tuple[list[bytes], int]:
+        """The fields as sent: ``forward`` without the client's copies, then ours."""
+        folded = fold_names(forward)
+        if self.present(folded) is None:
+            return [*forward, *self.lines], 0
+        out, dropped = self.strip(forward, folded)
+        return [*out, *self.lines], dropped
+
+
+def fold_names(forward: list[bytes]) -> bytes:
+    """The field names of ``forward``, folded, each between newlines."""
+    return b"\n" + b"\n".join(forward[0::4]).lower().replace(b"_", b"-") + b"\n"

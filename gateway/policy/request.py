@@ -199,10 +199,17 @@ class RequestHead:
         # else it could be invented, so the upstream sees the peer alone.
         xff = self.xff + b", " + peer if trusted and self.xff is not None else peer
         forward = self.forward
+        ours: tuple[bytes, ...] = ()
         if pinned is not None:
             # Last, over every field that would be sent: no other step may
-            # add a client field after this one.
-            forward, self.pinned_dropped = pinned.apply(forward)
+            # add a client field after this one.  Inline: no call when the
+            # client sent none of the pinned names.
+            ours = pinned.lines
+            folded = b"\n" + b"\n".join(forward[0::4]).lower().replace(b"_", b"-") + b"\n"
+            if pinned.present(folded) is None:
+                self.pinned_dropped = 0
+            else:
+                forward, self.pinned_dropped = pinned.strip(forward, folded)
         if self.chunked:
             framing = b"Transfer-Encoding: chunked\r\n\r\n"
         elif self.content_length is not None:
@@ -218,6 +225,7 @@ class RequestHead:
                 host,
                 b"\r\n",
                 *forward,
+                *ours,
                 b"X-Forwarded-For: ",
                 xff,
                 b"\r\nX-Forwarded-Proto: ",

@@ -141,8 +141,3 @@ class Tenancy:
         if not CLAIM_VALUE.fullmatch(text) or not self._pattern.fullmatch(text):
             return None
         return text
-
-    def describe(self) -> dict[str, Target]:
-        """Every route's target with claims shown as templates (check-config)."""
-        shown = {n: "{claim:" + n + "}" for n in self.claims}
-        return {name: plan.target(shown) for name, plan in self._plans.items()}

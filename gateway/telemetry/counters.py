@@ -148,14 +148,11 @@ class Stats:
     def limit_rejection(self, reason: str) -> None:
         self.limit_rejections[reason] = self.limit_rejections.get(reason, 0) + 1
 
-    def overrides_dropped(self, credential: str, labels: int, args: int, fields: int) -> None:
+    def overrides_dropped(self, credential: str, kind: str, n: int) -> None:
         """What a client sent that its credential's forwarding removed:
-        extra_label arguments, other query arguments, pinned header fields."""
-        overrides = self.overrides
-        for kind, n in (("extra_label", labels), ("query_arg", args), ("header", fields)):
-            if n:
-                key = (credential, kind)
-                overrides[key] = overrides.get(key, 0) + n
+        ``kind`` is extra_label, query_arg (other arguments) or header."""
+        key = (credential, kind)
+        self.overrides[key] = self.overrides.get(key, 0) + n
 
     def upstream_error(self, route: str, kind: str) -> None:
         errors = self.route(route).upstream_errors
