@@ -1,4 +1,4 @@
-"""Command line: ``run``, ``check-config``, ``hash-token [--stdin]``.
+"""Command line: ``run``, ``check-config``, ``hash-token [--stdin]``, ``status``.
 
 The only module that exits the process or installs signal handlers.
 Exit codes: 0 clean stop, 1 runtime failure (cannot listen), 2 bad config
@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"obs-gateway {__version__}")
     # The metavar lists the public commands: argparse would show the
     # internal _worker in the usage line, and "==SUPPRESS==" as its help.
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,check-config,hash-token}")
+    sub = p.add_subparsers(
+        dest="command", required=True, metavar="{run,check-config,hash-token,status}"
+    )
     run = sub.add_parser("run", help="serve with a config file")
     run.add_argument("--config", "-c", required=True, type=Path)
     run.add_argument(
@@ -68,6 +70,22 @@ def _parser() -> argparse.ArgumentParser:
         help="digest the existing token read from standard input instead (surrounding "
         "whitespace, such as echo's newline, is not part of it, as for token_env/token_file)",
     )
+    status = sub.add_parser(
+        "status", help="a running gateway's credentials, routes, config and workers"
+    )
+    where = status.add_mutually_exclusive_group()
+    where.add_argument("--admin", metavar="HOST:PORT", help="its admin listener")
+    where.add_argument(
+        "--config", "-c", type=Path, help="read [server] admin_listen from this config"
+    )
+    status.add_argument("--json", action="store_true", help="the same data as JSON, for scripts")
+    status.add_argument("--watch", action="store_true", help="refresh in place every 2 s")
+    status.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        help="seconds between the two samples the rates come from (default 1)",
+    )
     return p
 
 
@@ -77,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         tune_malloc()
     if args.command == "hash-token":
         return _digest_stdin() if args.stdin else _hash_token()
+    if args.command == "status":
+        # Standard library only: no event loop, no aiohttp, no config secrets.
+        from gateway.admin.status_cli import main as status  # noqa: PLC0415
+
+        return status(
+            args.admin, args.config, as_json=args.json, watch=args.watch, interval=args.interval
+        )
     if args.command == "_worker":
         # Workers import only the data path: no aiohttp, no prometheus-client.
         from gateway.process.worker import serve_worker  # noqa: PLC0415

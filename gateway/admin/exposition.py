@@ -107,6 +107,12 @@ class GatewayCollector(Collector):
             "From the request head sent upstream to the upstream's response head.",
             labels=["route"],
         )
+        added = HistogramMetricFamily(
+            "gateway_added_latency_seconds",
+            "What the gateway adds to a proxied request: the whole exchange minus the "
+            "upstream's response time.",
+            labels=["route"],
+        )
         resp_bytes = CounterMetricFamily(
             "gateway_response_bytes",
             "Response body bytes sent to clients: upstream answers and the gateway's own.",
@@ -125,11 +131,14 @@ class GatewayCollector(Collector):
             duration.add_metric([name], buckets, total)
             buckets, total = _buckets(r.upstream)
             upstream.add_metric([name], buckets, total)
+            if r.added:
+                buckets, total = _buckets(r.added)
+                added.add_metric([name], buckets, total)
             resp_bytes.add_metric([name], r.response_bytes)
             in_flight.add_metric([name], r.in_flight)
             for kind, n in sorted(r.upstream_errors.items()):
                 errors.add_metric([name, kind], n)
-        yield from (duration, upstream, resp_bytes, in_flight, errors)
+        yield from (duration, upstream, added, resp_bytes, in_flight, errors)
 
     @staticmethod
     def _tokens(snap: Snapshot, gauges: Gauges) -> Iterator[Metric]:

@@ -159,6 +159,11 @@ def _check_forward(key: str, spec: SettingsSpec, fwd: ForwardSpec, cred: Credent
     for name in fwd.upstreams:
         if name not in routes:
             raise ConfigError(f"{key}.upstreams.{name}: not one of this credential's routes")
+        parts = urlsplit(fwd.upstream_url(name) or "")
+        if routes[name].protocol == "otlp-grpc" and (parts.path not in ("", "/") or parts.query):
+            raise ConfigError(
+                f"{key}.upstreams.{name}: an otlp-grpc upstream is scheme, host and port only"
+            )
     written = [r for r in routes.values() if r.protocol == "prometheus-remote-write"]
     if fwd.extra_labels and not written:
         raise ConfigError(
@@ -208,7 +213,8 @@ def loads(
     tls = spec.server.tls
     tls_context = None
     if tls is not None:
-        tls_context = server_context(tls, where)
+        grpc = any(r.protocol == "otlp-grpc" for r in spec.routes)
+        tls_context = server_context(tls, where, h2=grpc)
         named_tls = [tls.cert_file, tls.key_file, tls.client_ca_file]
         files += [str(where / f) for f in named_tls if f is not None]
     for c in spec.credentials:

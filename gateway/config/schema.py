@@ -12,6 +12,7 @@ import ipaddress
 import re
 from datetime import datetime
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -208,7 +209,7 @@ class ReloadSpec(_Spec, frozen=True):
 class RouteSpec(_Spec, frozen=True):
     name: str
     path: str
-    protocol: Literal["prometheus-remote-write", "otlp-http"]
+    protocol: Literal["prometheus-remote-write", "otlp-http", "otlp-grpc"]
     upstream: str
     methods: tuple[str, ...] = ("POST",)
     # The client's query string: "pass" appends it to the upstream's (minus
@@ -234,6 +235,12 @@ class RouteSpec(_Spec, frozen=True):
             if method not in _METHODS:
                 raise ValueError(f"methods: {method!r} is not one of {sorted(_METHODS)}")
         check_upstream_url(self.upstream, "upstream")
+        parts = urlsplit(self.upstream)
+        if self.protocol == "otlp-grpc" and (parts.path not in ("", "/") or parts.query):
+            raise ValueError(
+                f"upstream: an otlp-grpc upstream is scheme, host and port only (the gRPC "
+                f"method path is forwarded as it is): {self.upstream!r}"
+            )
 
 
 class TokenSpec(_Spec, frozen=True):

@@ -25,7 +25,8 @@ _perf = time.perf_counter
 MAX_LOGGED_PATH = 200
 
 
-def account(shared: Shared, ex: Finished) -> None:
+def account(shared: Shared, ex: Finished, grpc_status: str | None = None) -> None:
+    """``grpc_status``: a gRPC call's outcome (its trailers'), for the access line."""
     duration = _perf() - ex.head.t0
     stats = shared.stats
     rstats = ex.rstats
@@ -34,6 +35,7 @@ def account(shared: Shared, ex: Finished) -> None:
     rstats.duration.observe(duration)
     if ex.upstream_seconds >= 0:
         rstats.upstream.observe(ex.upstream_seconds)
+        rstats.added.observe(max(0.0, duration - ex.upstream_seconds))
     rstats.response_bytes += ex.bytes_out
     # A refused token's credential is named in the log line, not here: a
     # request counts under a credential only once it authenticated.
@@ -53,6 +55,7 @@ def account(shared: Shared, ex: Finished) -> None:
             "request",
             request_id=head.request_id.decode("ascii", "replace"),
             method=head.method.decode("latin-1"),
+            http=head.version,
             # The raw bytes (latin-1: one character each, nothing decoded or
             # normalised), which the JSON renderer escapes.
             path=head.path[:MAX_LOGGED_PATH].decode("latin-1"),
@@ -66,6 +69,7 @@ def account(shared: Shared, ex: Finished) -> None:
             upstream_ms=round(ex.upstream_seconds * 1000, 3) if ex.upstream_seconds >= 0 else None,
             client=ex.client,
             error=ex.error or None,
+            grpc_status=grpc_status,
             tenant=target.tenant if target is not None else None,
         )
 

@@ -102,7 +102,7 @@ class PinnedHeaders:
     ``strip`` walk the fields.
     """
 
-    __slots__ = ("lines", "names", "present")
+    __slots__ = ("lines", "names", "pairs", "present")
 
     def __init__(self, fields: list[tuple[str, str]]) -> None:
         self.names = frozenset(fold(n.encode("ascii")) for n, _ in fields)
@@ -112,6 +112,17 @@ class PinnedHeaders:
         for name, value in fields:
             lines += (name.encode("ascii"), b": ", value.encode("ascii"), b"\r\n")
         self.lines = tuple(lines)
+        # HTTP/2 (gRPC routes): names lowercase, as HTTP/2 requires.
+        self.pairs = tuple((n.lower().encode("ascii"), v.encode("ascii")) for n, v in fields)
+
+    def strip_pairs(
+        self, fields: list[tuple[bytes, bytes]]
+    ) -> tuple[list[tuple[bytes, bytes]], int]:
+        """HTTP/2 fields without the client's copies, then ours; and how many
+        copies there were (a gRPC call costs far more than this walk)."""
+        names = self.names
+        kept = [f for f in fields if fold(f[0]) not in names]
+        return [*kept, *self.pairs], len(fields) - len(kept)
 
     def strip(self, forward: list[bytes], folded: bytes) -> tuple[list[bytes], int]:
         """``forward`` (name, b": ", value, b"\\r\\n", ...) without the client's

@@ -22,7 +22,7 @@ from gateway.datapath.connection import ClientConnection
 from gateway.datapath.shared import Shared
 from gateway.datapath.upstream import Pools
 from gateway.policy.generation import Generation
-from gateway.process.gauges import config_gauges
+from gateway.process.gauges import config_gauges, process_sample
 from gateway.process.sockets import claim_port, listen_socket, split_hostport
 from gateway.telemetry import log
 from gateway.telemetry.counters import Stats
@@ -52,8 +52,9 @@ class Gateway:
         self.shared: Shared | None = None
         self.stats = Stats()
         self.reloads = {"success": 0, "failure": 0}
-        self.last_reload_success = time.time()
+        self.last_reload_success = self.started_at = time.time()
         self.last_reload_ok = True
+        self.last_reload_attempt = 0.0
         self._server: asyncio.Server | None = None
         self._admin: Any = None
         self._tls: TlsTerminator | None = None
@@ -117,7 +118,14 @@ class Gateway:
 
     def _gauges(self) -> Gauges:
         return config_gauges(
-            self.settings, self.reloads, self.last_reload_success, 1, self.last_reload_ok
+            self.settings,
+            self.reloads,
+            self.last_reload_success,
+            1,
+            self.last_reload_ok,
+            [process_sample(0)],
+            last_attempt=self.last_reload_attempt,
+            started_at=self.started_at,
         )
 
     # -- run ----------------------------------------------------------------
@@ -147,6 +155,8 @@ class Gateway:
                     except Exception as exc:
                         self.log.error("deadline_fault", error=type(exc).__name__, exc_info=exc)
             shared.pools.expire(now)
+            if shared.h2pools is not None:
+                shared.h2pools.expire(now, self.settings.upstream.pool_idle_timeout_seconds)
             second = int(time.time())
             if second != last_second:
                 last_second = second
@@ -164,12 +174,13 @@ class Gateway:
         shared.gen = gen
         self.settings = settings
         self.reloads["success"] += 1
-        self.last_reload_success = time.time()
+        self.last_reload_success = self.last_reload_attempt = time.time()
         self.last_reload_ok = True
 
     def reload_failed(self) -> None:
         self.reloads["failure"] += 1
         self.last_reload_ok = False
+        self.last_reload_attempt = time.time()
 
     # -- stop ---------------------------------------------------------------
     async def drain(self, timeout: float | None = None) -> None:
@@ -206,6 +217,8 @@ class Gateway:
             self._server.close()
         if self.shared is not None:
             self.shared.pools.close()
+            if self.shared.h2pools is not None:
+                self.shared.h2pools.close()
         if self._admin is not None:
             await self._admin.close()
             self._admin = None

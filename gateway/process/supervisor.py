@@ -60,6 +60,7 @@ class _Worker:
     last_process: ProcessSample | None = None
     started_at: float = 0.0
     backoff: float = 1.0
+    restarts: int = 0
 
 
 class Supervisor:
@@ -69,8 +70,9 @@ class Supervisor:
         self.workers = [_Worker(i) for i in range(workers)]
         self.log: Any = log.get_logger()
         self.reloads = {"success": 0, "failure": 0}
-        self.last_reload_success = time.time()
+        self.last_reload_success = self.started_at = time.time()
         self.last_reload_ok = True
+        self.last_reload_attempt = 0.0
         self.stopping = False
         self.port = 0
         self.admin_port = 0
@@ -163,6 +165,7 @@ class Supervisor:
         await asyncio.sleep(worker.backoff)
         worker.backoff = min(worker.backoff * 2, _RESTART_MAX_BACKOFF)
         if not self.stopping:
+            worker.restarts += 1
             await self._spawn(worker)
 
     def _retire(self, snapshot: Snapshot) -> None:
@@ -192,6 +195,9 @@ class Supervisor:
             len(self.workers),
             self.last_reload_ok,
             self._latest.processes,
+            last_attempt=self.last_reload_attempt,
+            restarts=[w.restarts for w in self.workers],
+            started_at=self.started_at,
         )
 
     async def snapshot(self) -> Snapshot:
@@ -225,6 +231,7 @@ class Supervisor:
 
     # -- reload -------------------------------------------------------------------
     async def reload(self) -> bool:
+        self.last_reload_attempt = time.time()
         try:
             settings = load(self.path)  # reads the file once: settings.text is what we push
         except ConfigError as exc:

@@ -65,12 +65,20 @@ class _Hist:
 class RouteStats:
     """Everything keyed by route alone."""
 
-    __slots__ = ("duration", "in_flight", "response_bytes", "upstream", "upstream_errors")
+    __slots__ = (
+        "added",
+        "duration",
+        "in_flight",
+        "response_bytes",
+        "upstream",
+        "upstream_errors",
+    )
 
     def __init__(self) -> None:
         self.in_flight = 0
         self.duration = _Hist()
         self.upstream = _Hist()
+        self.added = _Hist()  # the whole exchange minus the upstream's response time
         self.response_bytes = 0
         self.upstream_errors: dict[str, int] = {}
 
@@ -168,6 +176,7 @@ class Stats:
                     [*r.upstream.counts, r.upstream.total],
                     r.response_bytes,
                     dict(r.upstream_errors),
+                    [*r.added.counts, r.added.total],
                 )
                 for name, r in self.routes.items()
             },

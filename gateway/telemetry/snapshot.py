@@ -38,6 +38,7 @@ class RouteSnap(_Value):
     upstream: list[float]
     response_bytes: int
     upstream_errors: dict[str, int]
+    added: list[float] = msgspec.field(default_factory=list)
 
 
 class PairSnap(_Value):
@@ -101,6 +102,12 @@ class Gauges(_Value):
     version: str
     workers: int
     processes: list[ProcessSample] = msgspec.field(default_factory=list)
+    # For the operator's view (``obs-gateway status``), not for /metrics.
+    routes: list[tuple[str, str]] = msgspec.field(default_factory=list)  # (name, protocol)
+    expiry_warning_days: float = 0.0
+    last_reload_attempt: float = 0.0  # when the last reload was tried (0: none yet)
+    restarts: list[int] = msgspec.field(default_factory=list)  # per worker index
+    started_at: float = 0.0
 
 
 def _add(acc: list[float], more: list[float]) -> list[float]:
@@ -127,6 +134,7 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
             acc.response_bytes += r.response_bytes
             acc.duration = _add(acc.duration, r.duration)
             acc.upstream = _add(acc.upstream, r.upstream)
+            acc.added = _add(acc.added, r.added) if acc.added else list(r.added)
             for kind, n in r.upstream_errors.items():
                 acc.upstream_errors[kind] = acc.upstream_errors.get(kind, 0) + n
         for p in snap.pairs:
