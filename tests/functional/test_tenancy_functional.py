@@ -6,12 +6,15 @@ counted, and the access line names the values from config."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import MutableMapping
 from typing import Any
 
+import grpc
 import jwt
 import orjson
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 
 from gateway.config.loader import loads
 from tests.conftest import (
@@ -24,6 +27,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.support.client import raw_request
+from tests.support.grpc_peers import METRICS_METHOD, TraceReceiver, call, grpc_config
 from tests.support.metrics import scrape
 from tests.support.upstreams import RawUpstream, answer_with
 from tests.support.wire import ParsedRequest, request_bytes
@@ -202,3 +206,46 @@ async def test_deep_health_probes_the_credentials_own_backend(
     assert resp.status == 200, resp
     assert orjson.loads(resp.body)["upstreams"] == {"remote_write": "ok", "otlp_traces": "ok"}
     assert vminsert.url.removeprefix("http://") not in resp.raw.decode("latin-1")
+
+
+async def test_grpc_calls_go_to_the_credentials_backend_with_its_fields(
+    start_gateway: StartGateway,
+) -> None:
+    shared, own = TraceReceiver().start(), TraceReceiver().start()
+    try:
+        extra = f"""
+[credentials.forward]
+headers = {{ "x-tenant" = "a", "X-Scope-OrgID" = "a" }}
+[credentials.forward.upstreams]
+grpc_traces = "http://127.0.0.1:{own.port}"
+"""
+        gw = await start_gateway(grpc_config(shared.port, credentials_extra=extra))
+        evil = (("x-tenant", "evil"), ("x_tenant", "evil"), ("x-scope-orgid", "evil"))
+        result = await asyncio.to_thread(
+            call, f"127.0.0.1:{gw.port}", TOKEN, 5, metadata=evil + evil
+        )
+        assert result.code is grpc.StatusCode.OK, result
+        # The traces method goes to the credential's own receiver; metrics
+        # (no override) to the route's, both with the pinned fields only.
+        assert (own.spans, shared.spans) == (5, 0)
+        request = metrics_service_pb2.ExportMetricsServiceRequest()
+        result = await asyncio.to_thread(
+            call,
+            f"127.0.0.1:{gw.port}",
+            TOKEN,
+            method=METRICS_METHOD,
+            request=request,
+            metadata=evil,
+        )
+        assert result.code is grpc.StatusCode.OK, result
+        assert shared.metrics_calls == 1
+        [fields] = own.fields
+        tenant = [(k, v) for k, v in fields if k.replace("_", "-") in ("x-tenant", "x-scope-orgid")]
+        assert sorted(tenant) == [("x-scope-orgid", "a"), ("x-tenant", "a")]
+        dropped = (await scrape(gw.admin_port)).by(
+            "gateway_client_overrides_dropped_total", "kind", credential="ingest"
+        )
+        assert dropped == {"header": 9.0}
+    finally:
+        shared.stop()
+        own.stop()

@@ -15,6 +15,7 @@ from gateway.config.loader import ConfigError, loads
 from gateway.policy.auth import Principal
 from gateway.policy.generation import Generation
 from tests.conftest import TOKEN, config_text, sha256
+from tests.support.grpc_peers import grpc_config
 
 SECRET = "hmac-secret-for-the-tenancy-tests-0123456789"
 ISS, AUD = "https://issuer.test", "obs-gateway"
@@ -290,3 +291,11 @@ def test_the_claim_memo_is_bounded() -> None:
         assert len(tenancy._memo) <= 4096
     again = tenancy.for_claims({"tenant": "t0"})  # rebuilt after the memo started over
     assert again[0]["remote_write"].bare == first[0]["remote_write"].bare
+
+
+def test_an_otlp_grpc_override_is_an_address_only() -> None:
+    extra = '[credentials.forward.upstreams]\ngrpc_traces = "http://127.0.0.1:4317/v1/traces"'
+    with pytest.raises(ConfigError, match=r"^credentials\[0\]\.forward\.upstreams\.grpc_traces:"):
+        loads(grpc_config(9, credentials_extra=extra), environ={})
+    ok = extra.replace("/v1/traces", "")
+    assert loads(grpc_config(9, credentials_extra=ok), environ={}).credentials[0].forward
