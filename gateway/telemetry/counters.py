@@ -109,6 +109,7 @@ class Stats:
 
     __slots__ = (
         "auth_failures",
+        "headers_dropped",
         "limit_rejections",
         "open_connections",
         "overrides",
@@ -123,6 +124,7 @@ class Stats:
         self.tokens: dict[tuple[str, str], TokenStats] = {}
         self.auth_failures: dict[tuple[str, str, str], int] = {}
         self.limit_rejections: dict[str, int] = {}
+        self.headers_dropped: dict[str, int] = {}  # reason → request header fields
         # (credential, kind) → client arguments / fields a forward table overrode.
         self.overrides: dict[tuple[str, str], int] = {}
         self.open_connections = 0
@@ -155,6 +157,9 @@ class Stats:
 
     def limit_rejection(self, reason: str) -> None:
         self.limit_rejections[reason] = self.limit_rejections.get(reason, 0) + 1
+
+    def header_dropped(self, reason: str, n: int = 1) -> None:
+        self.headers_dropped[reason] = self.headers_dropped.get(reason, 0) + n
 
     def overrides_dropped(self, credential: str, kind: str, n: int) -> None:
         """What a client sent that its credential's forwarding removed:
@@ -191,5 +196,6 @@ class Stats:
             [FailureSnap(*key, n) for key, n in self.auth_failures.items()],
             dict(self.limit_rejections),
             self.open_connections,
+            headers_dropped=dict(self.headers_dropped),
             overrides=[OverrideSnap(*key, n) for key, n in self.overrides.items()],
         )

@@ -87,6 +87,7 @@ class Snapshot(_Value):
     limit_rejections: dict[str, int]
     open_connections: int
     processes: list[ProcessSample] = msgspec.field(default_factory=list)
+    headers_dropped: dict[str, int] = msgspec.field(default_factory=dict)
     overrides: list[OverrideSnap] = msgspec.field(default_factory=list)
 
 
@@ -114,6 +115,11 @@ def _add(acc: list[float], more: list[float]) -> list[float]:
     return [a + b for a, b in zip(acc, more, strict=True)]
 
 
+def _sum_into(acc: dict[str, int], more: dict[str, int]) -> None:
+    for key, n in more.items():
+        acc[key] = acc.get(key, 0) + n
+
+
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     """Sum counters and histograms, add gauges, keep the latest last-used;
     ``processes`` is left empty (the caller knows which are alive)."""
@@ -122,6 +128,7 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     tokens: dict[tuple[str, str], TokenSnap] = {}
     failures: dict[tuple[str, str, str], int] = {}
     rejections: dict[str, int] = {}
+    dropped: dict[str, int] = {}
     overrides: dict[tuple[str, str], int] = {}
     open_connections = 0
     for snap in snapshots:
@@ -156,8 +163,8 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
         for f in snap.auth_failures:
             fkey = (f.reason, f.credential, f.token_id)
             failures[fkey] = failures.get(fkey, 0) + f.count
-        for reason, n in snap.limit_rejections.items():
-            rejections[reason] = rejections.get(reason, 0) + n
+        _sum_into(rejections, snap.limit_rejections)
+        _sum_into(dropped, snap.headers_dropped)
         for o in snap.overrides:
             okey = (o.credential, o.kind)
             overrides[okey] = overrides.get(okey, 0) + o.count
@@ -169,5 +176,6 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
         [FailureSnap(*key, n) for key, n in failures.items()],
         rejections,
         open_connections,
+        headers_dropped=dropped,
         overrides=[OverrideSnap(*key, n) for key, n in overrides.items()],
     )

@@ -64,6 +64,27 @@ async def send(port: int, data: bytes) -> int:
         return (await conn.response()).status
 
 
+async def _one_request(
+    gw_port: int, path: str, headers: list[tuple[str, str]], up: RawUpstream
+) -> ParsedRequest:
+    data = request("POST", path, b"payload", token=TOKEN, headers=headers)
+    assert await send(gw_port, data) == 204
+    [req] = up.requests
+    assert folded(req, "X-Scope-OrgID") == ["a"]
+    assert folded(req, "x-tenant") == ["a"]
+    assert b"evil" not in up.received
+    return req
+
+
+async def _dropped(admin_port: int) -> tuple[float | None, float | None]:
+    """(pinned copies removed, "_" names dropped by the header rules)."""
+    m = await scrape(admin_port)
+    return (
+        m.get("gateway_client_overrides_dropped_total", credential="team-a", kind="header"),
+        m.get("gateway_request_headers_dropped_total", reason="underscore"),
+    )
+
+
 @pytest.mark.parametrize("path", ["/api/v1/write", "/v1/traces"])
 async def test_no_spelling_or_repeat_of_a_pinned_header_gets_through(
     path: str, start_gateway: StartGateway, strict_upstream: RawUpstream
@@ -71,20 +92,38 @@ async def test_no_spelling_or_repeat_of_a_pinned_header_gets_through(
     gw = await start_gateway(hostile_config(strict_upstream, credentials=PINNED))
     headers = [(name, f"evil-{i}") for i, name in enumerate(SPELLINGS)]
     headers += [(name, "evil-again") for name in SPELLINGS]  # each one repeated
-    # Listing the pinned name in Connection removes the client's copy, never ours.
-    headers += [("Connection", "keep-alive, X-Scope-OrgID, x-tenant")]
-    data = request("POST", path, b"payload", token=TOKEN, headers=headers)
-    assert await send(gw.port, data) == 204
-    [req] = strict_upstream.requests
-    assert folded(req, "X-Scope-OrgID") == ["a"]
-    assert folded(req, "x-tenant") == ["a"]
-    assert b"evil" not in strict_upstream.received
-    dropped = (await scrape(gw.admin_port)).get(
-        "gateway_client_overrides_dropped_total", credential="team-a", kind="header"
-    )
-    # The names Connection lists (in any case) go with the hop-by-hop step;
-    # the "_" spellings, twice each, here.
-    assert dropped == 2 * sum("_" in name for name in SPELLINGS)
+    await _one_request(gw.port, path, headers, strict_upstream)
+    # The "-" spellings, twice each, are replaced here; the "_" ones never
+    # got that far (names with "_" are dropped unless the config keeps them).
+    underscored = sum("_" in name for name in SPELLINGS)
+    assert await _dropped(gw.admin_port) == (2 * (len(SPELLINGS) - underscored), 2 * underscored)
+
+
+async def test_connection_cannot_remove_a_pinned_header(
+    start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    """Listing the pinned names in Connection removes the client's copies
+    (hop-by-hop), never the credential's."""
+    gw = await start_gateway(hostile_config(strict_upstream, credentials=PINNED))
+    headers = [(name, "evil") for name in SPELLINGS]
+    headers += [("Connection", "keep-alive, X-Scope-OrgID, x-tenant, X_Tenant")]
+    await _one_request(gw.port, "/api/v1/write", headers, strict_upstream)
+
+
+async def test_a_kept_underscore_spelling_of_a_pinned_name_is_replaced(
+    start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    """With [server] underscores_in_headers = true a name with "_" that folds
+    into no other field of the request is kept, and a backend folding "_"
+    into "-" would read X_Scope_OrgID as the pinned field: it is replaced."""
+    server = "underscores_in_headers = true\nheader_timeout_seconds = 0.5"
+    config = hostile_config(strict_upstream, credentials=PINNED, server=server)
+    gw = await start_gateway(config)
+    headers = [("X_Scope_OrgID", "evil"), ("x_scope_orgid", "evil"), ("X_TENANT", "evil")]
+    headers += [("X_Custom", "kept")]  # the switch itself works: an ordinary "_" name passes
+    req = await _one_request(gw.port, "/api/v1/write", headers, strict_upstream)
+    assert req.all("X_Custom") == ["kept"]
+    assert await _dropped(gw.admin_port) == (3, None)
 
 
 @pytest.mark.parametrize(
