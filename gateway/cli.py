@@ -27,6 +27,7 @@ from gateway import __version__
 from gateway.config.credentials import token_digest
 from gateway.config.loader import ConfigError, Settings, expiry_warnings, load
 from gateway.config.routes import RouteSpec
+from gateway.config.tenants import forwarding_lines, tenancy_warnings
 from gateway.policy.auth import MAX_AUTHORIZATION_BYTES
 from gateway.process.gateway import Gateway
 from gateway.process.memory import tune_malloc
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if environ is not None:
         print(_matrix(settings))  # noqa: T201
+        for warning in tenancy_warnings(settings):
+            print(f"obs-gateway: warning: {warning}", file=sys.stderr)  # noqa: T201
         for name in environ.unset:
             print(  # noqa: T201
                 f"obs-gateway: warning: {name} is not set here, so it was checked with a "
@@ -239,6 +242,7 @@ def _matrix(settings: Settings) -> str:
     lines += ["", "routes (backends in order: label, weight, URL):"]
     for route in settings.routes:
         lines += _backends(route)
+    lines += ["", *forwarding_lines(settings)]
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """What every part of the TOML schema shares: the Struct base (immutable,
 unknown keys are errors), the number and name rules, the names and paths
-the gateway keeps for itself, and the one check of an upstream URL.
+the gateway keeps for itself (upstream URLs are checked by ``urls.py``).
 
 No I/O.  ``schema.py`` and ``routes.py`` build on it; it imports neither.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from typing import Annotated
-from urllib.parse import urlsplit
 
 import msgspec
 
@@ -21,7 +20,6 @@ __all__ = [
     "Positive",
     "PositiveInt",
     "Spec",
-    "check_url",
 ]
 
 # Paths the gateway answers itself; a route may not shadow them.
@@ -41,25 +39,3 @@ class ConfigError(Exception):
 
 class Spec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Base of the TOML schema: immutable, unknown keys are errors."""
-
-
-def check_url(url: str, key: str) -> None:
-    """An upstream URL the data path can always use: http(s), a host name
-    IDNA accepts, a real port, no credentials or fragment."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
-        raise ValueError(f"{key}: not an http(s) URL: {url!r}")
-    if parts.username or parts.password:
-        raise ValueError(f"{key}: credentials in the URL are not supported")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"{key}: invalid port in {url!r}") from None
-    if port == 0:
-        raise ValueError(f"{key}: port 0 in {url!r}")
-    try:
-        # What the Host header will carry; IDNA refuses empty or oversized
-        # labels, so the server can always build it.
-        parts.hostname.encode("ascii" if parts.hostname.isascii() else "idna")
-    except UnicodeError:
-        raise ValueError(f"{key}: not a valid host name in {url!r}") from None

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 
@@ -25,6 +26,7 @@ from gateway.config.schema import (
     AuthSpec,
     ClientsSpec,
     ConfigError,
+    ForwardSpec,
     LimitsSpec,
     LogSpec,
     ReloadSpec,
@@ -74,10 +76,12 @@ class Settings:
 
 
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
-# A rule's own message names its field, or an item of a list field
-# ("upstreams[1]: …", "upstreams[1].name: …").
+# A rule's own message names its field, a key inside a table field
+# (``extra_labels.tenant``) or an item of a list field (``upstreams[1]``,
+# ``upstreams[1].name``, ``upstreams.remote_write[1]``).
 _FIELD_MSG = re.compile(
-    r"^(?P<field>[A-Za-z_][A-Za-z0-9_]*(?:\[\d+\](?:\.[A-Za-z_][A-Za-z0-9_]*)?)?): (?P<msg>.*)$",
+    r"^(?P<field>[A-Za-z_][A-Za-z0-9_]*(?:\[\d+\])?(?:\.[A-Za-z0-9_.-]+)?(?:\[\d+\])?"
+    r"(?:\.[A-Za-z_][A-Za-z0-9_]*)?): (?P<msg>.*)$",
     re.DOTALL,
 )
 _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
@@ -158,7 +162,51 @@ def _cross_check(spec: SettingsSpec, credentials: tuple[Credential, ...]) -> Non
         for j, route_name in enumerate(cspec.routes):
             if route_name not in names:
                 raise ConfigError(f"credentials[{i}].routes[{j}]: no route named {route_name!r}")
+        if cspec.forward is not None:
+            _check_forward(f"credentials[{i}].forward", spec, cspec.forward, cred)
     _check_secrets(credentials)
+
+
+def _check_forward(key: str, spec: SettingsSpec, fwd: ForwardSpec, cred: Credential) -> None:
+    """What a forward table needs from the rest of the config."""
+    routes = {r.name: r for r in spec.routes if r.name in cred.routes}
+    for name in fwd.upstreams:
+        if name not in routes:
+            raise ConfigError(f"{key}.upstreams.{name}: not one of this credential's routes")
+        urls = fwd.upstream_urls(name)
+        if routes[name].protocol != "otlp-grpc":
+            continue
+        if len(urls) > 1:
+            raise ConfigError(f"{key}.upstreams.{name}: an otlp-grpc route takes one backend")
+        parts = urlsplit(urls[0])
+        if parts.path not in ("", "/") or parts.query:
+            raise ConfigError(
+                f"{key}.upstreams.{name}: an otlp-grpc upstream is scheme, host and port only"
+            )
+    written = [r for r in routes.values() if r.protocol == "prometheus-remote-write"]
+    if fwd.extra_labels and not written:
+        raise ConfigError(
+            f"{key}.extra_labels: none of this credential's routes is prometheus-remote-write"
+        )
+    for route in written:
+        urls = fwd.upstream_urls(route.name) or tuple(b.url for _, b in route.backends())
+        pinned = {
+            v.partition("=")[0]
+            for url in urls
+            for k, v in parse_qsl(urlsplit(url).query)
+            if k == "extra_label"
+        }
+        for label in fwd.extra_labels:
+            if label in pinned:
+                raise ConfigError(
+                    f"{key}.extra_labels.{label}: an upstream URL of route {route.name!r} "
+                    "already sets this label"
+                )
+    if fwd.claims and (cred.jwt is None or cred.tokens):
+        raise ConfigError(
+            f"{key}: a {{claim:…}} value needs a JWT credential without static tokens "
+            "(a static token has no claims)"
+        )
 
 
 def loads(

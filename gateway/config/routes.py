@@ -21,10 +21,19 @@ from gateway.config.fields import (
     Positive,
     PositiveInt,
     Spec,
-    check_url,
 )
+from gateway.config.urls import check_upstream_url as check_url
 
-__all__ = ["BALANCE_POLICIES", "MAX_BACKENDS", "BackendSpec", "HealthCheckSpec", "RouteSpec"]
+__all__ = [
+    "BALANCE_POLICIES",
+    "MAX_BACKENDS",
+    "BackendSpec",
+    "Entry",
+    "HealthCheckSpec",
+    "RouteSpec",
+    "check_backend_list",
+    "labelled",
+]
 
 _METHODS = frozenset({"POST", "PUT", "PATCH", "GET", "DELETE"})
 BALANCE_POLICIES = ("least_outstanding", "round_robin", "first_available")
@@ -104,6 +113,9 @@ class RouteSpec(Spec, frozen=True):
     replay_buffer_bytes: Annotated[int, msgspec.Meta(ge=0)] = 8 * 1024 * 1024
     health_check: HealthCheckSpec | None = None
     methods: tuple[str, ...] = ("POST",)
+    # The client's query string: "pass" appends it to the upstream's (minus
+    # any argument the gateway sets itself), "drop" sends none of it.
+    query: Literal["pass", "drop"] = "pass"
     # vmagent retries a 413 forever (head-of-line blocking), so the default
     # sits far above its largest block; OTLP recommends 64 MiB too.
     max_body_bytes: PositiveInt = 64 * 1024 * 1024
@@ -133,28 +145,9 @@ class RouteSpec(Spec, frozen=True):
             check_url(self.upstream, "upstream")
             self._check_grpc(self.upstream, "upstream")
             return
-        if len(self.upstreams) > MAX_BACKENDS:
-            raise ValueError(f"upstreams: at most {MAX_BACKENDS} backends")
-        urls: set[str] = set()
-        names: set[str] = set()
         for i, entry in enumerate(self.upstreams):
-            if isinstance(entry, str):
-                check_url(entry, f"upstreams[{i}]")
-                url, name = entry, None
-            else:
-                url, name = entry.url, entry.name
-            self._check_grpc(url, f"upstreams[{i}]")
-            if url in urls:
-                raise ValueError(f"upstreams[{i}]: {url!r} is listed twice")
-            urls.add(url)
-            if name is not None:
-                if name in names:
-                    raise ValueError(f"upstreams[{i}].name: {name!r} is used twice")
-                names.add(name)
-        labels = [label for label, _ in self.backends()]
-        for i, label in enumerate(labels):
-            if labels.index(label) != i:
-                raise ValueError(f"upstreams[{i}].name: the label {label!r} is used twice")
+            self._check_grpc(entry if isinstance(entry, str) else entry.url, f"upstreams[{i}]")
+        check_backend_list(self.upstreams, "upstreams")
 
     def _check_grpc_route(self) -> None:
         if self.protocol != "otlp-grpc":
@@ -175,14 +168,52 @@ class RouteSpec(Spec, frozen=True):
             )
 
     def backends(self) -> tuple[tuple[str, BackendSpec], ...]:
-        """(label, backend) for every backend in order, each label its own:
-        an unnamed backend sharing host:port with another gets ``#index``."""
+        """(label, backend) for every backend in order (``labelled``)."""
         if self.upstream is not None:
-            entries: tuple[BackendSpec, ...] = (BackendSpec(url=self.upstream),)
+            return labelled((self.upstream,))
+        return labelled(self.upstreams)
+
+
+Entry = str | BackendSpec
+
+
+def labelled(entries: tuple[Entry, ...]) -> tuple[tuple[str, BackendSpec], ...]:
+    """(label, backend) for every entry of a backend list in order, each
+    label its own: an unnamed backend sharing host:port with another gets
+    ``#index``.  A route's ``upstreams`` and a credential's override
+    (``forward.upstreams``) are labelled alike."""
+    specs = tuple(BackendSpec(url=e) if isinstance(e, str) else e for e in entries)
+    labels = [e.label for e in specs]
+    return tuple(
+        (f"{label}#{i}" if e.name is None and labels.count(label) > 1 else label, e)
+        for i, (e, label) in enumerate(zip(specs, labels, strict=True))
+    )
+
+
+def check_backend_list(entries: tuple[Entry, ...], key: str) -> None:
+    """The rules of any backend list: 1 to MAX_BACKENDS entries, each URL
+    usable and listed once, names and labels unique.  Errors start with
+    ``key[i]`` (``upstreams[1]: …``)."""
+    if not entries:
+        raise ValueError(f"{key}: at least one backend")
+    if len(entries) > MAX_BACKENDS:
+        raise ValueError(f"{key}: at most {MAX_BACKENDS} backends")
+    urls: set[str] = set()
+    names: set[str] = set()
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            check_url(entry, f"{key}[{i}]")
+            url, name = entry, None
         else:
-            entries = tuple(BackendSpec(url=e) if isinstance(e, str) else e for e in self.upstreams)
-        labels = [e.label for e in entries]
-        return tuple(
-            (f"{label}#{i}" if e.name is None and labels.count(label) > 1 else label, e)
-            for i, (e, label) in enumerate(zip(entries, labels, strict=True))
-        )
+            url, name = entry.url, entry.name
+        if url in urls:
+            raise ValueError(f"{key}[{i}]: {url!r} is listed twice")
+        urls.add(url)
+        if name is not None:
+            if name in names:
+                raise ValueError(f"{key}[{i}].name: {name!r} is used twice")
+            names.add(name)
+    labels = [label for label, _ in labelled(entries)]
+    for i, label in enumerate(labels):
+        if labels.index(label) != i:
+            raise ValueError(f"{key}[{i}].name: the label {label!r} is used twice")

@@ -24,6 +24,7 @@ from gateway.config.fields import (
     Positive,
     PositiveInt,
 )
+from gateway.config.forward import ForwardSpec
 from gateway.config.routes import BackendSpec, HealthCheckSpec, RouteSpec
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "ClientsSpec",
     "ConfigError",
     "CredentialSpec",
+    "ForwardSpec",
     "HealthCheckSpec",
     "JwtSpec",
     "LimitsSpec",
@@ -332,6 +334,9 @@ class CredentialSpec(_Spec, frozen=True):
     rate_limit_requests_per_second: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     rate_limit_burst: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     rate_limit_bytes_per_second: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    # What the credential, not the sender, decides upstream: labels,
+    # headers, backends (tenancy).
+    forward: ForwardSpec | None = None
 
     def __post_init__(self) -> None:
         _check_cidrs(self.allow_cidrs, "allow_cidrs")

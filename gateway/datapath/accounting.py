@@ -4,7 +4,8 @@ Called exactly once per request, after its response ended or its client
 went away.  Everything logged is a name from config (routes, credentials,
 backend labels), a number, a fixed word, the client address or the request
 path (truncated; never the query string): never a header value, so never
-a token.
+a token.  ``tenant`` is the labels and headers the credential forwarded
+with, as the config writes them (a claim's value stays ``{claim:…}``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def account(shared: Shared, ex: Finished, grpc_status: str | None = None) -> Non
     rstats.duration.observe(duration)
     if ex.upstream_seconds >= 0:
         rstats.upstream.observe(ex.upstream_seconds)
-        rstats.added.observe(max(0.0, duration - ex.upstream_seconds))
+        # Never negative: the upstream's time lies within the exchange's.
+        rstats.added.observe(duration - ex.upstream_seconds)
     rstats.response_bytes += ex.bytes_out
     # A refused token's credential is named in the log line, not here: a
     # request counts under a credential only once it authenticated.
@@ -50,6 +52,7 @@ def account(shared: Shared, ex: Finished, grpc_status: str | None = None) -> Non
     if access is not None:
         head = ex.head
         label = ex.label
+        target = ex.target
         access.info(
             "request",
             request_id=head.request_id.decode("ascii", "replace"),
@@ -72,6 +75,7 @@ def account(shared: Shared, ex: Finished, grpc_status: str | None = None) -> Non
             client=ex.client,
             error=ex.error or None,
             grpc_status=grpc_status,
+            tenant=target.tenant if target is not None else None,
         )
 
 

@@ -184,6 +184,13 @@ class Exchange(Failover):
             self.state = _QUEUED
             self.route = route
             self.limit = route.max_body_bytes
+            principal = self.principal
+            assert principal is not None
+            assert route.plan is not None
+            # The credential's own plan for this route (tenancy: its pinned
+            # labels and headers, maybe its own backends), else the route's.
+            targets = principal.targets
+            self.plan = route.plan if targets is None else targets.get(route.name, route.plan)
             # The request head for the backend chosen once admitted
             # (failover.py's _send_to); body bytes parsed while queued
             # land after it, in order.
@@ -241,8 +248,9 @@ class Exchange(Failover):
 
     def _proxy(self, route: Route) -> None:
         head = self.head
-        bal = self.balancer = route.balancer
-        assert bal is not None
+        plan = self.plan
+        assert plan is not None
+        bal = self.balancer = plan.balancer
         rstats = self.rstats = bal.rstats
         rstats.in_flight += 1
         if head.expect_continue and head.has_body and not self.request_done:

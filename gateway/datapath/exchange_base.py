@@ -26,6 +26,7 @@ from gateway.datapath.health import (
     DEEP_TIMEOUT_SECONDS,
     check_upstreams,
     health_answer,
+    upstreams_of,
     wants_deep,
 )
 from gateway.datapath.ports import PAUSE_CONNECT, PAUSE_UPSTREAM, ClientPort, Deadline
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from gateway.policy.decide import Refuse
     from gateway.policy.limits import Slots
     from gateway.policy.request import RequestHead
-    from gateway.policy.routing import Route
+    from gateway.policy.routing import Plan, Route, Target
     from gateway.telemetry.counters import RouteStats
 
 __all__ = ["DISCARD_LIMIT", "ExchangeBase", "State"]
@@ -95,6 +96,7 @@ class ExchangeBase:
         "label",
         "lane",
         "limit",
+        "plan",
         "pool",
         "principal",
         "protocol",
@@ -109,6 +111,7 @@ class ExchangeBase:
         "state",
         "status",
         "t_sent",
+        "target",
         "token_id",
         "tried",
         "up_buf",
@@ -126,6 +129,7 @@ class ExchangeBase:
         self.close = False  # the connection ends after this exchange
         self.chunked_out = False
         self.route: Route | None = None
+        self.target: Target | None = None  # what is sent upstream, once admitted
         self.route_name = "unmatched"
         self.protocol = Protocol.PLAIN
         self.principal: Principal | None = None
@@ -145,6 +149,7 @@ class ExchangeBase:
         self.upstream_seconds = -1.0
         # Backends (failover.py): the set, the lane of the attempt in flight,
         # the label of the last one tried, the lanes tried (a bit each).
+        self.plan: Plan | None = None  # the route's or the credential's, once admitted
         self.balancer: Balancer | None = None
         self.lane: Lane | None = None
         self.label = ""
@@ -243,7 +248,8 @@ class ExchangeBase:
     async def _deep_health(self, principal: Principal) -> None:
         timeout = min(self.gen.connect_timeout, DEEP_TIMEOUT_SECONDS)
         try:
-            upstreams = await check_upstreams(self.gen.routes.routes, timeout)
+            probed = upstreams_of(principal, self.gen.routes.routes)
+            upstreams = await check_upstreams(probed, timeout)
         finally:
             self.conn.resume(PAUSE_CONNECT)
         if self.state == _PROBING:

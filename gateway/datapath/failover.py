@@ -34,6 +34,7 @@ from gateway.policy.errors import Kind
 if TYPE_CHECKING:
     from gateway.datapath.upstream import Pool, UpstreamConnection
     from gateway.policy.balance import Lane
+    from gateway.policy.routing import Target
 
 __all__ = ["BACKEND_KINDS", "Failover"]
 
@@ -84,20 +85,34 @@ class Failover(ExchangeBase):
         if self.replay is not None and self.tried.bit_count() >= self.balancer.attempts:  # type: ignore[union-attr]
             self.drop_copy()  # the last attempt: nothing will be sent again
         head, conn, gen, client = self.head, self.conn, self.gen, self.client
-        up = lane.backend.upstream
+        plan = self.plan
+        assert plan is not None
+        target = self.target = plan.targets[lane.backend.index]
+        first = self.tried == lane.bit  # what the client may not send is counted once
+        query = head.query
+        # A filtered query costs a parse only when the client sent one.
+        if query and target.query is not None:
+            request_target = self._filter_query(target, query, first)
+        else:
+            request_target = target.render(query)
+        pinned = target.headers
         self.up_buf[0] = head.upstream_head(
-            up.target(head.query),
-            up.host_header,
+            request_target,
+            target.upstream.host_header,
             conn.peer_bytes,
             gen.clients.proxied and gen.clients.trusted(conn.peer),
             conn.scheme,
             conn.peer_bytes if client is conn.peer else client.encode(),
             gen.underscores_in_headers,
+            pinned,
         )
-        if head.underscored and self.tried == lane.bit:
-            # Counted once, on the first attempt: upstream_head has folded
-            # what config keeps, and left what it dropped.
-            self.shared.stats.header_dropped("underscore", len(head.underscored) // 2)
+        if first:
+            stats = self.shared.stats
+            if head.underscored:
+                # upstream_head has folded what config keeps, left what it dropped.
+                stats.header_dropped("underscore", len(head.underscored) // 2)
+            if pinned is not None and head.pinned_dropped:
+                stats.overrides_dropped(self.credential, "header", head.pinned_dropped)
         pool = self.pool = lane.pool
         upstream = pool.acquire()
         if upstream is not None:
@@ -109,6 +124,18 @@ class Failover(ExchangeBase):
             conn.pause(PAUSE_CONNECT)
             conn.clear_deadline()
             self._task = self.shared.loop.create_task(self._connect(pool, self.tried))
+
+    def _filter_query(self, target: Target, query: bytes, count: bool) -> bytes:
+        """The request-target with what the client may not set removed
+        (counted on the first attempt)."""
+        request_target, labels, others = target.filtered(query)
+        if count:
+            stats = self.shared.stats
+            if labels:
+                stats.overrides_dropped(self.credential, "extra_label", labels)
+            if others:
+                stats.overrides_dropped(self.credential, "query_arg", others)
+        return request_target
 
     async def _connect(self, pool: Pool, tried: int) -> None:
         try:

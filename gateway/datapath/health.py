@@ -1,5 +1,6 @@
 """``GET /health``: proof that a credential works, and optionally that every
-backend accepts connections (``?deep=1``).
+backend accepts connections (``?deep=1``): the principal's own where its
+forward table replaces a route's.
 
 The body names the credential, token id, scopes and seconds to expiry, and
 for a deep check each route's reachability by route name and each of its
@@ -22,6 +23,7 @@ __all__ = [
     "check_upstreams",
     "health_answer",
     "health_response",
+    "upstreams_of",
     "wants_deep",
 ]
 
@@ -33,7 +35,22 @@ def wants_deep(query: bytes) -> bool:
     return b"deep=1" in query.split(b"&")
 
 
-async def check_upstreams(routes: Iterable[Route], timeout: float) -> dict[str, list[bool]]:
+def upstreams_of(
+    principal: Principal, routes: Iterable[Route]
+) -> list[tuple[str, tuple[Upstream, ...]]]:
+    """(route name, the backends this principal's requests go to), in order."""
+    plans = principal.targets or {}
+    out = []
+    for route in routes:
+        plan = plans.get(route.name, route.plan)
+        if plan is not None:
+            out.append((route.name, tuple(t.upstream for t in plan.targets)))
+    return out
+
+
+async def check_upstreams(
+    upstreams: Iterable[tuple[str, tuple[Upstream, ...]]], timeout: float
+) -> dict[str, list[bool]]:
     """route name → whether each of its backends accepted a TCP connection."""
     loop = asyncio.get_running_loop()
 
@@ -46,15 +63,13 @@ async def check_upstreams(routes: Iterable[Route], timeout: float) -> dict[str, 
         transport.close()
         return True
 
-    proxied = [(r.name, r.backends.backends) for r in routes if r.backends is not None]
-    results = await asyncio.gather(
-        *(reachable(b.upstream) for _, backends in proxied for b in backends)
-    )
+    listed = list(upstreams)
+    results = await asyncio.gather(*(reachable(up) for _, ups in listed for up in ups))
     out: dict[str, list[bool]] = {}
     at = 0
-    for name, backends in proxied:
-        out[name] = list(results[at : at + len(backends)])
-        at += len(backends)
+    for name, ups in listed:
+        out[name] = list(results[at : at + len(ups)])
+        at += len(ups)
     return out
 
 

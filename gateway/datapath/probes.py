@@ -82,7 +82,7 @@ class Prober:
         self._tls: ssl.SSLContext | None = None
 
     def tick(self, now: float) -> None:
-        for bal in self.shared.gen.routes.balancers:
+        for bal in self.shared.gen.balancers:
             probe = bal.set.probe
             if probe is None:
                 continue

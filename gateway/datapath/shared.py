@@ -87,7 +87,7 @@ class Shared:
         counters (once, so a request reads them from its lane), and forget
         the health of backends it no longer has.  Then it may serve."""
         stats = self.stats
-        balancers = gen.routes.balancers
+        balancers = gen.balancers
         for bal in balancers:
             bal.rstats = stats.route(bal.route)
             for lane in bal.lanes:
@@ -97,23 +97,29 @@ class Shared:
         self.gen = gen
 
     def backend_health(self) -> list[HealthSnap]:
-        """Each backend of the config in force as this worker sees it now."""
+        """Each backend of the config in force as this worker sees it now
+        (once per route and label: a credential's backends may repeat the
+        route's)."""
         now = self.loop.time()
-        return [
-            HealthSnap(
-                bal.route,
-                lane.backend.label,
-                lane.backend.index,
-                int(lane.state.healthy(now)),
-                1,
-                int(lane.state.ejected_until > now),
-                int(not lane.state.probe_ok),
-                lane.state.outstanding,
-                lane.backend.named,
-            )
-            for bal in self.gen.routes.balancers
-            for lane in bal.lanes
-        ]
+        out: dict[tuple[str, str], HealthSnap] = {}
+        for bal in self.gen.balancers:
+            for lane in bal.lanes:
+                key = (bal.route, lane.backend.label)
+                if key in out:
+                    continue
+                state = lane.state
+                out[key] = HealthSnap(
+                    bal.route,
+                    lane.backend.label,
+                    lane.backend.index,
+                    int(state.healthy(now)),
+                    1,
+                    int(state.ejected_until > now),
+                    int(not state.probe_ok),
+                    state.outstanding,
+                    lane.backend.named,
+                )
+        return list(out.values())
 
     def h2pool(self, upstream: Upstream) -> H2Pool:
         pools = self.h2pools

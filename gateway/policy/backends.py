@@ -59,16 +59,9 @@ class Upstream:
     def key(self) -> tuple[str, str, int]:
         return (self.scheme, self.host, self.port)
 
-    def target(self, query: bytes) -> bytes:
-        """The request-target sent upstream: its path, then both queries."""
-        if not query:
-            return self.path + (b"?" + self.query if self.query else b"")
-        if self.query:
-            return self.path + b"?" + self.query + b"&" + query
-        return self.path + b"?" + query
-
 
 def upstream_of(url: str) -> Upstream:
+    """Where an upstream URL points (the config checked it: config/urls.py)."""
     parts = urlsplit(url)
     scheme = parts.scheme
     host = parts.hostname or ""

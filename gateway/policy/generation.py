@@ -1,6 +1,6 @@
 """A ``Generation``: everything derived from one config that a request
 needs (route table, authenticator, rendered errors, client policy,
-per-credential rules, the limits as plain attributes).
+per-credential rules and forwarding, the limits as plain attributes).
 
 Immutable and replaced as a whole on reload, so an exchange that captured
 one at its start finishes on it.  The one exception is by design: each
@@ -14,10 +14,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from gateway.policy.auth import Authenticator
-from gateway.policy.balance import BackendRegistry
+from gateway.policy.balance import BackendRegistry, Balancer
 from gateway.policy.clients import ClientPolicy, networks, within
 from gateway.policy.errors import ErrorRenderer
 from gateway.policy.routing import RouteTable
+from gateway.policy.tenancy import Tenancy
 
 if TYPE_CHECKING:
     from gateway.config.credentials import Credential
@@ -63,6 +64,7 @@ class Generation:
         "response_timeout",
         "routes",
         "settings",
+        "tenancy",
         "throttle_strict",
         "underscores_in_headers",
     )
@@ -71,8 +73,17 @@ class Generation:
         self.settings = settings
         # Balancers bound to the worker's backend states (a fresh registry
         # when none is given: a generation that serves nothing, e.g. a test's).
-        self.routes = RouteTable(settings.routes, settings.upstream, backends)
-        self.auth = Authenticator(settings.credentials)
+        registry = backends if backends is not None else BackendRegistry()
+        self.routes = RouteTable(settings.routes, settings.upstream, registry)
+        # Per credential with a forward table: its plans, pre-rendered (its
+        # own backends, if it has some, share the registry's states).
+        specs = {r.name: r for r in settings.routes}
+        self.tenancy = {
+            c.name: Tenancy(c, self.routes, specs, settings.upstream, registry)
+            for c in settings.credentials
+            if c.forward is not None
+        }
+        self.auth = Authenticator(settings.credentials, self.tenancy)
         self.errors = ErrorRenderer(settings.server.realm)
         self.clients = ClientPolicy(settings.clients)
         self.credentials = {c.name: CredentialRules(c) for c in settings.credentials}
@@ -97,6 +108,15 @@ class Generation:
         self.min_body_grace = lim.min_body_rate_grace_seconds
         # The exchange skips authentication for a throttled address (decide.py).
         self.throttle_strict = lim.auth_throttle_mode == "strict"
+
+    @property
+    def balancers(self) -> list[Balancer]:
+        """Every balancer the HTTP/1.1 data path may use: the routes' own and
+        those of credentials with backends of their own."""
+        out = self.routes.balancers
+        for tenancy in self.tenancy.values():
+            out += tenancy.balancers
+        return out
 
     @classmethod
     def build(cls, settings: Settings, backends: BackendRegistry | None = None) -> Generation:

@@ -3,25 +3,135 @@
 No decoding, no normalisation, no regex: ``/api/v1/write/../x``,
 ``//api/v1/write``, ``%2e%2e`` or a trailing slash are simply other paths,
 so they can never reach an upstream.  Everything a request needs from its
-route (its backends and their balancer, allowed methods, limits) is
-computed here once per config generation; the backends' health lives in
-the worker's ``BackendRegistry`` (``balance.py``), which outlives it.
+route (its backends, allowed methods, limits) is computed here once per
+config generation.  A ``Target`` is what one request sends to one backend;
+a ``Plan`` is where a request goes: a balancer over backends and a target
+for each, the route's own (``Route.plan``) or one a credential's forward
+table built (``tenancy.py``).  The backends' health lives in the worker's
+``BackendRegistry`` (``balance.py``), which outlives generations.
 
 Must not know: sockets, HTTP framing, credentials' secrets.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gateway.config.schema import RouteSpec, UpstreamSpec
-from gateway.policy.backends import BackendSet, Upstream, route_backends
+from gateway.policy.backends import BackendSet, Upstream, route_backends, upstream_of
 from gateway.policy.balance import BackendRegistry, Balancer
 from gateway.policy.errors import Protocol
+from gateway.policy.forward import PinnedHeaders, QueryFilter, arg_names
 
-__all__ = ["HEALTH_PATH", "Route", "RouteTable", "Upstream", "split_target"]
+__all__ = [
+    "HEALTH_PATH",
+    "Plan",
+    "Route",
+    "RouteTable",
+    "Target",
+    "Upstream",
+    "make_plan",
+    "make_target",
+    "split_target",
+    "upstream_of",
+]
 
 HEALTH_PATH = b"/health"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What one request of a route sends upstream, before the client's part.
+
+    ``bare`` is the whole request-target when the client's query adds
+    nothing: the path, then the upstream URL's query (``lead``), then the
+    pinned ``extra_label`` arguments (``tail``, last: VictoriaMetrics keeps
+    the last value of a label).  A ``plain`` target only appends the
+    client's query; the others filter it and may pin header fields.
+    ``tenant`` is what the access line names (values from config).
+    """
+
+    upstream: Upstream
+    bare: bytes = field(repr=False)
+    joiner: bytes = field(repr=False)  # b"?" or b"&": where a plain target's client query goes
+    path: bytes = field(repr=False)
+    lead: bytes = field(repr=False)
+    tail: bytes = field(repr=False)
+    query: QueryFilter | None = None
+    headers: PinnedHeaders | None = None
+    tenant: Mapping[str, Mapping[str, str]] | None = None
+    plain: bool = True
+
+    def render(self, query: bytes) -> bytes:
+        """A plain target's request-target: the client's query as it came."""
+        return self.bare + self.joiner + query if query else self.bare
+
+    def filtered(self, query: bytes) -> tuple[bytes, int, int]:
+        """(request-target, client extra_label arguments dropped, other
+        arguments dropped): the client's kept arguments go between the
+        upstream URL's and the pinned labels."""
+        labels = others = 0
+        if query and self.query is not None:
+            query, labels, others = self.query.apply(query)
+        if not query:
+            return self.bare, labels, others
+        parts = [p for p in (self.lead, query, self.tail) if p]
+        return self.path + b"?" + b"&".join(parts), labels, others
+
+
+def make_target(
+    upstream: Upstream,
+    keep_query: bool,
+    labels: bytes = b"",
+    headers: PinnedHeaders | None = None,
+    tenant: Mapping[str, Mapping[str, str]] | None = None,
+) -> Target:
+    """``labels``: the pinned ``extra_label=…`` arguments, joined by ``&``.
+    A client argument with a name the gateway sends is never passed on."""
+    url_query = upstream.query
+    names = arg_names(url_query + b"&" + labels)
+    query = None if keep_query and not names else QueryFilter(names, keep_query)
+    path = upstream.path
+    given = b"&".join(p for p in (url_query, labels) if p)
+    return Target(
+        upstream,
+        path + b"?" + given if given else path,
+        b"&" if given else b"?",
+        path,
+        url_query,
+        labels,
+        query,
+        headers,
+        tenant,
+        query is None and headers is None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Where one request goes: a balancer over backends, and for each
+    backend (by its position) the target sent to it."""
+
+    balancer: Balancer = field(compare=False, repr=False)
+    targets: tuple[Target, ...] = field(repr=False)
+
+
+def make_plan(
+    balancer: Balancer,
+    keep_query: bool,
+    labels: bytes = b"",
+    headers: PinnedHeaders | None = None,
+    tenant: Mapping[str, Mapping[str, str]] | None = None,
+) -> Plan:
+    """The same labels, headers and tenant, on every backend of ``balancer``."""
+    return Plan(
+        balancer,
+        tuple(
+            make_target(lane.backend.upstream, keep_query, labels, headers, tenant)
+            for lane in balancer.lanes
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,21 +144,27 @@ class Route:
     # The first backend (what a code path that knows one backend uses).
     upstream: Upstream | None
     max_body_bytes: int
+    # What a credential without a forward table sends to the first backend
+    # (None: /health); ``plan`` has one for every backend.
+    default: Target | None = None
+    keep_query: bool = True  # query = "pass"
     backends: BackendSet | None = None
-    # The set bound to this worker's backend states (runtime: not compared).
-    balancer: Balancer | None = field(default=None, compare=False, repr=False)
+    # The route's own plan, its balancer bound to this worker's backend states.
+    plan: Plan | None = field(default=None, compare=False, repr=False)
 
     def target(self, query: bytes) -> bytes:
-        """The request-target sent to the first backend."""
-        up = self.upstream
-        assert up is not None
-        return up.target(query)
+        """The request-target sent upstream for a credential without a
+        forward table: its path, then both queries."""
+        assert self.default is not None
+        return self.default.filtered(query)[0]
 
 
 def _route(spec: RouteSpec, upstream: UpstreamSpec, registry: BackendRegistry) -> Route:
     methods = frozenset(m.encode() for m in spec.methods)
     allow = b"Allow: " + ", ".join(sorted(spec.methods)).encode() + b"\r\n"
+    keep = spec.query == "pass"
     bset = route_backends(spec, upstream)
+    plan = make_plan(registry.balancer(spec.name, bset), keep)
     return Route(
         spec.name,
         spec.path.encode(),
@@ -57,8 +173,10 @@ def _route(spec: RouteSpec, upstream: UpstreamSpec, registry: BackendRegistry) -
         allow,
         bset.backends[0].upstream,
         spec.max_body_bytes,
+        plan.targets[0],
+        keep,
         bset,
-        registry.balancer(spec.name, bset),
+        plan,
     )
 
 
@@ -129,12 +247,13 @@ class RouteTable:
 
     @property
     def balancers(self) -> list[Balancer]:
-        """The balancers the HTTP/1.1 data path uses (a gRPC route's one
-        backend is the HTTP/2 upstream's: datapath/h2upstream.py)."""
+        """The balancers of the routes' own plans that the HTTP/1.1 data path
+        uses (a gRPC route's one backend is the HTTP/2 upstream's:
+        datapath/h2upstream.py)."""
         return [
-            r.balancer
+            r.plan.balancer
             for r in self.routes
-            if r.balancer is not None and r.protocol is not Protocol.GRPC
+            if r.plan is not None and r.protocol is not Protocol.GRPC
         ]
 
     def get(self, path: bytes) -> Route | None:

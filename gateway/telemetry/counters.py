@@ -19,6 +19,7 @@ from bisect import bisect_left
 from gateway.telemetry.snapshot import (
     BackendSnap,
     FailureSnap,
+    OverrideSnap,
     PairSnap,
     RouteSnap,
     Snapshot,
@@ -137,6 +138,7 @@ class Stats:
         "headers_dropped",
         "limit_rejections",
         "open_connections",
+        "overrides",
         "pairs",
         "replay_bytes",
         "routes",
@@ -154,6 +156,8 @@ class Stats:
         self.auth_failures: dict[tuple[str, str, str], int] = {}
         self.limit_rejections: dict[str, int] = {}
         self.headers_dropped: dict[str, int] = {}  # reason → request header fields
+        # (credential, kind) → client arguments / fields a forward table overrode.
+        self.overrides: dict[tuple[str, str], int] = {}
         self.open_connections = 0
 
     def route(self, name: str) -> RouteStats:
@@ -195,6 +199,12 @@ class Stats:
     def header_dropped(self, reason: str, n: int = 1) -> None:
         self.headers_dropped[reason] = self.headers_dropped.get(reason, 0) + n
 
+    def overrides_dropped(self, credential: str, kind: str, n: int) -> None:
+        """What a client sent that its credential's forwarding removed:
+        ``kind`` is extra_label, query_arg (other arguments) or header."""
+        key = (credential, kind)
+        self.overrides[key] = self.overrides.get(key, 0) + n
+
     def upstream_error(self, route: str, kind: str) -> None:
         errors = self.route(route).upstream_errors
         errors[kind] = errors.get(kind, 0) + 1
@@ -228,6 +238,7 @@ class Stats:
             dict(self.limit_rejections),
             self.open_connections,
             headers_dropped=dict(self.headers_dropped),
+            overrides=[OverrideSnap(*key, n) for key, n in self.overrides.items()],
             backends=[
                 BackendSnap(
                     route, label, b.requests, dict(b.failures), dict(b.ejections), dict(b.probes)

@@ -19,11 +19,12 @@ import pytest
 
 from gateway.config.loader import loads
 from gateway.process.gateway import Gateway
-from tests.conftest import TOKEN, StartGateway, wait_for
+from tests.conftest import TOKEN, StartGateway, sha256, wait_for
 from tests.support.backends import Entry, backends_config
 from tests.support.client import raw_client, raw_request
 from tests.support.metrics import Metrics, scrape
 from tests.support.process import GatewayProcess
+from tests.support.routes import THREE_CREDENTIALS
 from tests.support.sockets import refused_port
 from tests.support.upstreams import RawUpstream, UpConn
 from tests.support.wire import ParsedRequest, Response, request_bytes
@@ -573,3 +574,62 @@ async def test_status_shows_each_backend_of_each_worker(tmp_path: Path) -> None:
     lines = text.decode().splitlines()
     assert any("#0" in line and "OUT 0/2 workers" in line for line in lines)
     assert any("vm-b" in line and " ok " in f"{line} " for line in lines)
+
+
+TEAM_TOKEN = "test-token-0123456789abcdef-team-own"
+
+
+async def test_a_credential_brings_its_own_backends_under_the_routes_policy(
+    start_gateway: StartGateway,
+) -> None:
+    """Issue 13's ``[credentials.forward.upstreams]`` with a list: the
+    credential's requests go to its own backends, balanced and failed over
+    under the route's settings, with its pinned label on every backend; a
+    backend URL it shares with the route is one backend (one health);
+    other credentials keep the route's backends."""
+    shared, own = await upstreams(2)
+    try:
+        with refused_port() as dead:
+            dead_url = f"http://127.0.0.1:{dead}{WRITE}"
+            credentials = f"""{THREE_CREDENTIALS}
+[[credentials]]
+name = "team"
+token_sha256 = "{sha256(TEAM_TOKEN.encode())}"
+routes = ["remote_write"]
+  [credentials.forward]
+  extra_labels = {{ tenant = "team" }}
+  [credentials.forward.upstreams]
+  remote_write = ["{dead_url}", "{own.url}{WRITE}", "{shared.url}{WRITE}"]
+"""
+            gw = await start_gateway(
+                backends_config(
+                    [shared.url + WRITE],
+                    rw_keys='balance = "first_available"\nattempts = 3',
+                    upstream="eject_base_seconds = 60\neject_max_seconds = 60",
+                    credentials=credentials,
+                )
+            )
+            team = request_bytes("POST", WRITE, body=BODY, token=TEAM_TOKEN)
+            assert (await raw_request(gw.port, team)).status == 204  # dead, then own
+            assert (await raw_request(gw.port, team)).status == 204  # own (dead is out)
+            assert (await post(gw)).status == 204  # ingest: the route's backend
+        assert [r.target for r in own.requests] == [f"{WRITE}?extra_label=tenant%3Dteam"] * 2
+        assert [r.target for r in shared.requests] == [WRITE]
+        m = await scrape(gw.admin_port)
+        assert (
+            m.value(
+                "gateway_upstream_failures_total",
+                route="remote_write",
+                backend=f"127.0.0.1:{dead}",
+                kind="connect",
+            )
+            == 1
+        )
+        assert (
+            m.value("gateway_upstream_retries_total", route="remote_write", reason="connect") == 1
+        )
+        healthy = m.by("gateway_upstream_healthy", "backend", route="remote_write")
+        # Each backend of the config in force once: the route's and the team's.
+        assert healthy == {f"127.0.0.1:{dead}": 0, own.url[7:]: 1, shared.url[7:]: 1}
+    finally:
+        await stop_all([shared, own])

@@ -61,7 +61,8 @@ def test_config_snippets_load(snippet: str) -> None:
         return
     settings = loads(ROUTES + snippet, environ={})
     [credential] = settings.credentials
-    assert credential.name == "ingest"
+    # The rotation's credential, or the tenant of § Tenants.
+    assert credential.name == ("team-a" if credential.forward else "ingest")
 
 
 def test_promql_names_only_exported_metrics(exported: set[str]) -> None:

@@ -53,6 +53,7 @@ def backends_config(
     upstream: str = "",
     server: str = "",
     log: str = 'level = "debug"',
+    credentials: str = THREE_CREDENTIALS,
 ) -> str:
     """remote_write over ``rw``, otlp_traces over ``otlp`` (default: the
     same hosts with /v1/traces), each route's table extended by its keys
@@ -77,5 +78,5 @@ admin_listen = "127.0.0.1:0"
 {log}
 {_route("remote_write", "/api/v1/write", "prometheus-remote-write", rw, rw_keys)}
 {_route("otlp_traces", "/v1/traces", "otlp-http", otlp, otlp_keys)}
-{THREE_CREDENTIALS}
+{credentials}
 """

@@ -180,3 +180,37 @@ def test_labels_are_host_port_names_or_numbered_duplicates() -> None:
         ]
     )
     assert [label for label, _ in spec.backends()] == ["vm:8428#0", "vm:8428#1", "v6", "[::1]:443"]
+
+
+def test_a_credentials_own_backends_share_state_with_the_routes_by_url() -> None:
+    """Issue 13 over issue 12: a forward.upstreams list is a backend set of
+    its own under the route's policy; where a URL is also the route's, both
+    balancers point at one state, so one health and one load."""
+    from gateway.config.loader import loads  # noqa: PLC0415
+    from gateway.policy.generation import Generation  # noqa: PLC0415
+    from tests.conftest import config_text, sha256  # noqa: PLC0415
+
+    route_url = "http://127.0.0.1:9/api/v1/write"
+    credentials = f"""
+[[credentials]]
+name = "team"
+token_sha256 = "{sha256(b"team-token-0123456789abcdef")}"
+routes = ["remote_write"]
+  [credentials.forward.upstreams]
+  remote_write = ["http://10.0.0.5:8428/api/v1/write", "{route_url}"]
+"""
+    text = config_text(rw_upstream=route_url, credentials=credentials).replace(
+        "max_body_bytes = 67108864\n", 'max_body_bytes = 67108864\nbalance = "round_robin"\n', 1
+    )
+    registry = BackendRegistry()
+    gen = Generation(loads(text, environ={}), registry)
+    route = gen.routes.get(b"/api/v1/write")
+    assert route is not None
+    assert route.plan is not None
+    [own] = gen.tenancy["team"].balancers
+    assert [lane.backend.label for lane in own.lanes] == ["10.0.0.5:8428", "127.0.0.1:9"]
+    assert own.lanes[1].state is route.plan.balancer.lanes[0].state
+    assert own.set.policy == route.plan.balancer.set.policy  # the route's round_robin
+    assert own.attempts == 2  # the route's attempts (2), now that there are two
+    assert own in gen.balancers
+    assert len(registry) == 3  # remote_write: two URLs (one shared); otlp_traces: one
