@@ -245,7 +245,10 @@ class H2Relay(H2RelayBase):
 
     def on_deadline(self) -> None:
         kind, self.dkind = self.dkind, D_NONE
-        if kind == D_BODY:
+        if kind == D_BODY and self.state == _ANSWERED:
+            self._stop_request()  # the rest of an answered request's body did not come
+            self._maybe_finish()
+        elif kind == D_BODY:
             self._abort(Kind.CLIENT_TIMEOUT, "client_timeout")
         elif kind == D_QUEUE:
             self._overloaded("queue_timeout")

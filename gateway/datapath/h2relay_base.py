@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from gateway.datapath.exchange_base import State
-from gateway.datapath.h2stream import D_NONE, D_WRITE, H2Stream
+from gateway.datapath.exchange_base import DISCARD_LIMIT, State
+from gateway.datapath.h2stream import D_BODY, D_NONE, D_WRITE, H2Stream
 from gateway.datapath.health import (
     DEEP_TIMEOUT_SECONDS,
     check_upstreams,
@@ -109,12 +109,22 @@ class H2RelayBase(H2Stream):
         self.state = _ANSWERED
         self.dkind = D_NONE
         if not self.request_done:
-            # RFC 9113 §8.1: a complete answer before the request ended; the
-            # client is asked to stop sending, without an error.
-            self.conn.reset(self.sid, _NO_ERROR)
-            self._return_window()
-            self.request_done = True
+            left = self.head.content_length
+            if left is not None and left - self.body_in <= DISCARD_LIMIT:
+                # As on HTTP/1.1, a short rest of the body is read and
+                # dropped (within one body-idle timeout): some clients (curl
+                # 7.88) take a reset after the answer for a failed request.
+                self._set_deadline(D_BODY, self.gen.body_idle_timeout)
+                return
+            self._stop_request()
         self._maybe_finish()
+
+    def _stop_request(self) -> None:
+        """RFC 9113 §8.1: answered before the request ended, the client is
+        asked to stop sending, without an error."""
+        self.conn.reset(self.sid, _NO_ERROR)
+        self._return_window()
+        self.request_done = True
 
     def _return_window(self) -> None:
         if self._backlog:

@@ -64,7 +64,7 @@ class H2Client:
         self.h2 = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
         )
-        settings: dict[int, int] = {h2.settings.SettingCodes.ENABLE_PUSH: 0}
+        settings = {h2.settings.SettingCodes.ENABLE_PUSH: 0}
         if window is not None:
             settings[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE] = window
         self.h2.local_settings = h2.settings.Settings(client=True, initial_values=settings)
@@ -195,7 +195,8 @@ class H2Client:
     def _event(self, ev: h2.events.Event) -> None:
         resp = self.responses.get(getattr(ev, "stream_id", 0) or 0)
         if isinstance(ev, h2.events.InformationalResponseReceived) and resp is not None:
-            resp.informational.append(int(dict(ev.headers)[":status"]))
+            fields = {str(k): str(v) for k, v in ev.headers}
+            resp.informational.append(int(fields[":status"]))
         elif isinstance(ev, h2.events.ResponseReceived) and resp is not None:
             resp.headers = [(str(k), str(v)) for k, v in ev.headers]
             resp.status = int(dict(resp.headers)[":status"])
@@ -209,11 +210,11 @@ class H2Client:
             resp.ended = True
             resp.done.set()
         elif isinstance(ev, h2.events.StreamReset) and resp is not None:
-            resp.reset = int(ev.error_code)
+            resp.reset = int(ev.error_code or 0)
             resp.done.set()
         elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self._window_opened.set()
         elif isinstance(ev, h2.events.ConnectionTerminated):
-            self.goaway = int(ev.error_code)
+            self.goaway = int(ev.error_code or 0)
             for r in self.responses.values():
                 r.done.set()
