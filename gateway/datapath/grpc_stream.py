@@ -53,9 +53,14 @@ class GrpcStream(H2Stream):
     def _answered(self) -> None:
         self.state = _ANSWERED
         self.dkind = D_NONE
-        if self.up is not None:
-            self.up.release(self.up_sid)
-            self.up = None
+        up, self.up = self.up, None
+        if up is not None and self.end_sent:
+            up.release(self.up_sid)
+        elif up is not None:
+            # The upstream answered before our request ended: ending our
+            # side frees the stream (a half-open one holds a slot for good).
+            up.cancel(self.up_sid)
+            self.conn.touched(up)
         if not self.request_done:
             # RFC 9113 §8.1: answered before the request ended, the stream
             # is reset with NO_ERROR so the client stops sending.

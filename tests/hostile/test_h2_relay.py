@@ -8,7 +8,13 @@ the gateway process's traced peak over the attack."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 
 from tests.conftest import TOKEN, StartGateway, wait_for
 from tests.hostile.conftest import hostile_config
@@ -34,7 +40,12 @@ CANCEL, NO_ERROR = 8, 0
 
 
 def h2_hostile_config(up: RawUpstream, extra: str = "") -> str:
-    return hostile_config(up, extra=GRPC_ROUTE + extra)
+    text = hostile_config(up, extra=GRPC_ROUTE + extra)
+    return text.replace(
+        'routes = ["remote_write", "otlp_traces"]',
+        'routes = ["remote_write", "otlp_traces", "grpc_traces"]',
+        1,
+    )
 
 
 def never_complete(up: RawUpstream) -> None:
@@ -271,3 +282,70 @@ async def test_an_early_upstream_answer_is_relayed_and_its_connection_never_reus
     assert again.status == 204
     assert strict_upstream.connections == 2
     assert [r.body for r in strict_upstream.requests] == [b"fresh"]
+
+
+class EarlyGrpcUpstream:
+    """An h2c gRPC upstream (h2 on a socket) that answers every call
+    trailers-only as soon as its HEADERS arrive, never reading the message:
+    what a receiver does when it refuses a call up front."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.calls = 0
+        self.connections = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        with contextlib.suppress(ConnectionError, h2.exceptions.ProtocolError):
+            while data := await reader.read(65536):
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.RequestReceived):
+                        self.calls += 1
+                        fields = [(":status", "200"), ("content-type", "application/grpc")]
+                        fields += [("grpc-status", "8"), ("grpc-message", "too big")]
+                        conn.send_headers(ev.stream_id, fields, end_stream=True)
+                    elif isinstance(ev, h2.events.DataReceived):
+                        conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                writer.write(conn.data_to_send())
+        writer.close()
+
+
+async def test_an_upstream_answering_a_call_early_frees_its_stream(
+    start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    # Each early answer must end the upstream stream on our side too: left
+    # half-open, every one would hold one of the upstream connection's 100
+    # streams for good, and the pool would run out of connections.
+    up = EarlyGrpcUpstream()
+    await up.start()
+    text = h2_hostile_config(strict_upstream).replace("http://127.0.0.1:9", up.url)
+    gw = await start_gateway(text)
+    client = await H2Client.open(gw.port)
+    grpc = [*AUTH, ("content-type", "application/grpc"), ("te", "trailers")]
+    try:
+        for _ in range(150):
+            sid = await client.start("POST", TRACE_METHOD, grpc)
+            await client.send(sid, b"\x00\x00\x00\x10\x00" + b"m" * 1000)  # not ended
+            resp = await client.wait(sid)
+            assert dict(resp.headers).get("grpc-status") == "8", resp
+    finally:
+        await client.close()
+        await up.stop()
+    assert up.calls == 150
+    assert up.connections == 1
