@@ -15,10 +15,11 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+from hyperframe.frame import WindowUpdateFrame
 
 from tests.conftest import TOKEN, StartGateway, wait_for
 from tests.hostile.conftest import hostile_config
-from tests.hostile.test_h2 import MEMORY_BOUND, peak_memory
+from tests.hostile.test_h2 import MEMORY_BOUND, Attacker, peak_memory
 from tests.support.grpc_peers import TRACE_METHOD
 from tests.support.h2client import H2Client
 from tests.support.metrics import scrape
@@ -349,3 +350,35 @@ async def test_an_upstream_answering_a_call_early_frees_its_stream(
         await up.stop()
     assert up.calls == 150
     assert up.connections == 1
+
+
+async def test_a_client_that_stops_reading_its_socket_cannot_make_the_gateway_buffer_its_windows(
+    start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    # Huge windows, then the socket is never read: what the gateway may send
+    # is bounded by the windows, what it may hold must not be.
+    big = 96 * 1024 * 1024
+
+    async def flood(conn: UpConn, req: ParsedRequest) -> None:
+        await conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % big)
+        chunk = b"s" * 65536
+        for _ in range(big // len(chunk)):
+            await conn.write(chunk)
+
+    strict_upstream.responder = flood
+    gw = await start_gateway(h2_hostile_config(strict_upstream))
+    window = 2**31 - 1
+    peer = await Attacker.open(gw.port, settings={0x4: window})
+    fields = [(":method", "POST"), (":scheme", "http"), (":path", "/api/v1/write")]
+    fields += [(":authority", "gw"), *AUTH]
+    block = peer.encoder.encode(fields)
+    with peak_memory() as peak:
+        await peer.send(
+            WindowUpdateFrame(0, window_increment=window - 65535).serialize()
+            + peer.headers(1, block=block, end=True)
+        )
+        await wait_for(
+            lambda: bool(strict_upstream.conns) and strict_upstream.conns[0].closed.is_set(), 10
+        )
+    peer.close()
+    assert peak[0] < MEMORY_BOUND
