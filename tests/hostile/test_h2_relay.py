@@ -196,7 +196,12 @@ async def test_an_upstream_that_stops_reading_shuts_the_clients_window(
         await asyncio.Event().wait()  # never reads the body
 
     strict_upstream.behaviour = stop_reading
-    gw = await start_gateway(h2_hostile_config(strict_upstream))
+    # A long body-idle timeout: twenty bodies through one test process's loop
+    # (traced by tracemalloc) may leave a stream unserved for half a second.
+    text = h2_hostile_config(strict_upstream).replace(
+        "body_idle_timeout_seconds = 0.5", "body_idle_timeout_seconds = 5.0"
+    )
+    gw = await start_gateway(text)
     client = await H2Client.open(gw.port)
     with peak_memory() as peak:
         sids = []

@@ -72,7 +72,9 @@ class H2Client:
         self.responses: dict[int, H2Response] = {}
         self.goaway: int | None = None
         self.closed = asyncio.Event()
-        self._window_opened = asyncio.Event()
+        # Woken on every WINDOW_UPDATE / SETTINGS: a fresh future per wait,
+        # so no sender misses an update that came before it waited.
+        self._window_waiters: list[asyncio.Future[None]] = []
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
@@ -125,8 +127,9 @@ class H2Client:
         while view:
             room = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
             if room <= 0:
-                self._window_opened.clear()
-                await asyncio.wait_for(self._window_opened.wait(), 10)
+                waiter = asyncio.get_running_loop().create_future()
+                self._window_waiters.append(waiter)
+                await asyncio.wait_for(waiter, 10)
                 continue
             self.h2.send_data(sid, view[:room].tobytes())
             view = view[room:]
@@ -191,6 +194,9 @@ class H2Client:
             self.closed.set()
             for resp in self.responses.values():
                 resp.done.set()
+            for waiter in self._window_waiters:
+                if not waiter.done():
+                    waiter.set_exception(ConnectionError("connection closed"))
 
     def _event(self, ev: h2.events.Event) -> None:
         resp = self.responses.get(getattr(ev, "stream_id", 0) or 0)
@@ -213,7 +219,10 @@ class H2Client:
             resp.reset = int(ev.error_code or 0)
             resp.done.set()
         elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
-            self._window_opened.set()
+            waiters, self._window_waiters = self._window_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
         elif isinstance(ev, h2.events.ConnectionTerminated):
             self.goaway = int(ev.error_code or 0)
             for r in self.responses.values():
