@@ -112,7 +112,8 @@ class GrpcExchange(GrpcStream):
             (b":path", head.path),
             (b":authority", target.host_header),
             (b"te", b"trailers"),
-            *head.h2_fields(),  # with x-request-id
+            *head.h2_fields(),
+            (b"x-request-id", head.request_id),
             (b"x-forwarded-for", xff),
             (b"x-forwarded-proto", self.conn.scheme),
         ]

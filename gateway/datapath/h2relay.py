@@ -111,7 +111,7 @@ class H2Relay(H2RelayBase):
         """The upstream's request head, first in ``up_buf``: body bytes that
         arrive while queued or connecting land after it, in order."""
         self.limit = route.max_body_bytes
-        head, conn, clients = self.head, self.conn, self.gen.clients
+        head, conn, gen, client = self.head, self.conn, self.gen, self.client
         up = route.upstream
         assert up is not None
         self.up_buf.append(
@@ -119,10 +119,14 @@ class H2Relay(H2RelayBase):
                 route.target(head.query),
                 up.host_header,
                 conn.peer_bytes,
-                clients.proxied and clients.trusted(conn.peer),
+                gen.clients.proxied and gen.clients.trusted(conn.peer),
                 conn.scheme,
+                conn.peer_bytes if client is conn.peer else client.encode(),
+                gen.underscores_in_headers,
             )
         )
+        if head.underscored:
+            self.shared.stats.header_dropped("underscore", len(head.underscored) // 2)
 
     def _drop_upstream(self) -> None:
         self.up_buf = []

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 from gateway.datapath.accounting import account
 from gateway.datapath.exchange_base import State
 from gateway.policy.auth import Failure
-from gateway.policy.decide import Decision, Refuse, decide
+from gateway.policy.decide import UNCHECKED, Decision, Refuse, decide
 from gateway.policy.errors import CLIENT_CLOSED, Kind
 
 if TYPE_CHECKING:
@@ -188,7 +188,13 @@ class H2Stream:
             self.route_name = route.name
         if gen.clients.proxied:
             self.client = gen.clients.resolve(self.conn.peer, head.client_ip)
-        who = gen.auth.authenticate(head.authorization, time.time())
+        who: Principal | Failure
+        if gen.throttle_strict and shared.admission.throttle.blocked(
+            self.client, shared.loop.time()
+        ):
+            who = UNCHECKED  # strict auth throttle: refused unauthenticated (decide.py)
+        else:
+            who = gen.auth.authenticate(head.authorization, time.time())
         d = decide(
             head,
             route,

@@ -81,6 +81,7 @@ async def test_otlp_over_h2c_reaches_the_http1_upstream_intact(
     gw = await start_gateway(h2_config(upstream.url))
     body = spans_request(200).SerializeToString()
     headers = [*auth(), PROTOBUF, ("content-length", str(len(body))), ("x-custom", "kept")]
+    headers += [("x-real-ip", "203.0.113.9"), ("x_under", "dropped")]
     resp = await h2_request(gw.port, "POST", "/v1/traces?x=1", headers, body)
     assert resp.status == 200
     assert resp.ended
@@ -96,6 +97,9 @@ async def test_otlp_over_h2c_reaches_the_http1_upstream_intact(
     assert seen.headers["X-Custom"] == "kept"
     assert seen.headers["X-Forwarded-For"] == "127.0.0.1"
     assert seen.headers["X-Forwarded-Proto"] == "http"
+    # As over HTTP/1.1: the client's address claims and underscore names stop here.
+    assert seen.headers.getall("X-Real-IP") == ["127.0.0.1"]
+    assert "x_under" not in seen.headers
     assert seen.headers["X-Request-Id"]
     # The credential was the gateway's; HTTP/2's own fields are not HTTP/1.1's.
     assert "Authorization" not in seen.headers
