@@ -40,7 +40,7 @@ from bench.peers import ECHO_MODULE, REPO, Stack, render
 from bench.procs import Procs, free_port
 from bench.workloads import RESULTS, WORKLOADS
 
-__all__ = ["main"]
+__all__ = ["count", "main"]
 
 _START_TIMEOUT = 180.0  # Python start-up under callgrind is slow
 _GRPC_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -109,6 +109,48 @@ def _grpc_payload(directory: Path) -> Payload:
     return Payload("grpc", _GRPC_METHOD, file, len(body), spans, headers)
 
 
+def count(
+    procs: Procs,
+    conf: Path,
+    port: int,
+    payload: Payload,
+    sends: list[tuple[str, int]],
+    out: Path,
+    repo: Path,
+    *,
+    http2: bool = False,
+) -> int:
+    """Total instructions of one gateway process (config ``conf``, public
+    ``port``) that served ``n`` requests with each (token, n) in order;
+    ``http2``: over h2c (h2load) instead of HTTP/1.1."""
+    argv = [
+        "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={out}",
+        # Workers would be other processes; one process serves everything.
+        sys.executable,
+        "-m",
+        "gateway",
+        "run",
+        "--config",
+        str(conf),
+        "--workers",
+        "1",
+    ]
+    proc = procs.start(out.stem, argv, cwd=repo)
+    try:
+        _wait_port(port, proc)
+        for token, n in sends:
+            (_h2load if http2 else _send)(port, payload, token, n)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(_START_TIMEOUT)
+    m = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M)
+    if m is None:
+        raise RuntimeError(f"no totals in {out}")
+    return int(m.group(1))
+
+
 def _run(
     stack: Stack,
     rundir: Path,
@@ -141,34 +183,8 @@ def _run(
         if protocol == "h2c":
             conf.write_text(conf.read_text().replace("[[credentials]]", _GRPC_ROUTE))
     out = rundir / f"callgrind-{tag}.out"
-    argv = [
-        "valgrind",
-        "--tool=callgrind",
-        f"--callgrind-out-file={out}",
-        # Workers would be other processes; one process serves everything.
-        sys.executable,
-        "-m",
-        "gateway",
-        "run",
-        "--config",
-        str(conf),
-        "--workers",
-        "1",
-    ]
-    proc = stack.procs.start(f"gateway-{tag}", argv, cwd=repo)
-    try:
-        _wait_port(port, proc)
-        if protocol == "http1.1":
-            _send(port, payload, stack.token, requests)
-        else:
-            _h2load(port, payload, stack.token, requests)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(_START_TIMEOUT)
-    m = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M)
-    if m is None:
-        raise RuntimeError(f"no totals in {out}")
-    return int(m.group(1))
+    sends = [(stack.token, requests)]
+    return count(stack.procs, conf, port, payload, sends, out, repo, http2=protocol != "http1.1")
 
 
 def main(argv: list[str] | None = None) -> int:

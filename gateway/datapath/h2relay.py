@@ -109,24 +109,44 @@ class H2Relay(H2RelayBase):
 
     def _render_head(self, route: Route) -> None:
         """The upstream's request head, first in ``up_buf``: body bytes that
-        arrive while queued or connecting land after it, in order."""
+        arrive while queued or connecting land after it, in order.  As
+        ``Exchange.admit`` does it for HTTP/1.1 (keep the two in step): the
+        credential's target (tenancy), its query filter and pinned fields."""
         self.limit = route.max_body_bytes
         head, conn, gen, client = self.head, self.conn, self.gen, self.client
-        up = route.upstream
-        assert up is not None
+        principal = self.principal
+        assert principal is not None
+        assert route.default is not None
+        targets = principal.targets
+        target = route.default if targets is None else targets.get(route.name, route.default)
+        self.target = target
+        query = head.query
+        stats = self.shared.stats
+        if query and target.query is not None:
+            request_target, labels, others = target.filtered(query)
+            if labels:
+                stats.overrides_dropped(self.credential, "extra_label", labels)
+            if others:
+                stats.overrides_dropped(self.credential, "query_arg", others)
+        else:
+            request_target = target.render(query)
+        pinned = target.headers
         self.up_buf.append(
             head.upstream_head(
-                route.target(head.query),
-                up.host_header,
+                request_target,
+                target.upstream.host_header,
                 conn.peer_bytes,
                 gen.clients.proxied and gen.clients.trusted(conn.peer),
                 conn.scheme,
                 conn.peer_bytes if client is conn.peer else client.encode(),
                 gen.underscores_in_headers,
+                pinned,
             )
         )
         if head.underscored:
-            self.shared.stats.header_dropped("underscore", len(head.underscored) // 2)
+            stats.header_dropped("underscore", len(head.underscored) // 2)
+        if pinned is not None and head.pinned_dropped:
+            stats.overrides_dropped(self.credential, "header", head.pinned_dropped)
 
     def _drop_upstream(self) -> None:
         self.up_buf = []
@@ -147,9 +167,9 @@ class H2Relay(H2RelayBase):
         rstats.in_flight += 1
         if self.head.expect_continue and not self.request_done:
             self.conn.send_headers(self.sid, _CONTINUE, False)
-        up = route.upstream
-        assert up is not None
-        pool = self.pool = self.shared.pools.get(up)
+        target = self.target
+        assert target is not None
+        pool = self.pool = self.shared.pools.get(target.upstream)
         conn = pool.acquire()
         if conn is not None:
             self._attach(conn)

@@ -19,6 +19,7 @@ from gateway.datapath.health import (
     DEEP_TIMEOUT_SECONDS,
     check_upstreams,
     health_response,
+    upstreams_of,
     wants_deep,
 )
 from gateway.policy.errors import Kind
@@ -73,7 +74,9 @@ class H2RelayBase(H2Stream):
 
     async def _deep_health(self) -> None:
         timeout = min(self.gen.connect_timeout, DEEP_TIMEOUT_SECONDS)
-        upstreams = await check_upstreams(self.gen.routes.routes, timeout)
+        assert self.principal is not None
+        probed = upstreams_of(self.principal, self.gen.routes.routes)
+        upstreams = await check_upstreams(probed, timeout)
         if self.state == _PROBING:
             self._health_answer(upstreams)
             self.conn.flush()

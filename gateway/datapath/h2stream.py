@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from gateway.policy.auth import Principal
     from gateway.policy.limits import Slots
     from gateway.policy.request import RequestHead
-    from gateway.policy.routing import Route
+    from gateway.policy.routing import Route, Target
     from gateway.telemetry.counters import RouteStats
 
 __all__ = [
@@ -111,6 +111,7 @@ class H2Stream:
         "state",
         "status",
         "t_sent",
+        "target",
         "token_id",
         "upstream_seconds",
     )
@@ -125,6 +126,7 @@ class H2Stream:
         self.request_done = not head.has_body
         self.responded = False  # response headers went to the client
         self.route: Route | None = None
+        self.target: Target | None = None  # what is sent upstream, once admitted
         self.route_name = "unmatched"
         self.principal: Principal | None = None
         self.credential = "none"

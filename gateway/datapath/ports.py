@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from gateway.policy.auth import Principal
     from gateway.policy.request import RequestHead
-    from gateway.policy.routing import Route
+    from gateway.policy.routing import Route, Target
     from gateway.telemetry.counters import RouteStats
 
 __all__ = [
@@ -131,6 +131,8 @@ class Finished(Protocol):
     def route(self) -> Route | None: ...
     @property
     def route_name(self) -> str: ...
+    @property
+    def target(self) -> Target | None: ...
     @property
     def rstats(self) -> RouteStats | None: ...
     @property

@@ -9,8 +9,8 @@ value:
     checked, strict throttle: OVERLOADED; a failure from a throttled
     address: OVERLOADED; else 401) → client certificate (401) →
     credential CIDRs (403) → route known (404) → method (405) → /health →
-    scope (403) → draining (503) → framing (400) → declared body size (413)
-    → request rate → byte rate (429/503) → proxy
+    scope (403) → tenant claims (403) → draining (503) → framing (400) →
+    declared body size (413) → request rate → byte rate (429/503) → proxy
 
 The auth throttle counts failures per address.  By default it only turns a
 throttled address's failures into OVERLOADED (checked after the token, so
@@ -109,6 +109,10 @@ NOT_FOUND = Refuse(Kind.NOT_FOUND)
 NOT_FOUND_OTLP = Refuse(Kind.NOT_FOUND, otlp=True)
 METHOD = Refuse(Kind.METHOD, allow=True)
 SCOPE = Refuse(Kind.SCOPE, "scope", auth="scope")
+# A JWT whose claim a forward value needs is missing it, or its value is
+# not allowed (tenancy.py): its data would land nowhere it may go.
+CLAIM_MISSING = Refuse(Kind.TENANT, "claim_missing", auth="claim_missing")
+CLAIM_INVALID = Refuse(Kind.TENANT, "claim_invalid", auth="claim_invalid")
 DRAINING = Refuse(Kind.DRAINING, "draining")
 BAD_FRAMING = Refuse(Kind.BAD_REQUEST, "bad_framing")
 TOO_LARGE = Refuse(Kind.TOO_LARGE, "body_too_large")
@@ -195,6 +199,9 @@ def decide(  # noqa: PLR0912
         return HEALTH_CHECK
     if route.name not in who.routes:
         return SCOPE
+    refused = who.refused
+    if refused is not None and route.name in refused:
+        return CLAIM_MISSING if refused[route.name] == "claim_missing" else CLAIM_INVALID
     if draining:
         return DRAINING
     if head.bad_framing:

@@ -16,7 +16,14 @@ import pytest
 from aiohttp import web
 
 from gateway.process.gateway import Gateway
-from tests.conftest import OTHER_TOKEN, TOKEN, RecordingUpstream, StartGateway, config_text
+from tests.conftest import (
+    OTHER_TOKEN,
+    TOKEN,
+    RecordingUpstream,
+    StartGateway,
+    StartRawUpstream,
+    config_text,
+)
 from tests.hostile.pki import Pki
 from tests.integration.harness import require_binary
 from tests.support.client import raw_request
@@ -24,6 +31,7 @@ from tests.support.grpc_peers import TRACE_METHOD, TraceReceiver, spans_request
 from tests.support.h2client import H2Client, H2Response
 from tests.support.metrics import scrape
 from tests.support.routes import THREE_CREDENTIALS, TRACES_TOKEN
+from tests.support.upstreams import answer_with
 from tests.support.wire import Response, request_bytes
 
 # An otlp-grpc route is what makes the gateway speak HTTP/2 at all.
@@ -442,3 +450,34 @@ async def test_curl_negotiates_h2_and_its_otlp_post_arrives(
     assert denied.stdout.splitlines()[-1] == "2 401"
     assert 'www-authenticate: Bearer realm="obs-gateway"' in denied.stdout
     assert len(upstream.requests) == 1
+
+
+async def test_a_credentials_forward_table_holds_over_h2(
+    start_gateway: StartGateway, raw_upstream: StartRawUpstream
+) -> None:
+    # As tests/functional/test_tenancy_functional.py over HTTP/1.1: the
+    # credential's backend, labels and header, whatever the client sent.
+    vm = await raw_upstream(answer_with(b"HTTP/1.1 204 No Content\r\n\r\n"))
+    vminsert = await raw_upstream(answer_with(b"HTTP/1.1 204 No Content\r\n\r\n"))
+    text = h2_config(vm.url).replace(
+        'routes = ["remote_write", "otlp_traces", "grpc_traces"]',
+        'routes = ["remote_write", "otlp_traces", "grpc_traces"]\n'
+        "[credentials.forward]\n"
+        'extra_labels = { tenant = "a" }\n'
+        'headers = { "X-Scope-OrgID" = "a" }\n'
+        "[credentials.forward.upstreams]\n"
+        f'remote_write = "{vminsert.url}/insert/42/prometheus/api/v1/write"\n',
+        1,
+    )
+    gw = await start_gateway(text)
+    target = "/api/v1/write?extra_label=tenant=evil&foo=1"
+    evil = [("x-scope-orgid", "evil"), ("x_scope_orgid", "evil2")]
+    resp = await h2_request(gw.port, "POST", target, [*auth(), *evil], b"body")
+    assert resp.status == 204
+    assert vm.requests == []
+    [seen] = vminsert.requests
+    assert seen.target == "/insert/42/prometheus/api/v1/write?foo=1&extra_label=tenant%3Da"
+    assert [v for n, v in seen.headers if n.lower() == "x-scope-orgid"] == ["a"]
+    assert seen.body == b"body"
+    metrics = await scrape(gw.admin_port)
+    assert metrics.sum("gateway_client_overrides_dropped_total", credential="ingest") >= 2
