@@ -387,3 +387,27 @@ async def test_a_client_that_stops_reading_its_socket_cannot_make_the_gateway_bu
         )
     peer.close()
     assert peak[0] < MEMORY_BOUND
+
+
+async def test_an_upstream_cut_mid_answer_resets_the_stream_never_a_short_success(
+    start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    async def cut(conn: UpConn, req: ParsedRequest) -> None:
+        await conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"p" * 100)
+        conn.reset()
+
+    strict_upstream.responder = cut
+    gw = await start_gateway(h2_hostile_config(strict_upstream))
+    client = await H2Client.open(gw.port)
+    resp = await client.request("POST", "/api/v1/write", AUTH, b"x")
+    again = await client.request("POST", "/api/v1/write", AUTH, b"y")  # the connection lives
+    await client.close()
+    assert resp.status == 200
+    assert resp.header("content-length") == "1000"
+    assert resp.reset == CANCEL
+    assert not resp.ended
+    assert len(resp.body) == 100
+    assert again.status == 200
+    assert again.reset == CANCEL
+    metrics = await scrape(gw.admin_port)
+    assert metrics.sum("gateway_upstream_errors_total", route="remote_write", kind="reset") == 2
