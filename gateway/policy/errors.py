@@ -221,12 +221,14 @@ class ErrorRenderer:
     table, two framings.
     """
 
-    __slots__ = ("_cache", "_h2")
+    __slots__ = ("_cache", "_h2", "_realm")
 
     def __init__(self, realm: str) -> None:
+        self._realm = realm
         # (kind, protocol, json) → (status, head without Date/Connection, body)
         self._cache: dict[tuple[Kind, Protocol, bool], tuple[int, bytes, bytes]] = {}
-        # (kind, protocol, json) → (status, fields without date, body)
+        # (kind, protocol, json) → (status, fields without date, body); built
+        # on first use: a worker that never speaks HTTP/2 keeps none of it.
         self._h2: dict[tuple[Kind, Protocol, bool], tuple[int, _Fields, bytes]] = {}
         for kind in Kind:
             for protocol in Protocol:
@@ -236,9 +238,6 @@ class ErrorRenderer:
                     lines += (f"{name}: {value}" for name, value in fields)
                     head = ("\r\n".join(lines) + "\r\n").encode()
                     self._cache[kind, protocol, as_json] = (status, head, body)
-                    h2 = [(b":status", b"%d" % status)]
-                    h2 += ((name.lower().encode(), value.encode()) for name, value in fields)
-                    self._h2[kind, protocol, as_json] = (status, h2, body)
 
     @staticmethod
     def _build(
@@ -296,5 +295,12 @@ class ErrorRenderer:
     ) -> tuple[int, _Fields, bytes]:
         """(status, HTTP/2 fields with ``date``, body): a new list, so the
         caller may append (``allow``)."""
-        status, fields, body = self._h2[kind, protocol, as_json]
+        key = (kind, protocol, as_json)
+        entry = self._h2.get(key)
+        if entry is None:
+            status, named, body = self._build(kind, protocol, as_json, self._realm)
+            h2 = [(b":status", b"%d" % status)]
+            h2 += ((name.lower().encode(), value.encode()) for name, value in named)
+            entry = self._h2[key] = (status, h2, body)
+        status, fields, body = entry
         return status, [*fields, (b"date", date)], body
