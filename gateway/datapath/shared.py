@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from gateway.policy.limits import Admission
 
 if TYPE_CHECKING:
+    import ssl
+
     from gateway.datapath.ports import Tracked
     from gateway.datapath.upstream import Pools
     from gateway.policy.generation import Generation
@@ -50,7 +52,7 @@ class Shared:
         access: Any,
         log: Any,
         *,
-        tls: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.loop = loop
         self.gen = gen
@@ -58,6 +60,8 @@ class Shared:
         self.pools = pools
         self.access = access  # a structlog logger, or None when access logs are off
         self.log = log
+        # The server context for new connections (None: plain HTTP); replaced
+        # on reload, so each handshake takes the newest config's settings.
         self.tls = tls
         self.draining = False
         self.admission = Admission()
