@@ -79,6 +79,7 @@ def _run(stack: Stack, rundir: Path, payload: Payload, requests: int, tag: str, 
         vm=9,
         access="false",
         token_sha256=hashlib.sha256(stack.token.encode()).hexdigest(),
+        tls="",
     )
     out = rundir / f"callgrind-{tag}.out"
     argv = [
