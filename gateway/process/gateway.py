@@ -137,9 +137,18 @@ class Gateway:
 
     def reload(self, settings: Settings) -> None:
         """Swap in a validated config; exchanges in flight keep theirs."""
+        self.commit(settings, self.prepare(settings))
+
+    @staticmethod
+    def prepare(settings: Settings) -> Generation:
+        """Everything a config needs to be served, built without serving it:
+        may raise, and then nothing has changed."""
+        return Generation.build(settings)
+
+    def commit(self, settings: Settings, gen: Generation) -> None:
+        """Serve a prepared config; cannot fail."""
         shared = self.shared
         assert shared is not None
-        gen = Generation.build(settings)  # may raise: then nothing has changed
         shared.tls = settings.tls_context  # new handshakes only; open connections keep theirs
         shared.admission.configure(settings.limits, settings.credentials, shared.loop.time())
         shared.gen = gen
