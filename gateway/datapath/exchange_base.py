@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 from gateway.datapath.accounting import account
 from gateway.datapath.health import (
     DEEP_TIMEOUT_SECONDS,
-    check_upstreams,
     health_answer,
     wants_deep,
 )
@@ -207,7 +206,7 @@ class ExchangeBase:
     async def _deep_health(self, principal: Principal) -> None:
         timeout = min(self.gen.connect_timeout, DEEP_TIMEOUT_SECONDS)
         try:
-            upstreams = await check_upstreams(self.gen.routes.routes, timeout)
+            upstreams = await self.shared.probe.check(self.gen.routes.routes, timeout)
         finally:
             self.conn.resume(PAUSE_CONNECT)
         if self.state == _PROBING:

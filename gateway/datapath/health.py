@@ -4,12 +4,18 @@ upstream accepts connections (``?deep=1``).
 The body names the credential, token id, scopes and seconds to expiry, and
 for a deep check each route's reachability by route name: never a secret,
 never an upstream address.
+
+A deep check is not a lever on the upstreams: ``UpstreamProbe`` runs one
+probe at a time per process, shared by every caller that asks meanwhile,
+and reuses its result for ``PROBE_REUSE_SECONDS``, so however fast clients
+ask, each upstream sees at most about one connect per second per worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import functools
+from collections.abc import Sequence
 
 import orjson
 
@@ -18,6 +24,8 @@ from gateway.policy.routing import Route
 
 __all__ = [
     "DEEP_TIMEOUT_SECONDS",
+    "PROBE_REUSE_SECONDS",
+    "UpstreamProbe",
     "check_upstreams",
     "health_answer",
     "health_response",
@@ -26,13 +34,15 @@ __all__ = [
 
 # A deep probe answers quickly even when an upstream black-holes SYNs.
 DEEP_TIMEOUT_SECONDS = 2.0
+# How long a probe's result answers later deep checks.
+PROBE_REUSE_SECONDS = 1.0
 
 
 def wants_deep(query: bytes) -> bool:
     return b"deep=1" in query.split(b"&")
 
 
-async def check_upstreams(routes: Iterable[Route], timeout: float) -> dict[str, bool]:
+async def check_upstreams(routes: Sequence[Route], timeout: float) -> dict[str, bool]:
     """route name → whether its upstream accepted a TCP connection."""
     loop = asyncio.get_running_loop()
 
@@ -50,6 +60,45 @@ async def check_upstreams(routes: Iterable[Route], timeout: float) -> dict[str, 
     proxied = [r for r in routes if r.upstream is not None]
     results = await asyncio.gather(*(reachable(r) for r in proxied))
     return {r.name: ok for r, ok in zip(proxied, results, strict=True)}
+
+
+class UpstreamProbe:
+    """One deep probe in flight per process, its result reused for a while.
+
+    Keyed by the route table (a reload brings a new one, probed afresh).
+    Callers wait on the probe shielded: one that goes away does not cancel
+    it for the others.
+    """
+
+    __slots__ = ("_at", "_result", "_routes", "_running")
+
+    def __init__(self) -> None:
+        self._routes: Sequence[Route] | None = None
+        self._result: dict[str, bool] = {}
+        self._at = float("-inf")
+        self._running: asyncio.Task[dict[str, bool]] | None = None
+
+    async def check(self, routes: Sequence[Route], timeout: float) -> dict[str, bool]:
+        loop = asyncio.get_running_loop()
+        if routes is self._routes:
+            if loop.time() - self._at < PROBE_REUSE_SECONDS:
+                return self._result
+            if self._running is not None:
+                return await asyncio.shield(self._running)
+        self._routes = routes
+        self._at = float("-inf")
+        task = self._running = loop.create_task(check_upstreams(routes, timeout))
+        task.add_done_callback(functools.partial(self._finished, routes))
+        return await asyncio.shield(task)
+
+    def _finished(self, routes: Sequence[Route], task: asyncio.Task[dict[str, bool]]) -> None:
+        # Here, not in a caller: the caller that started it may be gone.
+        if self._running is task:
+            self._running = None
+        if task.cancelled() or task.exception() is not None:
+            return
+        if routes is self._routes:
+            self._result, self._at = task.result(), task.get_loop().time()
 
 
 def health_response(

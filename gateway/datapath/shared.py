@@ -1,6 +1,6 @@
 """Per-process state shared by every connection: the config generation in
 force, counters, admission state, upstream pools, the open connections,
-the clock line and the request-id source.  One instance per process.
+the deep-health probe, the clock line and the request-id source.  One instance per process.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import time
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 
+from gateway.datapath.health import UpstreamProbe
 from gateway.policy.limits import Admission
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class Shared:
         "log",
         "loop",
         "pools",
+        "probe",
         "stats",
         "tls",
     )
@@ -67,6 +69,7 @@ class Shared:
         self.admission = Admission()
         self.admission.configure(gen.settings.limits, gen.settings.credentials, loop.time())
         self.connections: set[Tracked] = set()
+        self.probe = UpstreamProbe()  # deep /health, shared by every caller
         self.date_line = b""
         self.tick_date()
         # Request ids: a random per-process prefix and a counter, unique
