@@ -54,10 +54,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1
 USER 10001:10001
 EXPOSE 8080 9091
-# /livez answers as long as the event loop runs.  No curl in slim images:
-# the stdlib client exits non-zero on a refused connection or a non-2xx.
+# Healthy: /readyz (serving and not draining; with workers, all of them
+# ready) and the public port accepts a connection, so a dead listener is
+# seen, not only a live admin port.  No curl in slim images: the stdlib
+# exits non-zero on a refused connection or a non-2xx.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9091/livez', timeout=2)"]
+    CMD ["python", "-c", "import socket, urllib.request; urllib.request.urlopen('http://127.0.0.1:9091/readyz', timeout=2); socket.create_connection(('127.0.0.1', 8080), timeout=2).close()"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["obs-gateway"]
 CMD ["run", "--config", "/etc/obs-gateway/gateway.toml"]

@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= config/gateway.toml
 
 .PHONY: run test check lint fmt bench soak lock clean
-.PHONY: check-deploy
+.PHONY: check-deploy system-deps-test system-deps-check system-deps-bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,12 @@ $(VENV)/.installed: pyproject.toml requirements.lock | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test,dev,bench]'
 	touch $@
+
+# The Debian programs a target runs (scripts/system-deps.txt): installed first
+# when missing and this user may (root or password-less sudo), else the target
+# stops here with the apt-get command to run.
+system-deps-test system-deps-check system-deps-bench:
+	@scripts/ensure-system-deps $(@:system-deps-%=%)
 
 ## run: start the gateway with config/gateway.toml (generates a dev token if OBS_INGEST_TOKEN is unset)
 run: $(VENV)/.installed
@@ -27,14 +33,14 @@ run: $(VENV)/.installed
 	exec $(BIN)/obs-gateway run --config $(CONFIG)
 
 # The OpenTelemetry JS SDK for the integration tier's node sender, pinned by
-# its package-lock.json (needs node >= 18.19 and npm; .ci/run installs them).
+# its package-lock.json (needs node >= 18.19 and npm: scripts/system-deps.txt).
 NODE_SENDER := tests/integration/node
 $(NODE_SENDER)/node_modules/.installed: $(NODE_SENDER)/package.json $(NODE_SENDER)/package-lock.json
 	npm ci --prefix $(NODE_SENDER) --no-audit --no-fund --loglevel=error
 	touch $@
 
 ## test: the whole suite: unit, functional (loopback sockets), hostile (attacks, fuzzing) and integration (real VictoriaMetrics, vmagent, Prometheus, OTel Python and JS SDKs); not the soak
-test: $(VENV)/.installed $(NODE_SENDER)/node_modules/.installed
+test: system-deps-test $(VENV)/.installed $(NODE_SENDER)/node_modules/.installed
 	$(BIN)/pytest -m "not soak"
 
 ## soak: minutes of mixed load on the real CLI with reloads and upstream restarts (SOAK_SECONDS, default 100)
@@ -42,7 +48,7 @@ soak: $(VENV)/.installed
 	$(BIN)/pytest -m soak -o timeout=300 -s tests/soak
 
 ## check: lint, format and type gates
-check: $(VENV)/.installed
+check: system-deps-check $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -51,7 +57,7 @@ check: $(VENV)/.installed
 ## (compose schema), alert rules (promtool check + unit tests, vmalert), vmagent scrape config,
 ## k8s manifests (bundled JSON schemas), and tests/deploy (dashboard/rule metric names against
 ## a running gateway; the files agree with each other).  System tools: promtool, docker-compose,
-## vmalert/vmagent (Debian: prometheus docker-compose victoria-metrics; .ci/run installs them).
+## vmalert/vmagent (Debian: prometheus docker-compose victoria-metrics; installed when missing).
 check: check-deploy
 # Kubernetes releases to validate against: a k3s-era floor and the newest bundled schema.
 K8S_VERSIONS ?= 1.30.0 1.37.0
@@ -60,7 +66,7 @@ K8S_VERSIONS ?= 1.30.0 1.37.0
 LINT_ENV := OBS_INGEST_TOKEN=lint-placeholder OBS_SELFMON_TOKEN=lint-placeholder \
             GRAFANA_ADMIN_PASSWORD=lint-placeholder
 
-check-deploy: $(VENV)/.installed
+check-deploy: system-deps-check $(VENV)/.installed
 	$(BIN)/hadolint Dockerfile
 	$(LINT_ENV) docker-compose --env-file .env.example -f compose.yml config -q
 	promtool check rules deploy/alerts/obs-gateway.rules.yml
@@ -78,12 +84,12 @@ fmt: $(VENV)/.installed
 
 ## bench: nginx (seed, tuned) / vmauth / direct vs the gateway (~8 min on 2 cores; bench/README.md).
 ##        QUICK=1: gateway vs tuned nginx at 1 KiB, one run; BENCH_ARGS="--only gateway --sizes 1m ..."
-bench: $(VENV)/.installed
+bench: system-deps-bench $(VENV)/.installed
 	$(BIN)/python -m bench $(if $(QUICK),--quick) $(BENCH_ARGS)
 
 ## bench-profile: py-spy (and perf, if installed) profile of the gateway under 1 KiB load
 .PHONY: bench-profile
-bench-profile: $(VENV)/.installed
+bench-profile: system-deps-bench $(VENV)/.installed
 	$(BIN)/python -m bench profile $(PROFILE_ARGS)
 
 ## lock: re-pin every dependency (needs network)

@@ -1,4 +1,4 @@
-"""Command line: ``run``, ``check-config``, ``hash-token``.
+"""Command line: ``run``, ``check-config``, ``hash-token [--stdin]``, ``status``.
 
 The only module that exits the process or installs signal handlers.
 Exit codes: 0 clean stop, 1 runtime failure (cannot listen), 2 bad config
@@ -17,14 +17,16 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
 import uvloop
 
 from gateway import __version__
+from gateway.config.credentials import token_digest
 from gateway.config.loader import ConfigError, Settings, expiry_warnings, load
+from gateway.policy.auth import MAX_AUTHORIZATION_BYTES
 from gateway.process.gateway import Gateway
 from gateway.process.memory import tune_malloc
 from gateway.process.watch import watch_files
@@ -34,9 +36,16 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="obs-gateway", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="obs-gateway",
+        description="Authenticated ingest gateway for remote-write and OTLP/HTTP.",
+    )
     p.add_argument("--version", action="version", version=f"obs-gateway {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    # The metavar lists the public commands: argparse would show the
+    # internal _worker in the usage line, and "==SUPPRESS==" as its help.
+    sub = p.add_subparsers(
+        dest="command", required=True, metavar="{run,check-config,hash-token,status}"
+    )
     run = sub.add_parser("run", help="serve with a config file")
     run.add_argument("--config", "-c", required=True, type=Path)
     run.add_argument(
@@ -46,12 +55,36 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="worker processes (default: [server] workers, else one per CPU)",
     )
-    worker = sub.add_parser("_worker", help=argparse.SUPPRESS)
+    worker = sub.add_parser("_worker")  # started by the supervisor; no help: not listed
     worker.add_argument("--fd", type=int, required=True)
     worker.add_argument("--index", type=int, required=True)
     check = sub.add_parser("check-config", help="validate a config; print credential × route")
     check.add_argument("config", type=Path)
-    sub.add_parser("hash-token", help="print a fresh 256-bit token and its sha256 config line")
+    hash_token = sub.add_parser(
+        "hash-token", help="print a fresh 256-bit token and its sha256 config line"
+    )
+    hash_token.add_argument(
+        "--stdin",
+        action="store_true",
+        help="digest the existing token read from standard input instead (surrounding "
+        "whitespace, such as echo's newline, is not part of it, as for token_env/token_file)",
+    )
+    status = sub.add_parser(
+        "status", help="a running gateway's credentials, routes, config and workers"
+    )
+    where = status.add_mutually_exclusive_group()
+    where.add_argument("--admin", metavar="HOST:PORT", help="its admin listener")
+    where.add_argument(
+        "--config", "-c", type=Path, help="read [server] admin_listen from this config"
+    )
+    status.add_argument("--json", action="store_true", help="the same data as JSON, for scripts")
+    status.add_argument("--watch", action="store_true", help="refresh in place every 2 s")
+    status.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        help="seconds between the two samples the rates come from (default 1)",
+    )
     return p
 
 
@@ -60,20 +93,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("run", "_worker"):
         tune_malloc()
     if args.command == "hash-token":
-        return _hash_token()
+        return _digest_stdin() if args.stdin else _hash_token()
+    if args.command == "status":
+        # Standard library only: no event loop, no aiohttp, no config secrets.
+        from gateway.admin.status_cli import main as status  # noqa: PLC0415
+
+        return status(
+            args.admin, args.config, as_json=args.json, watch=args.watch, interval=args.interval
+        )
     if args.command == "_worker":
         # Workers import only the data path: no aiohttp, no prometheus-client.
         from gateway.process.worker import serve_worker  # noqa: PLC0415
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(serve_worker(args.fd, args.index))
+    # check-config often runs in a shell without the service's environment:
+    # a variable it lacks is checked with a placeholder and reported, not
+    # fatal.  run needs every one of them.
+    environ = _Placeholders(os.environ) if args.command == "check-config" else None
     try:
-        settings = load(args.config)
+        settings = load(args.config, environ=environ)
     except ConfigError as exc:
         print(f"obs-gateway: config error: {exc}", file=sys.stderr)  # noqa: T201
         return 2
-    if args.command == "check-config":
+    if environ is not None:
         print(_matrix(settings))  # noqa: T201
+        for name in environ.unset:
+            print(  # noqa: T201
+                f"obs-gateway: warning: {name} is not set here, so it was checked with a "
+                "placeholder; 'run' refuses to start without it",
+                file=sys.stderr,
+            )
         return 0
     workers = args.workers if args.workers is not None else settings.server.workers
     workers = workers or default_workers()
@@ -85,6 +135,28 @@ def main(argv: list[str] | None = None) -> int:
         if workers == 1:
             return runner.run(_serve(settings, args.config))
         return runner.run(_supervise(settings, args.config, workers))
+
+
+class _Placeholders(Mapping[str, str]):
+    """The environment, where a variable that is not set reads as a
+    placeholder (per name, long enough for any secret) and is remembered."""
+
+    def __init__(self, real: Mapping[str, str]) -> None:
+        self._real = real
+        self.unset: list[str] = []
+
+    def __getitem__(self, name: str) -> str:
+        if name in self._real:
+            return self._real[name]
+        if name not in self.unset:
+            self.unset.append(name)
+        return f"placeholder-for-unset-{name}-{'x' * 32}"
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._real)
+
+    def __len__(self) -> int:
+        return len(self._real)
 
 
 def default_workers(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
@@ -110,6 +182,30 @@ def _hash_token() -> int:
     print(f'        (in a [[credentials.tokens]] entry: sha256 = "{digest}")')  # noqa: T201
     print("Give the token to the sender; put only the digest in the config.")  # noqa: T201
     return 0
+
+
+def _digest_stdin() -> int:
+    """The config line for a token that already exists (the runbook's first
+    step); the token itself is never printed."""
+    if sys.stdin.isatty():
+        print("token, then Enter and Ctrl-D:", file=sys.stderr)  # noqa: T201
+    try:
+        digest = _stdin_token_digest(sys.stdin.buffer.read(MAX_AUTHORIZATION_BYTES + 1))
+    except ConfigError as exc:
+        print(f"obs-gateway: hash-token --stdin: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    print(f'config: token_sha256 = "{digest}"')  # noqa: T201
+    print(f'        (in a [[credentials.tokens]] entry: sha256 = "{digest}")')  # noqa: T201
+    return 0
+
+
+def _stdin_token_digest(data: bytes) -> str:
+    if len(data) > MAX_AUTHORIZATION_BYTES:
+        raise ConfigError(f"longer than {MAX_AUTHORIZATION_BYTES} bytes: not a bearer token")
+    if len(data.split()) > 1:
+        # The gateway refuses such a header: the digest would match nothing.
+        raise ConfigError("whitespace inside: not one bearer token (a 'Bearer ' prefix?)")
+    return token_digest(data, "token").hex()
 
 
 def _when(ts: float | None) -> str:
@@ -208,7 +304,10 @@ async def _lifecycle(
     try:
         port, admin_port = await start()
     except OSError as exc:
-        logger.error("listen_failed", error=exc.strerror or str(exc))
+        error = exc.strerror or str(exc)
+        logger.error("listen_failed", error=error)
+        log.flush()
+        print(f"obs-gateway: {error}", file=sys.stderr)  # noqa: T201
         await stop()
         return 1
     started = True

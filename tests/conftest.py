@@ -27,7 +27,7 @@ from gateway.process.gateway import Gateway
 from gateway.telemetry import log
 
 if TYPE_CHECKING:
-    from tests.support import RawUpstream, UpstreamBehaviour
+    from tests.support.upstreams import Behaviour, RawUpstream
 
 TOKEN = "test-token-0123456789abcdef-ingest"
 OTHER_TOKEN = "test-token-0123456789abcdef-other"
@@ -217,17 +217,17 @@ async def upstream(aiohttp_server: Any) -> AsyncIterator[RecordingUpstream]:
     rec.release.set()  # never leave a held handler behind for server shutdown
 
 
-StartRawUpstream = Callable[["UpstreamBehaviour"], Awaitable["RawUpstream"]]
+StartRawUpstream = Callable[["Behaviour"], Awaitable["RawUpstream"]]
 
 
 @pytest.fixture
 async def raw_upstream() -> AsyncIterator[StartRawUpstream]:
-    """Start raw TCP upstreams (tests.support behaviours); closed at teardown."""
-    from tests.support import RawUpstream  # noqa: PLC0415  (support imports this module: no cycle at import time)
+    """Start raw upstreams, each driven by a behaviour; stopped at teardown."""
+    from tests.support.upstreams import RawUpstream  # noqa: PLC0415  (support imports this module: no cycle at import time)
 
     started: list[RawUpstream] = []
 
-    async def start(behaviour: UpstreamBehaviour) -> RawUpstream:
+    async def start(behaviour: Behaviour) -> RawUpstream:
         up = RawUpstream(behaviour)
         await up.start()
         started.append(up)
@@ -235,7 +235,7 @@ async def raw_upstream() -> AsyncIterator[StartRawUpstream]:
 
     yield start
     for up in started:
-        await up.close()
+        await up.stop()
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

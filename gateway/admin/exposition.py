@@ -81,11 +81,19 @@ class GatewayCollector(Collector):
         )
         for reason, n in sorted(snap.limit_rejections.items()):
             rejections.add_metric([reason], n)
+        dropped = CounterMetricFamily(
+            "gateway_request_headers_dropped",
+            "Request header fields not forwarded upstream, by reason (underscore: "
+            "a name with '_', see [server] underscores_in_headers).",
+            labels=["reason"],
+        )
+        for reason, n in sorted(snap.headers_dropped.items()):
+            dropped.add_metric([reason], n)
         connections = GaugeMetricFamily(
             "gateway_open_connections", "Client connections open on the public listener."
         )
         connections.add_metric([], snap.open_connections)
-        yield from (requests, req_bytes, failures, rejections, connections)
+        yield from (requests, req_bytes, failures, rejections, dropped, connections)
 
     @staticmethod
     def _routes(snap: Snapshot) -> Iterator[Metric]:
@@ -97,6 +105,12 @@ class GatewayCollector(Collector):
         upstream = HistogramMetricFamily(
             "gateway_upstream_response_seconds",
             "From the request head sent upstream to the upstream's response head.",
+            labels=["route"],
+        )
+        added = HistogramMetricFamily(
+            "gateway_added_latency_seconds",
+            "What the gateway adds to a proxied request: the whole exchange minus the "
+            "upstream's response time.",
             labels=["route"],
         )
         resp_bytes = CounterMetricFamily(
@@ -117,11 +131,14 @@ class GatewayCollector(Collector):
             duration.add_metric([name], buckets, total)
             buckets, total = _buckets(r.upstream)
             upstream.add_metric([name], buckets, total)
+            if r.added:
+                buckets, total = _buckets(r.added)
+                added.add_metric([name], buckets, total)
             resp_bytes.add_metric([name], r.response_bytes)
             in_flight.add_metric([name], r.in_flight)
             for kind, n in sorted(r.upstream_errors.items()):
                 errors.add_metric([name, kind], n)
-        yield from (duration, upstream, resp_bytes, in_flight, errors)
+        yield from (duration, upstream, added, resp_bytes, in_flight, errors)
 
     @staticmethod
     def _tokens(snap: Snapshot, gauges: Gauges) -> Iterator[Metric]:

@@ -41,7 +41,7 @@ class Revoked:
 
 @dataclass(frozen=True, slots=True)
 class JwtKey:
-    kid: str  # "" when the key set has a single key without a kid
+    kid: str  # "": a single key without a kid (at most one in a config)
     key: Any = field(repr=False)  # a cryptography public key, or HMAC secret bytes
 
 
@@ -79,7 +79,11 @@ class Credential:
         return ids
 
 
-def _digest_of(token: bytes, key: str) -> bytes:
+def token_digest(token: bytes, key: str) -> bytes:
+    """SHA-256 of a token given as text (``token_env``, ``token_file``,
+    ``hash-token --stdin``): surrounding whitespace, such as the newline a
+    file or ``echo`` ends with, is not part of it (a bearer token cannot
+    contain whitespace)."""
     token = token.strip()
     if not token:
         raise ConfigError(f"{key}: the token is empty (an empty token never means 'no auth')")
@@ -102,14 +106,14 @@ def _resolve(
         value = environ.get(env)
         if value is None:
             raise ConfigError(f"{key}env: environment variable {env} is not set")
-        return _digest_of(value.encode(), f"{key}env")
+        return token_digest(value.encode(), f"{key}env")
     assert file is not None  # _check_source guarantees exactly one source
     path = base / file
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{key}file: cannot read {str(path)!r}: {exc.strerror}") from None
-    return _digest_of(data, f"{key}file")
+    return token_digest(data, f"{key}file")
 
 
 def _ts(value: datetime | None) -> float | None:
@@ -219,7 +223,7 @@ def _pem_key(spec: JwtSpec, key: str, base: Path) -> JwtKey:
             f"{key}public_key_file: not a PEM public key (private keys do not belong here)"
         ) from None
     _check_family(public_key, spec.algorithms, f"{key}public_key_file")
-    return JwtKey("", public_key)
+    return JwtKey(spec.kid, public_key)
 
 
 def _hmac_key(spec: JwtSpec, key: str, environ: Mapping[str, str], base: Path) -> JwtKey:
@@ -235,7 +239,7 @@ def _hmac_key(spec: JwtSpec, key: str, environ: Mapping[str, str], base: Path) -
         where = f"{key}hmac_secret_file"
     if len(secret) < _MIN_HMAC_SECRET:
         raise ConfigError(f"{where}: an HMAC secret needs at least {_MIN_HMAC_SECRET} bytes")
-    return JwtKey("", secret)
+    return JwtKey(spec.kid, secret)
 
 
 def _jwt(

@@ -1,8 +1,9 @@
 """Accounting: the metrics and the one access-log line of a finished request.
 
 Called exactly once per request, after its response ended or its client
-went away.  Everything logged is a name from config, a number, or the
-client address: never a header value, so never a token.
+went away.  Everything logged is a name from config, a number, the client
+address or the request path (truncated; never the query string): never a
+header value, so never a token.
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ if TYPE_CHECKING:
 __all__ = ["account", "record_rejected"]
 
 _perf = time.perf_counter
+# Logged paths are cut here: a path is client input, and one line per
+# request must stay small whatever a client sends.
+MAX_LOGGED_PATH = 200
 
 
-def account(shared: Shared, ex: Finished) -> None:
+def account(shared: Shared, ex: Finished, grpc_status: str | None = None) -> None:
+    """``grpc_status``: a gRPC call's outcome (its trailers'), for the access line."""
     duration = _perf() - ex.head.t0
     stats = shared.stats
     rstats = ex.rstats
@@ -28,8 +33,11 @@ def account(shared: Shared, ex: Finished) -> None:
     rstats.duration.observe(duration)
     if ex.upstream_seconds >= 0:
         rstats.upstream.observe(ex.upstream_seconds)
+        rstats.added.observe(max(0.0, duration - ex.upstream_seconds))
     rstats.response_bytes += ex.bytes_out
-    pair = stats.pair(ex.route_name, ex.credential)
+    # A refused token's credential is named in the log line, not here: a
+    # request counts under a credential only once it authenticated.
+    pair = stats.pair(ex.route_name, ex.credential if ex.principal is not None else "none")
     pair.codes[ex.status] = pair.codes.get(ex.status, 0) + 1
     pair.request_bytes += ex.body_in
     if ex.principal is not None:
@@ -44,7 +52,10 @@ def account(shared: Shared, ex: Finished) -> None:
             "request",
             request_id=head.request_id.decode("ascii", "replace"),
             method=head.method.decode("latin-1"),
-            path=head.path[:200].decode("latin-1") if ex.route is None else None,
+            http=head.version,
+            # The raw bytes (latin-1: one character each, nothing decoded or
+            # normalised), which the JSON renderer escapes.
+            path=head.path[:MAX_LOGGED_PATH].decode("latin-1"),
             route=ex.route_name,
             credential=ex.credential,
             token_id=ex.token_id or None,
@@ -55,6 +66,7 @@ def account(shared: Shared, ex: Finished) -> None:
             upstream_ms=round(ex.upstream_seconds * 1000, 3) if ex.upstream_seconds >= 0 else None,
             client=ex.client,
             error=ex.error or None,
+            grpc_status=grpc_status,
         )
 
 

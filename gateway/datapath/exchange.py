@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING
 from gateway.datapath.exchange_base import DISCARD_LIMIT, ExchangeBase, State
 from gateway.datapath.ports import PAUSE_CONNECT, PAUSE_QUEUE, PAUSE_UPSTREAM, Deadline
 from gateway.policy.auth import Failure, Principal
-from gateway.policy.decide import HEALTH_CHECK, MALFORMED, PROXY, Refuse, decide
+from gateway.policy.decide import (
+    HEALTH_CHECK,
+    MALFORMED,
+    PROXY,
+    UNCHECKED,
+    Refuse,
+    decide,
+)
 from gateway.policy.errors import Kind
 
 if TYPE_CHECKING:
@@ -84,7 +91,14 @@ class Exchange(ExchangeBase):
         policy = gen.clients
         if policy.proxied:
             self.client = policy.resolve(self.conn.peer, head.client_ip)
-        who = gen.auth.authenticate(head.authorization, time.time())
+        if gen.throttle_strict and shared.admission.throttle.blocked(
+            self.client, shared.loop.time()
+        ):
+            # Strict auth throttle: refused without checking the token (a
+            # JWT verify costs tens of microseconds); decide says where.
+            who: Principal | Failure = UNCHECKED
+        else:
+            who = gen.auth.authenticate(head.authorization, time.time())
         d = decide(
             head,
             route,
@@ -97,9 +111,13 @@ class Exchange(ExchangeBase):
             shared.draining,
         )
         # Attributed to the presented credential, unless refused before
-        # authentication (revoked / expired failures still name their token).
+        # authentication.  A revoked / expired token's access line names its
+        # credential and token id, as the metric does: the operator hunting a
+        # forgotten sender reads the log first.  Counters count it as
+        # unauthenticated (accounting keys them on ``principal``).
         if not d.anonymous:
             if isinstance(who, Failure):
+                self.credential = who.credential or "none"
                 self.token_id = who.token_id
             else:
                 self.principal = who
@@ -148,13 +166,16 @@ class Exchange(ExchangeBase):
             self._early_done = True
             return
         self.request_done = True
-        if _QUEUED <= self.state <= _RESPONDING:
+        state = self.state
+        if _QUEUED <= state <= _RESPONDING:
             if self.head.chunked:
                 self.up_buf.append(b"0\r\n\r\n")
-            if self._queued_on is None:
+            if state >= _SENT:
                 self.conn.set_deadline(_UPSTREAM, self.gen.response_timeout)
-            else:
+            elif self._queued_on is not None:
                 self.conn.resume(PAUSE_QUEUE)
+            # CONNECTING: connect_timeout bounds the connect; the response
+            # deadline starts when the request can be sent (_attach).
         self._maybe_finish()
 
     def flush_upstream(self) -> None:
@@ -176,16 +197,22 @@ class Exchange(ExchangeBase):
             assert up is not None
             head = self.head
             conn = self.conn
+            gen = self.gen
+            client = self.client
             # Body bytes parsed while queued land after the head, in order.
             self.up_buf.append(
                 head.upstream_head(
                     route.target(head.query),
                     up.host_header,
                     conn.peer_bytes,
-                    self.gen.clients.proxied and self.gen.clients.trusted(conn.peer),
+                    gen.clients.proxied and gen.clients.trusted(conn.peer),
                     conn.scheme,
+                    conn.peer_bytes if client is conn.peer else client.encode(),
+                    gen.underscores_in_headers,
                 )
             )
+            if head.underscored:
+                self.shared.stats.header_dropped("underscore", len(head.underscored) // 2)
         admission = self.shared.admission
         own = admission.credential_slots.get(self.credential)
         for slots in (own, admission.slots):
@@ -221,7 +248,8 @@ class Exchange(ExchangeBase):
         self.conn.flush()
 
     def queue_timeout(self) -> None:
-        self._overloaded("queue_timeout")
+        if self.state == _QUEUED:  # a stale deadline must not refuse a request sent upstream
+            self._overloaded("queue_timeout")
 
     def _overloaded(self, reason: str) -> None:
         if self._queued_on is not None:
@@ -248,8 +276,6 @@ class Exchange(ExchangeBase):
         conn = pool.acquire()
         if conn is not None:
             self._attach(conn)
-            if head.has_body and not self.request_done:
-                self.conn.set_deadline(_BODY, self.gen.body_idle_timeout)
         else:
             # Reading waits for the connection (bounded by connect_timeout),
             # so no body-idle deadline may blame the client meanwhile.
@@ -277,8 +303,6 @@ class Exchange(ExchangeBase):
                 self._attach(conn)
                 self.flush_upstream()
                 self.conn.resume(PAUSE_CONNECT)
-                if not self.request_done:
-                    self.conn.set_deadline(_BODY, self.gen.body_idle_timeout)
         finally:
             self.conn.flush()
 
@@ -287,6 +311,13 @@ class Exchange(ExchangeBase):
         self.upstream = conn
         self.state = _SENT
         self.t_sent = _perf()
+        # Whatever deadline waited before (the queue's, none while
+        # connecting) ends here: now the body must flow, or the upstream answer.
+        if not self.request_done:
+            if self.head.has_body:
+                self.conn.set_deadline(_BODY, self.gen.body_idle_timeout)
+        else:
+            self.conn.set_deadline(_UPSTREAM, self.gen.response_timeout)
 
     def client_write_paused(self, paused: bool) -> None:
         """The client stopped (or resumed) reading: so does the upstream."""

@@ -21,8 +21,8 @@ from gateway.datapath.connection import ClientConnection
 from gateway.datapath.shared import Shared
 from gateway.datapath.upstream import Pools
 from gateway.policy.generation import Generation
-from gateway.process.gauges import config_gauges
-from gateway.process.sockets import listen_socket, split_hostport
+from gateway.process.gauges import config_gauges, process_sample
+from gateway.process.sockets import claim_port, listen_socket, split_hostport
 from gateway.telemetry import log
 from gateway.telemetry.counters import Stats
 from gateway.telemetry.snapshot import Gauges
@@ -51,11 +51,13 @@ class Gateway:
         self.shared: Shared | None = None
         self.stats = Stats()
         self.reloads = {"success": 0, "failure": 0}
-        self.last_reload_success = time.time()
+        self.last_reload_success = self.started_at = time.time()
         self.last_reload_ok = True
+        self.last_reload_attempt = 0.0
         self._server: asyncio.Server | None = None
         self._admin: Any = None
         self._ticker: asyncio.Task[None] | None = None
+        self._claim: socket.socket | None = None
         self._ready = False
         self.port = 0
         self.admin_port = 0
@@ -74,8 +76,16 @@ class Gateway:
             access,
             self.log,
         )
-        # Workers hand in their own SO_REUSEPORT socket; a single process binds here.
-        sock = self._sock or listen_socket(s.server.listen, reuse_port=False)
+        # Workers hand in their own SO_REUSEPORT socket (the supervisor holds
+        # the claim); a single process binds here, exclusively.
+        sock = self._sock
+        if sock is None:
+            sock = listen_socket(s.server.listen, reuse_port=False)
+            try:
+                self._claim = claim_port(sock, probe=False)
+            except OSError:
+                sock.close()
+                raise
         # No ssl= on the listener: connections are counted from accept and
         # each one handshakes with the context in force then
         # (datapath/handshake.py).
@@ -99,7 +109,14 @@ class Gateway:
 
     def _gauges(self) -> Gauges:
         return config_gauges(
-            self.settings, self.reloads, self.last_reload_success, 1, self.last_reload_ok
+            self.settings,
+            self.reloads,
+            self.last_reload_success,
+            1,
+            self.last_reload_ok,
+            [process_sample(0)],
+            last_attempt=self.last_reload_attempt,
+            started_at=self.started_at,
         )
 
     # -- run ----------------------------------------------------------------
@@ -129,6 +146,8 @@ class Gateway:
                     except Exception as exc:
                         self.log.error("deadline_fault", error=type(exc).__name__, exc_info=exc)
             shared.pools.expire(now)
+            if shared.h2pools is not None:
+                shared.h2pools.expire(now, self.settings.upstream.pool_idle_timeout_seconds)
             second = int(time.time())
             if second != last_second:
                 last_second = second
@@ -154,12 +173,13 @@ class Gateway:
         shared.gen = gen
         self.settings = settings
         self.reloads["success"] += 1
-        self.last_reload_success = time.time()
+        self.last_reload_success = self.last_reload_attempt = time.time()
         self.last_reload_ok = True
 
     def reload_failed(self) -> None:
         self.reloads["failure"] += 1
         self.last_reload_ok = False
+        self.last_reload_attempt = time.time()
 
     # -- stop ---------------------------------------------------------------
     async def drain(self, timeout: float | None = None) -> None:
@@ -196,7 +216,12 @@ class Gateway:
             self._server.close()
         if self.shared is not None:
             self.shared.pools.close()
+            if self.shared.h2pools is not None:
+                self.shared.h2pools.close()
         if self._admin is not None:
             await self._admin.close()
             self._admin = None
+        if self._claim is not None:
+            self._claim.close()
+            self._claim = None
         log.flush()

@@ -2,7 +2,8 @@
 
 Owns no client traffic.  It validates the config, reserves the public port
 (bound with SO_REUSEPORT but not listening, so port 0 resolves once and
-every worker binds the same port), starts N workers and restarts any that
+every worker binds the same port; claimed so that no other gateway or
+program shares it), starts N workers and restarts any that
 die, pushes config on SIGHUP (validated here first), serves the admin
 listener with metrics summed across workers (counters of a worker that
 died are kept, so sums never go backwards), and on SIGTERM drains every
@@ -45,7 +46,7 @@ from gateway.process.control import (
     write_message,
 )
 from gateway.process.gauges import config_gauges
-from gateway.process.sockets import listen_socket, split_hostport
+from gateway.process.sockets import claim_port, listen_socket, split_hostport
 from gateway.telemetry import log
 from gateway.telemetry.snapshot import Gauges, ProcessSample, Snapshot, merge
 
@@ -73,6 +74,7 @@ class _Worker:
     last_process: ProcessSample | None = None
     started_at: float = 0.0
     backoff: float = 1.0
+    restarts: int = 0
 
 
 class Supervisor:
@@ -82,12 +84,14 @@ class Supervisor:
         self.workers = [_Worker(i) for i in range(workers)]
         self.log: Any = log.get_logger()
         self.reloads = {"success": 0, "failure": 0}
-        self.last_reload_success = time.time()
+        self.last_reload_success = self.started_at = time.time()
         self.last_reload_ok = True
+        self.last_reload_attempt = 0.0
         self.stopping = False
         self.port = 0
         self.admin_port = 0
         self._reserved: socket.socket | None = None
+        self._claim: socket.socket | None = None
         self._retired: list[Snapshot] = []
         self._ids = itertools.count(1)
         self._latest: Snapshot = merge([])
@@ -104,6 +108,9 @@ class Supervisor:
             self.settings.server.listen, reuse_port=True, listen_now=False
         )
         self.port = self._reserved.getsockname()[1]
+        # SO_REUSEPORT is for our own workers only: refuse a port that
+        # another gateway (or anything else) already serves.
+        self._claim = claim_port(self._reserved, probe=True)
         for worker in self.workers:
             await self._spawn(worker)
         try:
@@ -185,6 +192,7 @@ class Supervisor:
         await asyncio.sleep(worker.backoff)
         worker.backoff = min(worker.backoff * 2, _RESTART_MAX_BACKOFF)
         if not self.stopping:
+            worker.restarts += 1
             await self._spawn(worker)
 
     def _retire(self, snapshot: Snapshot) -> None:
@@ -214,6 +222,9 @@ class Supervisor:
             len(self.workers),
             self.last_reload_ok,
             self._latest.processes,
+            last_attempt=self.last_reload_attempt,
+            restarts=[w.restarts for w in self.workers],
+            started_at=self.started_at,
         )
 
     async def snapshot(self) -> Snapshot:
@@ -247,6 +258,7 @@ class Supervisor:
 
     # -- reload -------------------------------------------------------------------
     async def reload(self) -> bool:
+        self.last_reload_attempt = time.time()
         try:
             settings = load(self.path)  # reads the file once: settings.text is what we push
         except ConfigError as exc:
@@ -354,6 +366,8 @@ class Supervisor:
             await self._admin.close()
         if self._reserved is not None:
             self._reserved.close()
+        if self._claim is not None:
+            self._claim.close()
         log.flush()
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import resource
 import signal
 import socket
 from pathlib import Path
@@ -37,25 +36,15 @@ from gateway.process.control import (
     write_message,
 )
 from gateway.process.gateway import Gateway
+from gateway.process.gauges import process_sample
 from gateway.process.sockets import listen_socket, split_hostport
 from gateway.telemetry import log
-from gateway.telemetry.snapshot import ProcessSample
 
 __all__ = ["serve_worker"]
 
 
 def _settings(message: Configure) -> Settings:
     return loads(message.text, base=Path(message.source).parent, source=message.source)
-
-
-def process_sample(index: int) -> ProcessSample:
-    """This process's CPU seconds and resident bytes, for the supervisor."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    with open("/proc/self/statm", encoding="ascii") as f:
-        rss_pages = int(f.read().split()[1])
-    return ProcessSample(
-        index, usage.ru_utime + usage.ru_stime, rss_pages * os.sysconf("SC_PAGESIZE")
-    )
 
 
 async def serve_worker(fd: int, index: int) -> int:

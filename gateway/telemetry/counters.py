@@ -58,12 +58,20 @@ class _Hist:
 class RouteStats:
     """Everything keyed by route alone."""
 
-    __slots__ = ("duration", "in_flight", "response_bytes", "upstream", "upstream_errors")
+    __slots__ = (
+        "added",
+        "duration",
+        "in_flight",
+        "response_bytes",
+        "upstream",
+        "upstream_errors",
+    )
 
     def __init__(self) -> None:
         self.in_flight = 0
         self.duration = _Hist()
         self.upstream = _Hist()
+        self.added = _Hist()  # the whole exchange minus the upstream's response time
         self.response_bytes = 0
         self.upstream_errors: dict[str, int] = {}
 
@@ -94,6 +102,7 @@ class Stats:
 
     __slots__ = (
         "auth_failures",
+        "headers_dropped",
         "limit_rejections",
         "open_connections",
         "pairs",
@@ -107,6 +116,7 @@ class Stats:
         self.tokens: dict[tuple[str, str], TokenStats] = {}
         self.auth_failures: dict[tuple[str, str, str], int] = {}
         self.limit_rejections: dict[str, int] = {}
+        self.headers_dropped: dict[str, int] = {}  # reason → request header fields
         self.open_connections = 0
 
     def route(self, name: str) -> RouteStats:
@@ -130,11 +140,16 @@ class Stats:
         return stats
 
     def auth_failure(self, reason: str, credential: str = "", token_id: str = "") -> None:
-        key = (reason, credential, token_id)
+        # "none" where the config names nothing (missing, malformed, unknown),
+        # as gateway_requests_total labels a request before authentication.
+        key = (reason, credential or "none", token_id or "none")
         self.auth_failures[key] = self.auth_failures.get(key, 0) + 1
 
     def limit_rejection(self, reason: str) -> None:
         self.limit_rejections[reason] = self.limit_rejections.get(reason, 0) + 1
+
+    def header_dropped(self, reason: str, n: int = 1) -> None:
+        self.headers_dropped[reason] = self.headers_dropped.get(reason, 0) + n
 
     def upstream_error(self, route: str, kind: str) -> None:
         errors = self.route(route).upstream_errors
@@ -150,6 +165,7 @@ class Stats:
                     [*r.upstream.counts, r.upstream.total],
                     r.response_bytes,
                     dict(r.upstream_errors),
+                    [*r.added.counts, r.added.total],
                 )
                 for name, r in self.routes.items()
             },
@@ -164,4 +180,5 @@ class Stats:
             [FailureSnap(*key, n) for key, n in self.auth_failures.items()],
             dict(self.limit_rejections),
             self.open_connections,
+            headers_dropped=dict(self.headers_dropped),
         )

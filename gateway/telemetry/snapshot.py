@@ -37,6 +37,7 @@ class RouteSnap(_Value):
     upstream: list[float]
     response_bytes: int
     upstream_errors: dict[str, int]
+    added: list[float] = msgspec.field(default_factory=list)
 
 
 class PairSnap(_Value):
@@ -77,6 +78,7 @@ class Snapshot(_Value):
     limit_rejections: dict[str, int]
     open_connections: int
     processes: list[ProcessSample] = msgspec.field(default_factory=list)
+    headers_dropped: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class Gauges(_Value):
@@ -91,6 +93,12 @@ class Gauges(_Value):
     version: str
     workers: int
     processes: list[ProcessSample] = msgspec.field(default_factory=list)
+    # For the operator's view (``obs-gateway status``), not for /metrics.
+    routes: list[tuple[str, str]] = msgspec.field(default_factory=list)  # (name, protocol)
+    expiry_warning_days: float = 0.0
+    last_reload_attempt: float = 0.0  # when the last reload was tried (0: none yet)
+    restarts: list[int] = msgspec.field(default_factory=list)  # per worker index
+    started_at: float = 0.0
 
 
 def _add(acc: list[float], more: list[float]) -> list[float]:
@@ -105,6 +113,7 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     tokens: dict[tuple[str, str], TokenSnap] = {}
     failures: dict[tuple[str, str, str], int] = {}
     rejections: dict[str, int] = {}
+    dropped: dict[str, int] = {}
     open_connections = 0
     for snap in snapshots:
         for name, r in snap.routes.items():
@@ -116,6 +125,7 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
             acc.response_bytes += r.response_bytes
             acc.duration = _add(acc.duration, r.duration)
             acc.upstream = _add(acc.upstream, r.upstream)
+            acc.added = _add(acc.added, r.added) if acc.added else list(r.added)
             for kind, n in r.upstream_errors.items():
                 acc.upstream_errors[kind] = acc.upstream_errors.get(kind, 0) + n
         for p in snap.pairs:
@@ -139,6 +149,8 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
             failures[fkey] = failures.get(fkey, 0) + f.count
         for reason, n in snap.limit_rejections.items():
             rejections[reason] = rejections.get(reason, 0) + n
+        for reason, n in snap.headers_dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + n
         open_connections += snap.open_connections
     return Snapshot(
         routes,
@@ -147,4 +159,5 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
         [FailureSnap(*key, n) for key, n in failures.items()],
         rejections,
         open_connections,
+        headers_dropped=dropped,
     )

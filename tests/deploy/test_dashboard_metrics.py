@@ -23,7 +23,6 @@ import aiohttp
 import promql_parser
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import (
     OTHER_TOKEN,
@@ -33,6 +32,7 @@ from tests.conftest import (
     config_text,
     sha256,
 )
+from tests.support.metrics import scrape
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "obs-gateway.json"
@@ -144,6 +144,8 @@ async def exported(start_gateway: StartGateway, upstream: RecordingUpstream) -> 
             rw_upstream=upstream.url + "/api/v1/write",
             otlp_upstream="http://127.0.0.1:9/v1/traces",  # discard port: connect error
             credentials=CREDENTIALS,
+            # Three failures below, then a fourth is throttled.
+            extra="[limits]\nauth_failure_limit = 3",
         )
     )
     base = f"http://127.0.0.1:{gw.port}"
@@ -154,16 +156,15 @@ async def exported(start_gateway: StartGateway, upstream: RecordingUpstream) -> 
         ("/api/v1/write", REVOKED_TOKEN, 401),  # revoked
         ("/v1/traces", OTHER_TOKEN, 403),  # scope
         ("/v1/traces", TOKEN, 503),  # upstream connect error (503 on OTLP routes)
+        ("/api/v1/write", UNKNOWN_TOKEN, 429),  # gateway_limit_rejections_total (auth_throttle)
     ]
     async with aiohttp.ClientSession() as session:
         for path, token, status in attempts:
             headers = {"Authorization": f"Bearer {token}"} if token else {}
+            headers["X_Underscored"] = "dropped"  # gateway_request_headers_dropped_total
             async with session.post(base + path, data=b"\x00" * 64, headers=headers) as resp:
                 assert resp.status == status, (path, token, await resp.text())
-        async with session.get(f"http://127.0.0.1:{gw.admin_port}/metrics") as resp:
-            assert resp.status == 200
-            text = await resp.text()
-    return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    return {s.name for s in (await scrape(gw.admin_port)).samples}
 
 
 def _unexported(queries: list[tuple[str, str]], exported: set[str]) -> list[str]:
@@ -195,6 +196,8 @@ def test_the_scrape_saw_every_path_the_queries_need(exported: set[str]) -> None:
     for name in (
         "gateway_auth_failures_total",
         "gateway_upstream_errors_total",
+        "gateway_request_headers_dropped_total",
+        "gateway_limit_rejections_total",
         "gateway_credential_expiry_timestamp_seconds",
         "gateway_request_duration_seconds_bucket",
     ):

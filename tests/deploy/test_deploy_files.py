@@ -9,7 +9,10 @@ file exists, and that the image's runtime lock pins what the dev lock pins.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,8 @@ import pytest
 import yaml
 
 from gateway.config.loader import Settings, loads
+from tests.conftest import config_text
+from tests.support.process import GatewayProcess
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "compose.yml"
@@ -155,12 +160,45 @@ def test_vmagent_scrapes_the_admin_port_as_job_obs_gateway() -> None:
 # ---------------------------------------------------------------- image
 
 
-def test_healthcheck_probes_the_configured_admin_port() -> None:
-    port = _deploy_settings().server.admin_listen.rsplit(":", 1)[1]
+def healthchecks() -> list[str]:
+    """The Python one-liner of the image's and of compose's healthcheck."""
     dockerfile = (REPO / "Dockerfile").read_text()
-    assert f"http://127.0.0.1:{port}/livez" in dockerfile
-    assert f"http://127.0.0.1:{port}/livez" in str(_compose()["services"]["obs-gateway"])
-    assert re.search(rf"^EXPOSE 8080 {port}$", dockerfile, re.M)
+    [image] = re.findall(r'^\s+CMD \["python", "-c", "(.*)"\]$', dockerfile, re.M)
+    test = _compose()["services"]["obs-gateway"]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"]
+    return [image, test[3]]
+
+
+def test_healthcheck_probes_the_configured_admin_and_public_ports() -> None:
+    settings = _deploy_settings().server
+    admin = settings.admin_listen.rsplit(":", 1)[1]
+    public = settings.listen.rsplit(":", 1)[1]
+    for check in healthchecks():
+        assert f"http://127.0.0.1:{admin}/readyz" in check
+        assert f"('127.0.0.1', {public})" in check
+    assert re.search(rf"^EXPOSE {public} {admin}$", (REPO / "Dockerfile").read_text(), re.M)
+
+
+async def test_the_healthcheck_passes_on_a_serving_gateway_only(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(config_text())
+
+    def run(check: str) -> int:
+        return subprocess.run(
+            [sys.executable, "-c", check], capture_output=True, timeout=10, check=False
+        ).returncode
+
+    for check in healthchecks():
+        with_ports = check.replace("9091", "{admin}").replace("8080", "{public}")
+        gw = GatewayProcess(config)
+        try:
+            await gw.start()
+            here = with_ports.format(admin=gw.admin_port, public=gw.port)
+            assert await asyncio.to_thread(run, here) == 0
+        finally:
+            await gw.stop()
+        # Nothing serves those ports any more.
+        assert await asyncio.to_thread(run, here) != 0
 
 
 def _pins(path: Path) -> dict[str, str]:

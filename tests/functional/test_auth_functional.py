@@ -18,19 +18,18 @@ from tests.conftest import (
     config_text,
     sha256,
 )
-from tests.support import (
+from tests.support.client import raw_request
+from tests.support.metrics import scrape
+from tests.support.routes import (
     ROUTE_IDS,
     ROUTES,
     THREE_CREDENTIALS,
     TRACES_TOKEN,
-    RawUpstream,
     RouteCase,
-    answer_with,
     assert_error_body,
-    raw_request,
-    request_bytes,
-    scrape,
 )
+from tests.support.upstreams import RawUpstream, answer_with
+from tests.support.wire import request_bytes
 
 EXPIRED = "test-token-0123456789abcdef-expired"
 FUTURE = "test-token-0123456789abcdef-future"
@@ -98,7 +97,7 @@ async def test_bad_credentials_get_401_on_routes(
     head = request_bytes("POST", case.path, with_auth(auth), token=None, content_length=5)
     resp = await raw_request(gw.port, head + b"hello")
     assert resp.status == 401
-    challenge = resp.get("WWW-Authenticate") or ""
+    challenge = resp.header("WWW-Authenticate") or ""
     assert challenge.startswith("Bearer "), resp.headers
     if auth is None:
         assert "error=" not in challenge  # RFC 6750 §3.1
@@ -106,8 +105,8 @@ async def test_bad_credentials_get_401_on_routes(
         assert 'error="invalid_token"' in challenge
     assert_error_body(resp, case)
     metrics = await scrape(gw.admin_port)
-    assert metrics.value("gateway_auth_failures_total", reason=reason) == 1
-    assert metrics.value("gateway_requests_total", route=case.name, credential="none", code="401")
+    assert metrics.sum("gateway_auth_failures_total", reason=reason) == 1
+    assert metrics.sum("gateway_requests_total", route=case.name, credential="none", code="401")
     assert up.connections == 0
 
 
@@ -127,8 +126,8 @@ async def test_bad_credentials_get_401_on_every_path(
     for method in ("GET", "POST", "DELETE"):
         resp = await raw_request(gw.port, request_bytes(method, path, with_auth(auth), token=None))
         assert resp.status == 401, (method, path)
-        assert (resp.get("WWW-Authenticate") or "").startswith("Bearer ")
-        assert resp.get("Allow") is None
+        assert (resp.header("WWW-Authenticate") or "").startswith("Bearer ")
+        assert resp.header("Allow") is None
     assert up.connections == 0
 
 
@@ -154,11 +153,11 @@ async def test_credential_out_of_scope_gets_403(
         gw.port, request_bytes("POST", case.path, body=b"data", token=case.out_of_scope_token)
     )
     assert resp.status == 403
-    assert 'error="insufficient_scope"' in (resp.get("WWW-Authenticate") or "")
+    assert 'error="insufficient_scope"' in (resp.header("WWW-Authenticate") or "")
     assert_error_body(resp, case)
     assert up.connections == 0
     metrics = await scrape(gw.admin_port)
-    assert metrics.value("gateway_auth_failures_total", reason="scope") == 1
+    assert metrics.sum("gateway_auth_failures_total", reason="scope") == 1
     # The in-scope credentials do pass (the 403 is about scope, nothing else).
     for token in (TOKEN, OTHER_TOKEN if not case.otlp else TRACES_TOKEN):
         ok = await raw_request(gw.port, request_bytes("POST", case.path, body=b"x", token=token))
@@ -204,8 +203,8 @@ async def test_health_names_the_credential_and_is_never_proxied(
     ):
         resp = await raw_request(gw.port, request_bytes("GET", "/health", token=token))
         assert resp.status == 200
-        assert resp.get("Cache-Control") == "no-store"
-        assert resp.get("Content-Type") == "application/json"
+        assert resp.header("Cache-Control") == "no-store"
+        assert resp.header("Content-Type") == "application/json"
         body = json.loads(resp.body)
         assert body["credential"] == name
         assert body["routes"] == routes
@@ -213,5 +212,5 @@ async def test_health_names_the_credential_and_is_never_proxied(
         assert sha256(token.encode()) not in resp.raw.decode("latin-1")
     resp = await raw_request(gw.port, request_bytes("POST", "/health", body=b"x"))
     assert resp.status == 405
-    assert resp.get("Allow") == "GET, HEAD"
+    assert resp.header("Allow") == "GET, HEAD"
     assert up.connections == 0

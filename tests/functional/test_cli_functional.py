@@ -19,7 +19,10 @@ import aiohttp
 import pytest
 
 from tests.conftest import OTHER_TOKEN, TOKEN, RecordingUpstream, config_text, wait_for
-from tests.support import GatewayProcess, raw_client, raw_request, request_bytes, scrape
+from tests.support.client import raw_client, raw_request
+from tests.support.metrics import scrape
+from tests.support.process import GatewayProcess
+from tests.support.wire import request_bytes
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -49,6 +52,76 @@ def test_hash_token_prints_a_fresh_token_and_its_digest_line() -> None:
     assert re.fullmatch(r"[A-Za-z0-9_-]{43}", token)
     assert line == f'token_sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"'
     assert hash_token()[0] != token
+
+
+def test_help_lists_the_public_commands_only() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "SUPPRESS" not in result.stdout
+    assert "_worker" not in result.stdout
+    assert "``" not in result.stdout  # no reStructuredText from a docstring
+    for command in ("run", "check-config", "hash-token"):
+        assert re.search(rf"^    {command} +\S", result.stdout, re.M), command
+    # The supervisor's way of starting a worker still parses.
+    assert "--fd" in run_cli("_worker", "--help").stdout
+
+
+def digest_line(stdin: bytes) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "hash-token", "--stdin"],
+        input=stdin,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+
+
+async def test_hash_token_stdin_gives_the_line_that_authenticates_an_existing_token(
+    tmp_path: Path,
+) -> None:
+    """The runbook's first step: the digest of the token senders already
+    hold.  ``echo "$T" | sha256sum`` would hash the newline too, and after
+    the reload every sender would get 401."""
+    token, fresh_line = hash_token()
+    for given in (token, token + "\n", token + "\r\n", f"  {token}\t\n"):
+        result = digest_line(given.encode())
+        assert result.returncode == 0, result.stderr
+        out = result.stdout.decode()
+        assert out.splitlines()[0] == f"config: {fresh_line}", repr(given)
+        assert token not in out
+    newline_digest = hashlib.sha256(f"{token}\n".encode()).hexdigest()
+    assert newline_digest not in out
+    # The printed line, in a config, lets the token in.
+    config = tmp_path / "gateway.toml"
+    line = out.splitlines()[0].removeprefix("config: ")
+    config.write_text(config_text(credentials=single_credential(line)))
+    gw = GatewayProcess(config)
+    try:
+        await gw.start()
+        health = await raw_request(gw.port, request_bytes("GET", "/health", token=token))
+        assert health.status == 200
+        assert json.loads(health.body)["credential"] == "cli"
+    finally:
+        await gw.stop()
+
+
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        (b"Bearer test-token-0123456789abcdef\n", "whitespace inside"),
+        (b"test-token-0123456789abcdef\nother-token-0123456789abcdef\n", "whitespace inside"),
+        (b"\n", "empty"),
+        (b"", "empty"),
+        (b"short-token\n", "shorter than 16"),
+        (b"x" * 5000, "longer than 4096"),
+    ],
+)
+def test_hash_token_stdin_refuses_what_cannot_be_one_token(given: bytes, says: str) -> None:
+    result = digest_line(given)
+    assert result.returncode == 2
+    assert result.stdout == b""
+    assert says in result.stderr.decode()
+    assert b"0123456789abcdef" not in result.stderr  # what was given is never echoed
 
 
 def single_credential(line: str) -> str:
@@ -86,15 +159,82 @@ def test_check_config_bad_exits_2_naming_the_key(
     assert "Traceback" not in result.stderr
 
 
-def test_check_config_unset_token_env_exits_2(tmp_path: Path) -> None:
+def test_check_config_warns_of_an_unset_token_env_and_still_checks_the_rest(
+    tmp_path: Path,
+) -> None:
+    """check-config runs in an operator's shell, which rarely has the
+    service's environment: an unset variable is a warning naming it, with
+    the matrix printed; run still refuses the same config."""
     config = tmp_path / "gateway.toml"
-    config.write_text(config_text(credentials=single_credential('token_env = "OBS_TEST_UNSET"')))
-    env = {k: v for k, v in os.environ.items() if k != "OBS_TEST_UNSET"}
+    two = single_credential('token_env = "OBS_TEST_UNSET"') + (
+        '[[credentials]]\nname = "cli2"\nroutes = ["remote_write"]\n'
+        '[[credentials.tokens]]\nid = "b"\nenv = "OBS_TEST_UNSET_TOO"\n'
+    )
+    config.write_text(config_text(credentials=two))
+    unset = ("OBS_TEST_UNSET", "OBS_TEST_UNSET_TOO")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    result = run_cli("check-config", str(config), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "config OK" in result.stdout
+    assert "  cli/default: - → -" in result.stdout
+    assert "  cli2/b: - → -" in result.stdout
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 2
+    for name, line in zip(unset, warnings, strict=True):
+        assert f"warning: {name} is not set here" in line
+        assert "'run' refuses to start without it" in line
+    assert "placeholder-for" not in result.stdout + result.stderr.replace("a placeholder", "")
+    # Everything else is still checked: a bad key is still an error.
+    config.write_text(config_text(credentials=two).replace("[server]", "[server]\nlisten_port = 1"))
     result = run_cli("check-config", str(config), env=env)
     assert result.returncode == 2
-    assert "credentials[0].token_env" in result.stderr
-    # run refuses the same config without serving.
+    assert "server.listen_port" in result.stderr
+    # A variable that is set is used as it is: too short is an error.
+    config.write_text(config_text(credentials=two))
+    short = run_cli("check-config", str(config), env={**env, "OBS_TEST_UNSET": "short"})
+    assert short.returncode == 2
+    assert "credentials[0].token_env: the token is shorter" in short.stderr
+    # run refuses the config without serving, naming the key.
+    refused = run_cli("run", "--config", str(config), env=env)
+    assert refused.returncode == 2
+    assert "credentials[0].token_env: environment variable OBS_TEST_UNSET" in refused.stderr
+
+
+def _hmac_credential(name: str, env: str) -> str:
+    return f"""
+[[credentials]]
+name = "{name}"
+routes = ["remote_write"]
+[credentials.jwt]
+algorithms = ["HS256"]
+issuer = "https://sso.test"
+audience = "obs-gateway"
+hmac_secret_env = "{env}"
+"""
+
+
+def test_two_jwt_keys_without_kid_exit_2_naming_both_credentials(tmp_path: Path) -> None:
+    """Both loaded at 70f0a08, and then every JWT of either got 401."""
+    config = tmp_path / "gateway.toml"
+    creds = _hmac_credential("team-a", "OBS_TEST_HMAC_A") + _hmac_credential(
+        "team-b", "OBS_TEST_HMAC_B"
+    )
+    config.write_text(config_text(credentials=creds))
+    env = {**os.environ, "OBS_TEST_HMAC_A": "a" * 40, "OBS_TEST_HMAC_B": "b" * 40}
+    result = run_cli("check-config", str(config), env=env)
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith("obs-gateway: config error: credentials[1].jwt: ")
+    assert "'team-a'" in result.stderr
+    assert "'team-b'" in result.stderr
+    assert "a" * 40 not in result.stderr
+    assert "Traceback" not in result.stderr
     assert run_cli("run", "--config", str(config), env=env).returncode == 2
+    # A kid on one of them is the way out.
+    config.write_text(config_text(credentials=creds + 'kid = "team-b-1"\n'))
+    ok = run_cli("check-config", str(config), env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "team-a/jwt: JWT HS256" in ok.stdout
+    assert "team-b/team-b-1: JWT HS256" in ok.stdout
 
 
 def test_check_config_missing_file_exits_2(tmp_path: Path) -> None:
@@ -156,9 +296,9 @@ async def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(
     finally:
         upstream.release.set()
         await gw.stop()
-    assert gw.events("draining")
-    assert gw.events("stopped")
-    [access] = [e for e in gw.lines if e.get("route") == "remote_write"]
+    assert gw.find("draining")
+    assert gw.find("stopped")
+    [access] = [e for e in gw.events if e.get("route") == "remote_write"]
     assert (access["status"], access["credential"]) == (200, "cli")
     stdout = gw.raw_stdout.decode()
     assert token not in stdout
@@ -232,7 +372,7 @@ async def test_sighup_reloads_a_good_config_and_keeps_serving_on_a_bad_one(
         assert "routes[0].upstream" in failed["error"]
         assert await status_with(TOKEN) == 204
         metrics = await scrape(gw.admin_port)
-        assert metrics.value("gateway_config_reloads_total", result="success") == 1
-        assert metrics.value("gateway_config_reloads_total", result="failure") == 1
+        assert metrics.sum("gateway_config_reloads_total", result="success") == 1
+        assert metrics.sum("gateway_config_reloads_total", result="failure") == 1
     finally:
         await gw.stop()

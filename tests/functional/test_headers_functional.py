@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import TOKEN, RecordingUpstream, StartGateway, config_text, sha256
-from tests.support import ROUTE_IDS, ROUTES, RouteCase, raw_request, request_bytes
+from tests.support.client import raw_request
+from tests.support.routes import ROUTE_IDS, ROUTES, RouteCase
+from tests.support.wire import request_bytes
 
 END_TO_END = [
     ("Content-Type", "application/x-protobuf"),

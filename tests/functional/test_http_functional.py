@@ -19,17 +19,10 @@ from tests.conftest import (
     config_text,
     wait_for,
 )
-from tests.support import (
-    RawUpstream,
-    answer_with,
-    chunked,
-    raw_client,
-    raw_request,
-    read_head,
-    read_request,
-    request_bytes,
-    scrape,
-)
+from tests.support.client import Closed, raw_client, raw_request
+from tests.support.metrics import scrape
+from tests.support.upstreams import UpConn, answer_with
+from tests.support.wire import chunked, request_bytes
 
 OK_204 = b"HTTP/1.1 204 No Content\r\n\r\n"
 AUTH = f"Authorization: Bearer {TOKEN}\r\n".encode()
@@ -194,14 +187,10 @@ async def test_upstream_closing_idle_keep_alive_connection_is_not_a_502(
     start_gateway: StartGateway, raw_upstream: StartRawUpstream
 ) -> None:
     # A Go upstream closes idle keep-alive connections on its own schedule.
-    async def answer_then_close(
-        up: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        head, body = await read_request(reader)
-        up.requests.append(head + body)
-        writer.write(OK_204)
-        await writer.drain()
-        writer.close()
+    async def answer_then_close(conn: UpConn) -> None:
+        await conn.next_request()
+        await conn.write(OK_204)
+        conn.close()
 
     up = await raw_upstream(answer_then_close)
     gw = await start_for(start_gateway, up.url)
@@ -215,14 +204,10 @@ async def test_upstream_answering_early_is_passed_through(
     start_gateway: StartGateway, raw_upstream: StartRawUpstream
 ) -> None:
     # vminsert may refuse a request before reading its body.
-    async def refuse_early(
-        up: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        up.requests.append(await read_head(reader))
-        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big\n")
-        await writer.drain()
-        while data := await reader.read(65536):
-            up.received += data
+    async def refuse_early(conn: UpConn) -> None:
+        await conn.read_head()
+        await conn.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big\n")
+        await conn.read_to_eof()
 
     up = await raw_upstream(refuse_early)
     gw = await start_for(start_gateway, up.url)
@@ -231,48 +216,43 @@ async def test_upstream_answering_early_is_passed_through(
         await client.send(b"x" * 4096)
         resp = await client.response()
         assert (resp.status, resp.body) == (413, b"too big\n")
-    assert len(up.received) < 1 << 20
+    body_received = up.received.partition(b"\r\n\r\n")[2]
+    assert len(body_received) < 1 << 20
 
 
 async def test_upstream_reset_mid_response_truncates_never_completes(
     start_gateway: StartGateway, raw_upstream: StartRawUpstream
 ) -> None:
     # Status already sent: the client must see a broken response, not a short success.
-    async def reset_mid_body(
-        up: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"a" * 100)
-        await writer.drain()
-        writer.transport.abort()
+    async def reset_mid_body(conn: UpConn) -> None:
+        await conn.next_request()
+        await conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"a" * 100)
+        conn.writer.transport.abort()
 
     up = await raw_upstream(reset_mid_body)
     gw = await start_for(start_gateway, up.url)
     async with raw_client(gw.port) as client:
         await client.send(request_bytes("POST", "/api/v1/write", body=b"x"))
-        with pytest.raises(AssertionError, match="connection closed before a response"):
+        with pytest.raises(Closed, match="connection closed before a response"):
             await client.response()
         assert b"HTTP/1.1 200 OK" in client.raw
     metrics = await scrape(gw.admin_port)
-    assert metrics.value("gateway_upstream_errors_total", route="remote_write") == 1
+    assert metrics.sum("gateway_upstream_errors_total", route="remote_write") == 1
 
 
 async def test_upstream_stalling_mid_response_is_cut(
     start_gateway: StartGateway, raw_upstream: StartRawUpstream
 ) -> None:
-    async def stall_mid_body(
-        up: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
-        await writer.drain()
-        await reader.read()  # until the gateway gives up
+    async def stall_mid_body(conn: UpConn) -> None:
+        await conn.next_request()
+        await conn.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await conn.read_to_eof()  # until the gateway gives up
 
     up = await raw_upstream(stall_mid_body)
     gw = await start_for(start_gateway, up.url, upstream="response_timeout_seconds = 0.3")
     async with raw_client(gw.port) as client:
         await client.send(request_bytes("POST", "/api/v1/write", body=b"x"))
-        with pytest.raises(AssertionError, match="connection closed before a response"):
+        with pytest.raises(Closed, match="connection closed before a response"):
             await client.response(timeout=5)
         assert b"hello" in client.raw
         assert b"0\r\n\r\n" not in client.raw  # never a final chunk
@@ -281,13 +261,10 @@ async def test_upstream_stalling_mid_response_is_cut(
 async def test_close_delimited_upstream_body_is_reframed(
     start_gateway: StartGateway, raw_upstream: StartRawUpstream
 ) -> None:
-    async def close_delimited(
-        up: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil-eof")
-        await writer.drain()
-        writer.close()
+    async def close_delimited(conn: UpConn) -> None:
+        await conn.next_request()
+        await conn.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil-eof")
+        conn.close()
 
     up = await raw_upstream(close_delimited)
     gw = await start_for(start_gateway, up.url)
@@ -318,7 +295,7 @@ async def test_http10_client(start_gateway: StartGateway, upstream: RecordingUps
     data = request_bytes("POST", "/api/v1/write", body=b"old").replace(b"HTTP/1.1", b"HTTP/1.0", 1)
     async with raw_client(gw.port) as client:
         await client.send(data)
-        await client.closed()
+        assert await client.closed()
     assert client.raw.startswith(b"HTTP/1.1 200 ")
     assert client.raw.endswith(b"for an old client")
     assert b"Transfer-Encoding: chunked" not in client.raw
@@ -390,7 +367,7 @@ async def test_odd_requests_never_get_500_or_kill_the_listener(
             await client.send(data)
             try:
                 seen.append((await client.response(timeout=3)).status)
-            except AssertionError:
+            except Closed:
                 seen.append(None)  # closed without an answer
     answered = [s for s in seen if s is not None]
     assert set(answered) <= ALLOWED, list(zip(CORPUS, seen, strict=True))

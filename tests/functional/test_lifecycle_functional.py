@@ -15,17 +15,10 @@ import pytest
 
 from gateway.process.gateway import Gateway
 from tests.conftest import RecordingUpstream, StartGateway, config_text, wait_for
-from tests.support import (
-    ROUTE_IDS,
-    ROUTES,
-    THREE_CREDENTIALS,
-    RouteCase,
-    assert_error_body,
-    chunked,
-    raw_client,
-    request_bytes,
-    scrape,
-)
+from tests.support.client import raw_client
+from tests.support.metrics import scrape
+from tests.support.routes import ROUTE_IDS, ROUTES, THREE_CREDENTIALS, RouteCase, assert_error_body
+from tests.support.wire import chunked, request_bytes
 
 
 async def start_for(start_gateway: StartGateway, upstream: RecordingUpstream) -> Gateway:
@@ -79,7 +72,7 @@ async def test_draining_answers_new_requests_503_and_lets_in_flight_finish(
             await other.send(b"a" * 500 + request_bytes("POST", case.path, body=b"new"))
             resp = await other.response()
             assert resp.status == 503
-            assert resp.get("Retry-After") is not None
+            assert resp.header("Retry-After") is not None
             assert_error_body(resp, case)
             assert await other.closed()
             # 5. New connections are no longer accepted.
@@ -153,10 +146,9 @@ async def test_client_abort_mid_body_aborts_upstream_and_counts_499(
     assert line["credential"] == "ingest"
     metrics = await scrape(gw.admin_port)
     assert (
-        metrics.value("gateway_requests_total", route=case.name, credential="ingest", code="499")
-        == 1
+        metrics.sum("gateway_requests_total", route=case.name, credential="ingest", code="499") == 1
     )
-    assert metrics.value("gateway_requests_in_flight", route=case.name) == 0
+    assert metrics.sum("gateway_requests_in_flight", route=case.name) == 0
 
 
 async def test_client_abort_while_waiting_for_the_answer(
@@ -174,5 +166,5 @@ async def test_client_abort_while_waiting_for_the_answer(
         client.abort()
     await wait_for(lambda: bool(captured(log_capture, 499)))
     metrics = await scrape(gw.admin_port)
-    assert metrics.value("gateway_requests_total", route="remote_write", code="499") == 1
-    assert metrics.value("gateway_requests_in_flight", route="remote_write") == 0
+    assert metrics.sum("gateway_requests_total", route="remote_write", code="499") == 1
+    assert metrics.sum("gateway_requests_in_flight", route="remote_write") == 0

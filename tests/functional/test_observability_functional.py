@@ -21,17 +21,12 @@ from tests.conftest import (
     sha256,
     wait_for,
 )
-from tests.support import (
-    THREE_CREDENTIALS,
-    TRACES_TOKEN,
-    chunked,
-    hang,
-    raw_client,
-    raw_request,
-    refused_port,
-    request_bytes,
-    scrape,
-)
+from tests.support.client import raw_client, raw_request
+from tests.support.metrics import scrape
+from tests.support.routes import THREE_CREDENTIALS, TRACES_TOKEN
+from tests.support.sockets import refused_port
+from tests.support.upstreams import hang
+from tests.support.wire import chunked, request_bytes
 
 
 async def test_metrics_reflect_requests(
@@ -62,30 +57,33 @@ async def test_metrics_reflect_requests(
     await raw_request(gw.port, request_bytes("POST", "/api/v1/write", body=b"g"))
     m = await scrape(gw.admin_port)
     requests = "gateway_requests_total"
-    assert m.value(requests, route="remote_write", credential="ingest", code="204") == 2
-    assert m.value(requests, route="remote_write", credential="ingest", code="200") == 1
-    assert m.value(requests, route="otlp_traces", credential="traces", code="204") == 1
-    assert m.value(requests, route="remote_write", credential="none", code="401") == 2
-    assert m.value(requests, route="unmatched", credential="other", code="404") == 1
-    assert m.value(requests, route="otlp_traces", credential="other", code="403") == 1
-    assert m.value(requests, route="remote_write", credential="ingest", code="405") == 1
-    assert m.value(requests) == 9
-    assert m.value("gateway_auth_failures_total", reason="missing") == 1
-    assert m.value("gateway_auth_failures_total", reason="unknown") == 1
-    assert m.value("gateway_auth_failures_total", reason="scope") == 1
-    assert m.value("gateway_request_bytes_total", route="remote_write", credential="ingest") == 151
-    assert m.value("gateway_request_bytes_total", route="otlp_traces", credential="traces") == 10
+    assert m.sum(requests, route="remote_write", credential="ingest", code="204") == 2
+    assert m.sum(requests, route="remote_write", credential="ingest", code="200") == 1
+    assert m.sum(requests, route="otlp_traces", credential="traces", code="204") == 1
+    assert m.sum(requests, route="remote_write", credential="none", code="401") == 2
+    assert m.sum(requests, route="unmatched", credential="other", code="404") == 1
+    assert m.sum(requests, route="otlp_traces", credential="other", code="403") == 1
+    assert m.sum(requests, route="remote_write", credential="ingest", code="405") == 1
+    assert m.sum(requests) == 9
+    failures = "gateway_auth_failures_total"
+    # "none" where the config names no credential, as in gateway_requests_total.
+    assert m.sum(failures, reason="missing", credential="none", token_id="none") == 1
+    assert m.sum(failures, reason="unknown", credential="none", token_id="none") == 1
+    assert m.sum(failures, reason="scope", credential="other", token_id="default") == 1
+    assert m.sum(failures) == 3
+    assert m.sum("gateway_request_bytes_total", route="remote_write", credential="ingest") == 151
+    assert m.sum("gateway_request_bytes_total", route="otlp_traces", credential="traces") == 10
     # The upstream's 7 bytes plus the gateway's own bodies on this route: two
     # 401s ("missing bearer token\n", "invalid bearer token\n": 21 each) and
     # one 405 ("method not allowed\n": 19).
-    assert m.value("gateway_response_bytes_total", route="remote_write") == 7 + 21 + 21 + 19
-    assert m.value("gateway_request_duration_seconds_count", route="remote_write") == 6
-    assert m.value("gateway_upstream_response_seconds_count", route="remote_write") == 3
-    assert m.value("gateway_upstream_response_seconds_count", route="otlp_traces") == 1
-    assert m.value("gateway_requests_in_flight") == 0
-    last_used = m.value("gateway_credential_last_used_timestamp_seconds", credential="ingest")
+    assert m.sum("gateway_response_bytes_total", route="remote_write") == 7 + 21 + 21 + 19
+    assert m.sum("gateway_request_duration_seconds_count", route="remote_write") == 6
+    assert m.sum("gateway_upstream_response_seconds_count", route="remote_write") == 3
+    assert m.sum("gateway_upstream_response_seconds_count", route="otlp_traces") == 1
+    assert m.sum("gateway_requests_in_flight") == 0
+    last_used = m.sum("gateway_credential_last_used_timestamp_seconds", credential="ingest")
     assert before <= last_used <= time.time()
-    assert m.value("gateway_build_info") == 1
+    assert m.sum("gateway_build_info") == 1
     # Bounded labels: nothing a client sent becomes a label value.
     assert "secret-path" not in m.text
     assert "/nope" not in m.text
@@ -101,11 +99,11 @@ async def test_in_flight_gauge_counts_a_held_request(
         await client.send(request_bytes("POST", "/api/v1/write", body=b"x"))
         await wait_for(lambda: len(upstream.complete) == 1)
         m = await scrape(gw.admin_port)
-        assert m.value("gateway_requests_in_flight", route="remote_write") == 1
+        assert m.sum("gateway_requests_in_flight", route="remote_write") == 1
         upstream.release.set()
         assert (await client.response()).status == 204
     m = await scrape(gw.admin_port)
-    assert m.value("gateway_requests_in_flight", route="remote_write") == 0
+    assert m.sum("gateway_requests_in_flight", route="remote_write") == 0
 
 
 async def test_admin_listener_health_endpoints(start_gateway: StartGateway) -> None:

@@ -12,22 +12,12 @@ from google.rpc import status_pb2
 
 from gateway.process.gateway import Gateway
 from tests.conftest import StartGateway, StartRawUpstream, config_text
-from tests.support import (
-    OTLP as OTLP_CASE,
-)
-from tests.support import (
-    ROUTE_IDS,
-    ROUTES,
-    THREE_CREDENTIALS,
-    RawUpstream,
-    RouteCase,
-    answer_with,
-    assert_error_body,
-    raw_client,
-    raw_request,
-    request_bytes,
-    scrape,
-)
+from tests.support.client import raw_client, raw_request
+from tests.support.metrics import scrape
+from tests.support.routes import OTLP as OTLP_CASE
+from tests.support.routes import ROUTE_IDS, ROUTES, THREE_CREDENTIALS, RouteCase, assert_error_body
+from tests.support.upstreams import RawUpstream, answer_with
+from tests.support.wire import request_bytes
 
 OK_204 = b"HTTP/1.1 204 No Content\r\n\r\n"
 
@@ -86,7 +76,7 @@ async def test_path_tricks_are_404_and_never_reach_an_upstream(
     assert ok.status == 204
     assert up.connections == 1
     [seen] = up.requests
-    assert seen.startswith(b"POST /api/v1/write HTTP/1.1\r\n")
+    assert seen.raw.startswith(b"POST /api/v1/write HTTP/1.1\r\n")
 
 
 async def test_absolute_form_maps_to_the_path_only(setup: tuple[Gateway, RawUpstream]) -> None:
@@ -97,8 +87,8 @@ async def test_absolute_form_maps_to_the_path_only(setup: tuple[Gateway, RawUpst
     )
     assert resp.status == 204
     [seen] = up.requests
-    assert seen.startswith(b"POST /api/v1/write?x=1 HTTP/1.1\r\n")
-    assert b"evil.example" not in seen
+    assert seen.raw.startswith(b"POST /api/v1/write?x=1 HTTP/1.1\r\n")
+    assert b"evil.example" not in seen.raw
 
 
 @pytest.mark.parametrize("path", ["/nope", "/", "/metrics", "/api/v1/query", "/v1/logs"])
@@ -109,10 +99,10 @@ async def test_authenticated_unknown_path_is_404(
     for method in ("GET", "POST"):
         resp = await raw_request(gw.port, request_bytes(method, path, body=b"x"))
         assert resp.status == 404
-        assert resp.get("WWW-Authenticate") is None
+        assert resp.header("WWW-Authenticate") is None
         assert_error_body(resp, None)
     metrics = await scrape(gw.admin_port)
-    assert metrics.value("gateway_requests_total", route="unmatched", code="404") == 2
+    assert metrics.sum("gateway_requests_total", route="unmatched", code="404") == 2
     assert up.connections == 0
 
 
@@ -183,9 +173,9 @@ async def test_wrong_method_is_405_with_allow(
     async with raw_client(gw.port) as client:
         await client.send(request_bytes(method, case.path))
         # A HEAD answer has no body: read the head only.
-        resp = await (client.head_response() if method == "HEAD" else client.response())
+        resp = await client.response(head=method == "HEAD")
     assert resp.status == 405
-    assert resp.get("Allow") == "POST"
+    assert resp.header("Allow") == "POST"
     if method != "HEAD":
         assert_error_body(resp, case)
     assert up.connections == 0

@@ -18,12 +18,9 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import TOKEN, RecordingUpstream, StartGateway, config_text, wait_for
-from tests.support import (
-    GatewayProcess,
-    chunked,
-    raw_client,
-    request_bytes,
-)
+from tests.support.client import raw_client
+from tests.support.process import GatewayProcess
+from tests.support.wire import chunked, request_bytes
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 KiB, MiB = 1024, 1024 * 1024
@@ -165,7 +162,9 @@ async def test_256_mib_upload_does_not_grow_gateway_memory(
             'level = "debug"', 'level = "info"'
         )
     )
-    gw = GatewayProcess(config)
+    # One process, so the pid measured is the one that streams (with
+    # workers it would be the supervisor's, which never sees a byte).
+    gw = GatewayProcess(config, args=("--workers", "1"))
     try:
         await gw.start()
         block = bytes(MiB)

@@ -23,27 +23,19 @@ from tests.conftest import (
     config_text,
     wait_for,
 )
-from tests.support import (
-    ROUTE_IDS,
-    ROUTES,
-    THREE_CREDENTIALS,
-    RawResponse,
-    RawUpstream,
-    RouteCase,
-    UpstreamBehaviour,
+from tests.support.client import raw_client, raw_request
+from tests.support.metrics import scrape
+from tests.support.routes import ROUTE_IDS, ROUTES, THREE_CREDENTIALS, RouteCase, assert_error_body
+from tests.support.sockets import refused_port, unreachable_port
+from tests.support.upstreams import (
+    Behaviour,
+    UpConn,
     answer_with,
-    assert_error_body,
     close_after_head,
     hang,
-    raw_client,
-    raw_request,
-    read_head,
-    refused_port,
-    request_bytes,
     reset_after_head,
-    scrape,
-    unreachable_port,
 )
+from tests.support.wire import Response, request_bytes
 
 BODY = b"\x0a\x0bsnappy\x00\xff" * 64
 
@@ -59,7 +51,7 @@ async def start_for(start_gateway: StartGateway, url: str, upstream_cfg: str = "
     )
 
 
-async def post(gw: Gateway, case: RouteCase, body: bytes = BODY) -> RawResponse:
+async def post(gw: Gateway, case: RouteCase, body: bytes = BODY) -> Response:
     headers = [("Content-Type", "application/x-protobuf")]
     return await raw_request(gw.port, request_bytes("POST", case.path, headers, body), timeout=10)
 
@@ -72,13 +64,13 @@ async def test_upstream_refused_is_502_and_503_on_otlp(
         gw = await start_for(start_gateway, f"http://127.0.0.1:{port}")
         resp = await post(gw, case)
     assert resp.status == case.status(502, 503)
-    assert resp.get("Retry-After") is None  # the SDKs' own backoff outlasts "1"
+    assert resp.header("Retry-After") is None  # the SDKs' own backoff outlasts "1"
     assert_error_body(resp, case)
     assert str(port).encode() not in resp.raw
     metrics = await scrape(gw.admin_port)
-    assert metrics.value("gateway_upstream_errors_total", route=case.name, kind="connect") == 1
+    assert metrics.sum("gateway_upstream_errors_total", route=case.name, kind="connect") == 1
     code = str(case.status(502, 503))
-    assert metrics.value("gateway_requests_total", route=case.name, code=code) == 1
+    assert metrics.sum("gateway_requests_total", route=case.name, code=code) == 1
 
 
 @pytest.mark.parametrize("case", ROUTES, ids=ROUTE_IDS)
@@ -95,30 +87,24 @@ async def test_upstream_unreachable_is_502_and_503_on_otlp(
     assert resp.status == case.status(502, 503)
     assert_error_body(resp, case)
     metrics = await scrape(gw.admin_port)
-    assert metrics.value("gateway_upstream_errors_total", route=case.name, kind="connect") == 1
+    assert metrics.sum("gateway_upstream_errors_total", route=case.name, kind="connect") == 1
 
 
-PREMATURE: list[tuple[str, UpstreamBehaviour]] = [
+PREMATURE: list[tuple[str, Behaviour]] = [
     ("reset-after-request-head", reset_after_head),
     ("fin-after-request-head", close_after_head),
 ]
 
 
-async def partial_head_then_reset(
-    up: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    await read_head(reader)
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/pl")
-    await writer.drain()
-    writer.transport.abort()
+async def partial_head_then_reset(conn: UpConn) -> None:
+    await conn.read_head()
+    await conn.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/pl")
+    conn.writer.transport.abort()
 
 
-async def garbage(
-    up: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    await read_head(reader)
-    writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
-    await writer.drain()
+async def garbage(conn: UpConn) -> None:
+    await conn.read_head()
+    await conn.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
 
 
 @pytest.mark.parametrize("case", ROUTES, ids=ROUTE_IDS)
@@ -131,17 +117,17 @@ async def test_upstream_failing_before_response_head_is_502_and_503_on_otlp(
     start_gateway: StartGateway,
     raw_upstream: StartRawUpstream,
     case: RouteCase,
-    behaviour: UpstreamBehaviour,
+    behaviour: Behaviour,
 ) -> None:
     up = await raw_upstream(behaviour)
     gw = await start_for(start_gateway, up.url)
     resp = await post(gw, case)
     assert resp.status == case.status(502, 503)
-    assert resp.get("Retry-After") is None
+    assert resp.header("Retry-After") is None
     assert_error_body(resp, case)
     assert up.connections >= 1
     metrics = await scrape(gw.admin_port)
-    errors = metrics.value("gateway_upstream_errors_total", route=case.name)
+    errors = metrics.sum("gateway_upstream_errors_total", route=case.name)
     assert errors >= 1
 
 
@@ -156,15 +142,15 @@ async def test_upstream_hanging_is_504_and_503_on_otlp(
     resp = await post(gw, case)
     waited = loop.time() - started
     assert resp.status == case.status(504, 503)
-    assert resp.get("Retry-After") is None
+    assert resp.header("Retry-After") is None
     assert_error_body(resp, case)
     assert 0.35 <= waited < 3.0
     # The upstream did get the whole request; it just never answered.
     assert up.received.endswith(BODY)
     metrics = await scrape(gw.admin_port)
-    assert metrics.value("gateway_upstream_errors_total", route=case.name, kind="timeout") == 1
+    assert metrics.sum("gateway_upstream_errors_total", route=case.name, kind="timeout") == 1
     code = str(case.status(504, 503))
-    assert metrics.value("gateway_requests_total", route=case.name, code=code) == 1
+    assert metrics.sum("gateway_requests_total", route=case.name, code=code) == 1
 
 
 async def test_gateway_recovers_after_upstream_failures(
@@ -172,15 +158,13 @@ async def test_gateway_recovers_after_upstream_failures(
 ) -> None:
     calls = 0
 
-    async def flaky(
-        up: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def flaky(conn: UpConn) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
-            await reset_after_head(up, reader, writer)
+            await reset_after_head(conn)
         else:
-            await answer_with(b"HTTP/1.1 204 No Content\r\n\r\n")(up, reader, writer)
+            await answer_with(b"HTTP/1.1 204 No Content\r\n\r\n")(conn)
 
     up = await raw_upstream(flaky)
     gw = await start_for(start_gateway, up.url)
@@ -224,14 +208,14 @@ async def test_upstream_answers_pass_through_verbatim(
     resp = await post(gw, case)
     assert resp.status == status
     assert resp.body == body
-    assert resp.get("X-Upstream-Marker") == "m1"
+    assert resp.header("X-Upstream-Marker") == "m1"
     for name, value in headers.items():
-        assert resp.get_all(name) == [value]
+        assert resp.all(name) == [value]
     if status in (429, 503) and "Retry-After" not in headers:
         raise AssertionError("test table must give Retry-After with 429/503")
     metrics = await scrape(gw.admin_port)
-    assert metrics.value("gateway_requests_total", route=case.name, code=str(status)) == 1
-    assert metrics.value("gateway_upstream_errors_total") == 0
+    assert metrics.sum("gateway_requests_total", route=case.name, code=str(status)) == 1
+    assert metrics.sum("gateway_upstream_errors_total") == 0
 
 
 async def test_remote_write_written_headers_pass_through(
@@ -248,7 +232,7 @@ async def test_remote_write_written_headers_pass_through(
     resp = await post(gw, ROUTES[0])
     assert resp.status == 204
     for name, value in written.items():
-        assert resp.get_all(name) == [value]
+        assert resp.all(name) == [value]
 
 
 async def test_otlp_partial_success_body_passes_through(
@@ -263,7 +247,7 @@ async def test_otlp_partial_success_body_passes_through(
     gw = await start_for(start_gateway, upstream.url)
     resp = await post(gw, ROUTES[1])
     assert resp.status == 200
-    assert resp.get("Content-Type") == "application/x-protobuf"
+    assert resp.header("Content-Type") == "application/x-protobuf"
     decoded = trace_service_pb2.ExportTraceServiceResponse()
     decoded.ParseFromString(resp.body)
     assert decoded.partial_success.rejected_spans == 3
@@ -303,12 +287,12 @@ async def test_response_hop_by_hop_headers_are_dropped(
         "Trailer",
         "Upgrade",
     ):
-        assert not resp.has(gone), gone
-    assert "x-up-hop" not in (resp.get("Connection") or "").lower()
-    assert resp.get("X-Keep") == "yes"
-    assert resp.get("Server") == "VictoriaMetrics"
-    assert resp.get("Content-Encoding") == "gzip"
-    assert resp.get("Content-Type") == "application/json"
+        assert resp.header(gone) is None, gone
+    assert "x-up-hop" not in (resp.header("Connection") or "").lower()
+    assert resp.header("X-Keep") == "yes"
+    assert resp.header("Server") == "VictoriaMetrics"
+    assert resp.header("Content-Encoding") == "gzip"
+    assert resp.header("Content-Type") == "application/json"
 
 
 async def test_upstream_1xx_is_not_forwarded_as_final(
@@ -326,21 +310,19 @@ async def test_upstream_1xx_is_not_forwarded_as_final(
         await client.send(request_bytes("POST", "/api/v1/write", body=BODY))
         resp = await client.response()
         assert resp.status == 204
-        assert resp.get("X-Final") == "1"
+        assert resp.header("X-Final") == "1"
         # Keep-alive still works after the interim answers.
         await client.send(request_bytes("POST", "/api/v1/write", body=BODY))
         assert (await client.response()).status == 204
     await wait_for(lambda: len(up.requests) == 2)
 
 
-async def stop_reading_after_head(
-    up: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
+async def stop_reading_after_head(conn: UpConn) -> None:
     """Read the head, then never read again (a wedged receiver): the
     gateway's writes back up and the client must be paused, not blamed."""
-    up.requests.append(await read_head(reader))
+    await conn.read_head()
     with suppress(ConnectionError):
-        await writer.wait_closed()
+        await conn.writer.wait_closed()
 
 
 @pytest.mark.parametrize("case", ROUTES, ids=ROUTE_IDS)

@@ -8,15 +8,12 @@ import signal
 from pathlib import Path
 
 from tests.conftest import RecordingUpstream, config_text, wait_for
-from tests.support import GatewayProcess, raw_request, request_bytes, scrape
+from tests.support.client import raw_request
+from tests.support.metrics import scrape
+from tests.support.process import GatewayProcess
+from tests.support.wire import request_bytes
 
 REQUESTS = 40
-
-
-def _children(pid: int) -> set[int]:
-    """The supervisor's worker processes (procfs, a local read)."""
-    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    return {int(p) for p in text.split()}
 
 
 async def _send(port: int, n: int) -> None:
@@ -42,33 +39,31 @@ async def test_counters_add_up_across_workers_and_survive_a_worker_death(
             if name == "gateway_worker_cpu_seconds_total"
         }
         assert set(per_worker) == {"0", "1"}
-        assert metrics.value("gateway_workers") == 2
+        assert metrics.sum("gateway_workers") == 2
         assert len(upstream.requests) == REQUESTS
-        assert metrics.value("gateway_requests_total", code="204") == REQUESTS
-        assert metrics.value("gateway_request_bytes_total", route="remote_write") == 3 * REQUESTS
-        assert metrics.value("gateway_credential_requests_total") == REQUESTS
+        assert metrics.sum("gateway_requests_total", code="204") == REQUESTS
+        assert metrics.sum("gateway_request_bytes_total", route="remote_write") == 3 * REQUESTS
+        assert metrics.sum("gateway_credential_requests_total") == REQUESTS
 
         # Kill one worker outright: its counts stay in the sums, and the
         # supervisor starts a replacement that serves.
-        assert gw.proc is not None
-        pid = gw.proc.pid
-        children = _children(pid)
+        children = set(gw.pids()[1:])
         assert len(children) == 2
         victim = min(children)
         os.kill(victim, signal.SIGKILL)
 
         def replaced() -> bool:
-            now = _children(pid)
+            now = set(gw.pids()[1:])
             return len(now) == 2 and victim not in now
 
         await wait_for(replaced, timeout=15)
-        await wait_for(lambda: bool(gw.events("worker_exited")), timeout=5)
+        await wait_for(lambda: bool(gw.find("worker_exited")), timeout=5)
         await _send(gw.port, REQUESTS)
         after = await scrape(gw.admin_port)
         assert len(upstream.requests) == 2 * REQUESTS
         # The dead worker served nothing after the last scrape, so its kept
         # snapshot is complete and the sums are exact, never backwards.
-        assert after.value("gateway_requests_total", code="204") == 2 * REQUESTS
-        assert after.value("gateway_request_bytes_total", route="remote_write") == 6 * REQUESTS
+        assert after.sum("gateway_requests_total", code="204") == 2 * REQUESTS
+        assert after.sum("gateway_request_bytes_total", route="remote_write") == 6 * REQUESTS
     finally:
         await gw.stop()

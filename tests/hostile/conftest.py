@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.conftest import config_text
-from tests.hostile.support import RawUpstream
+from tests.support.upstreams import RawUpstream
 
 # Short, but well above the sweeper's tick (timeout / 5, at least 20 ms).
 FAST_SERVER = """

@@ -35,21 +35,27 @@ from hypothesis import strategies as st
 
 from gateway.config.loader import ConfigError, loads
 from gateway.policy.auth import Authenticator, Failure, Principal
-from gateway.policy.errors import ErrorRenderer, Kind, Protocol, status_of
+from gateway.policy.errors import ErrorRenderer, Kind, Protocol, grpc_trailers_only, status_of
 from gateway.policy.generation import Generation
-from gateway.policy.headers import HOP_BY_HOP, REQUEST_DROP, connection_tokens, drop_listed
+from gateway.policy.headers import (
+    CLIENT_ADDRESS,
+    HOP_BY_HOP,
+    REQUEST_DROP,
+    connection_tokens,
+    drop_listed,
+)
 from tests.conftest import OTHER_TOKEN, TOKEN, StartGateway, config_text, sha256, wait_for
 from tests.hostile.conftest import hostile_config
-from tests.hostile.support import (
-    ParsedRequest,
-    RawConn,
-    RawUpstream,
-    UpConn,
-    parse_request,
-    parse_statuses,
-    read_response,
-)
+from tests.support.client import raw_client
 from tests.support.heads import ParsedHead
+from tests.support.upstreams import RawUpstream, UpConn
+from tests.support.wire import (
+    ParsedRequest,
+    Response,
+    parse_request,
+    parse_response,
+    parse_statuses,
+)
 
 PROPERTY = settings(
     max_examples=300,
@@ -160,7 +166,10 @@ _NAMES = st.one_of(
     st.sampled_from(
         [
             *sorted(n.decode() for n in REQUEST_DROP),
+            *sorted(n.decode() for n in CLIENT_ADDRESS),
             *("X-Custom", "Content-Type", "X-Listed", "traceparent", "User-Agent", "X-Request-Id"),
+            *("X-Forwarded-Host", "X_Custom", "X-Custom_", "Transfer_Encoding", "X-Real_IP"),
+            *("X_Listed", "Content_Type", "X-Forwarded_For", "traceparent_"),
         ]
     ).flatmap(
         lambda n: st.builds(
@@ -194,13 +203,15 @@ def test_drop_listed_removes_exactly_the_named_fields(
     headers=st.lists(st.tuples(_NAMES, _VALUES), max_size=30),
     connection=st.lists(st.lists(_NAMES, min_size=1, max_size=3).map(", ".join), max_size=2),
     chunked=st.booleans(),
+    underscores=st.booleans(),
 )
 def test_upstream_head_carries_no_hop_by_hop_field(
-    headers: list[tuple[str, str]], connection: list[str], chunked: bool
+    headers: list[tuple[str, str]], connection: list[str], chunked: bool, underscores: bool
 ) -> None:
     """Whatever the client sends, the head built for the upstream is one
-    well-formed request with our framing, Host and X-Forwarded-*, and none
-    of the hop-by-hop, listed, or credential fields."""
+    well-formed request with our framing, Host and X-Forwarded-*, none of
+    the hop-by-hop, listed, credential or client-address fields, and no
+    two fields that a backend folding "_" into "-" would read as one."""
     lines = ["POST /api/v1/write HTTP/1.1", "Host: client.example"]
     lines += [
         f"{n}: {v}"
@@ -220,7 +231,9 @@ def test_upstream_head_carries_no_hop_by_hop_field(
     head = sink.head
     head.finish(parser, sink.url, b"rid-1", b"x-forwarded-for")
     assert not head.malformed
-    out = head.upstream_head(b"/api/v1/write", b"upstream:8428", b"127.0.0.1", False, b"http")
+    out = head.upstream_head(
+        b"/api/v1/write", b"upstream:8428", b"127.0.0.1", False, b"http", b"127.0.0.1", underscores
+    )
     body = b"4\r\nabcd\r\n0\r\n\r\n" if chunked else b"abcd"
     req, used = parse_request(out + body)
     assert used == len(out + body)
@@ -235,24 +248,41 @@ def test_upstream_head_carries_no_hop_by_hop_field(
     assert req.all("Host") == ["upstream:8428"]
     assert req.all("X-Forwarded-For") == ["127.0.0.1"]
     assert req.all("X-Forwarded-Proto") == ["http"]
+    assert req.all("X-Real-IP") == ["127.0.0.1"]
     # X-Request-Id: the gateway adds its own when the client sent none.
     own = {
         "host",
         "x-forwarded-for",
         "x-forwarded-proto",
+        "x-real-ip",
         "content-length",
         "transfer-encoding",
         "x-request-id",
     }
     for name in names - own:
         assert name not in listed, name
+        assert name.encode() not in CLIENT_ADDRESS, name
+        assert not name.startswith("x-forwarded-"), name
+    folded: dict[str, set[str]] = {}
+    for name in names:
+        folded.setdefault(name.replace("_", "-"), set()).add(name)
+    if underscores:
+        for name in (n for n in names if "_" in n):
+            assert len(folded[name.replace("_", "-")]) == 1, folded
+            assert name.replace("_", "-") not in own | {"content-type"}, name
+            assert name.replace("_", "-") not in listed, name
+    else:
+        assert not [n for n in names if "_" in n]
     # Every other field arrives, in order.
     expected = [
         (n, v)
         for n, v in (tuple(x.decode() for x in h) for h in sink.headers)
-        if n.lower().encode() not in REQUEST_DROP and n.lower() not in listed
+        if n.lower().encode() not in REQUEST_DROP | CLIENT_ADDRESS
+        and not n.lower().startswith("x-forwarded-")
+        and "_" not in n
+        and n.lower() not in listed
     ]
-    got = [(n, v) for n, v in req.headers if n.lower() not in own]
+    got = [(n, v) for n, v in req.headers if n.lower() not in own and "_" not in n]
     assert [h for h in got if h[0].lower() != "x-request-id"] == [
         h for h in expected if h[0].lower() != "x-request-id"
     ]
@@ -486,16 +516,10 @@ def test_a_token_pasted_into_a_secret_field_is_not_echoed(field: str, pasted: st
 # -- the error mapping ------------------------------------------------------------
 
 
-def _parse_rendered(data: bytes) -> Any:
-    async def parse() -> Any:
-        reader = asyncio.StreamReader()
-        reader.feed_data(data)
-        reader.feed_eof()
-        resp = await read_response(reader)
-        assert await reader.read() == b"", "bytes after the response"
-        return resp
-
-    return asyncio.run(parse())
+def _parse_rendered(data: bytes) -> Response:
+    resp, used = parse_response(data, eof=True)
+    assert used == len(data), "bytes after the response"
+    return resp
 
 
 def test_error_mapping_every_kind_and_protocol() -> None:
@@ -506,7 +530,18 @@ def test_error_mapping_every_kind_and_protocol() -> None:
     renderer = ErrorRenderer("obs-gateway")
     date = b"Date: Thu, 01 Jan 2026 00:00:00 GMT\r\n"
     for kind in Kind:
-        for protocol in Protocol:
+        fields = dict(grpc_trailers_only(kind))
+        # gRPC: trailers-only HTTP 200; never UNKNOWN (2) or INTERNAL (13);
+        # pushback exactly where HTTP/1.1 has Retry-After.
+        assert fields[b":status"] == b"200"
+        assert fields[b"content-type"] == b"application/grpc"
+        code = int(fields[b"grpc-status"])
+        assert code not in (0, 2, 13), kind
+        assert fields[b"grpc-message"]
+        pushback = b"grpc-retry-pushback-ms" in fields
+        assert pushback == (code == 14 and not kind.name.startswith("UPSTREAM_")), kind
+        assert pushback == (b"google.rpc.retryinfo-bin" in fields)
+        for protocol in (Protocol.PLAIN, Protocol.REMOTE_WRITE, Protocol.OTLP):
             for as_json in (False, True):
                 for close in (False, True):
                     status, data, body_len = renderer.render(kind, protocol, as_json, date, close)
@@ -525,9 +560,7 @@ def test_error_mapping_every_kind_and_protocol() -> None:
                     elif status in (429, 503):
                         assert resp.header("Retry-After") == "1"
                     if status == 401:
-                        assert resp.header(
-                            "WWW-Authenticate",
-                        ).startswith("Bearer ")
+                        assert (resp.header("WWW-Authenticate") or "").startswith("Bearer ")
                     ctype = resp.header("Content-Type")
                     if protocol is Protocol.OTLP and as_json:
                         assert ctype == "application/json"
@@ -757,7 +790,7 @@ async def test_socket_fuzz_never_crashes_never_500_never_forwards_elsewhere(  # 
 
     async def run(i: int, data: bytes, split: int, half_close: bool) -> None:
         try:
-            async with await RawConn.open(gw.port) as conn:
+            async with raw_client(gw.port) as conn:
                 with contextlib.suppress(ConnectionResetError, BrokenPipeError):
                     if split:
                         await conn.send(data[:split])
@@ -837,7 +870,7 @@ async def test_socket_fuzz_never_crashes_never_500_never_forwards_elsewhere(  # 
     assert not problems, summary + "\n" + "\n".join(problems)
 
     # 4. Still serving, nothing left over.
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(_req("POST", "/api/v1/write", b"final"))
         assert (await conn.response()).status in (200, 204)
     await wait_for(lambda: gw.stats.open_connections == 0, 5.0)

@@ -7,14 +7,9 @@ import pytest
 
 from tests.conftest import TOKEN, StartGateway
 from tests.hostile.conftest import hostile_config
-from tests.hostile.support import (
-    ParsedRequest,
-    RawConn,
-    RawUpstream,
-    UpConn,
-    parse_statuses,
-    request,
-)
+from tests.support.client import raw_client
+from tests.support.upstreams import RawUpstream, UpConn
+from tests.support.wire import ParsedRequest, parse_statuses, request
 
 HOP_BY_HOP_REQUEST = [
     ("Connection", "keep-alive, X-Listed-One, x-listed-two"),
@@ -54,7 +49,7 @@ async def test_hop_by_hop_and_listed_request_headers_never_reach_upstream(
         headers=HOP_BY_HOP_REQUEST + END_TO_END,
         host="evil.example",
     )
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(data)
         resp = await conn.response()
     assert resp.status == 204
@@ -89,7 +84,7 @@ async def test_connection_cannot_strip_what_the_gateway_adds(
         token=TOKEN,
         headers=[("Connection", "X-Forwarded-For, Host, Content-Length, X-Request-Id")],
     )
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(data)
         resp = await conn.response()
     assert resp.status == 204
@@ -119,7 +114,7 @@ async def test_hop_by_hop_response_headers_never_reach_client(
 
     strict_upstream.responder = responder
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(request("POST", "/api/v1/write", b"x", token=TOKEN))
         resp = await conn.response()
     assert resp.status == 204
@@ -142,7 +137,7 @@ async def test_response_framing_is_rebuilt(
 
     strict_upstream.responder = responder
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(request("POST", "/api/v1/write", b"x", token=TOKEN))
         resp = await conn.response()
     assert resp.status == 400  # passed through verbatim (DESIGN §3)
@@ -157,7 +152,7 @@ async def test_two_authorization_headers_are_refused(
     data = request(
         "POST", "/api/v1/write", b"x", token=TOKEN, headers=[("Authorization", "Bearer x")]
     )
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(data)
         resp = await conn.response()
     assert resp.status == 401
@@ -173,7 +168,7 @@ async def test_malformed_authorization_is_401(
 ) -> None:
     gw = await start_gateway(hostile_config(strict_upstream))
     data = request("POST", "/api/v1/write", b"x", headers=[("Authorization", value)])
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(data)
         resp = await conn.response()
     assert resp.status == 401
@@ -188,7 +183,7 @@ async def test_malformed_authorization_is_401(
 
 
 async def _head_status(port: int, data: bytes) -> tuple[list[int], bytes]:
-    async with await RawConn.open(port) as conn:
+    async with raw_client(port) as conn:
         await conn.send(data)
         conn.half_close()
         stream = await conn.eof()
@@ -282,7 +277,7 @@ async def test_head_over_limit_in_tiny_segments_is_431(
     """The limit holds however the head is split across reads."""
     gw = await start_gateway(hostile_config(strict_upstream, server="header_timeout_seconds = 5.0"))
     data = request("POST", "/api/v1/write", b"x", token=TOKEN, headers=[("X-Big", "b" * 17_000)])
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         for i in range(0, len(data), 1000):
             try:
                 await conn.send(data[i : i + 1000])
@@ -301,7 +296,7 @@ async def test_unusable_request_id_is_replaced_not_duplicated(
     client's cannot be used (two would leave the upstream to guess)."""
     gw = await start_gateway(hostile_config(strict_upstream))
     data = request("POST", "/api/v1/write", b"x", token=TOKEN, headers=[("X-Request-Id", value)])
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(data)
         assert (await conn.response()).status == 204
     [req] = strict_upstream.requests
@@ -317,7 +312,7 @@ async def test_usable_request_id_is_kept_once(
     data = request(
         "POST", "/api/v1/write", b"x", token=TOKEN, headers=[("X-Request-Id", "abc-123")]
     )
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(data)
         assert (await conn.response()).status == 204
     [req] = strict_upstream.requests

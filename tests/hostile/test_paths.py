@@ -8,7 +8,9 @@ import pytest
 
 from tests.conftest import TOKEN, StartGateway
 from tests.hostile.conftest import hostile_config
-from tests.hostile.support import RawConn, RawUpstream, parse_statuses
+from tests.support.client import raw_client
+from tests.support.upstreams import RawUpstream
+from tests.support.wire import parse_statuses
 
 TRICKS = [
     "/api/v1/write/",
@@ -42,6 +44,11 @@ TRICKS = [
     "*",
     "http://gw/api/v1/write/..",
     "http://gw//api/v1/write",
+    # Authority, then a query: a proxy in front sees path "/" (70f0a08 routed these).
+    "http://gw?/api/v1/write",
+    "http://gw:8080?/api/v1/write",
+    "https://gw?/v1/traces",
+    "http://gw?x=/api/v1/write",
 ]
 
 
@@ -55,7 +62,7 @@ async def _status(port: int, method: str, target: bytes, token: str | None) -> l
         + auth
         + b"Content-Length: 4\r\n\r\nabcd"
     )
-    async with await RawConn.open(port) as conn:
+    async with raw_client(port) as conn:
         await conn.send(data)
         conn.half_close()
         return parse_statuses(await conn.eof())
@@ -82,8 +89,19 @@ async def test_path_trick_is_404_with_token_and_401_without(
         b"/api/v1/ write",
         b"api/v1/write",
         b"%2Fapi%2Fv1%2Fwrite",
+        b"http://gw#/api/v1/write",
+        b"http://gw\\/api/v1/write",
     ],
-    ids=["nul_end", "nul_mid", "del", "space", "relative", "encoded_first_slash"],
+    ids=[
+        "nul_end",
+        "nul_mid",
+        "del",
+        "space",
+        "relative",
+        "encoded_first_slash",
+        "absolute_fragment",
+        "absolute_backslash",
+    ],
 )
 async def test_unparseable_target_is_400(
     target: bytes, start_gateway: StartGateway, strict_upstream: RawUpstream
@@ -100,7 +118,7 @@ async def test_wrong_method_on_a_route_is_405_with_allow(
     gw = await start_gateway(hostile_config(strict_upstream))
     head = method == "HEAD"
     data = f"{method} /api/v1/write HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(data.encode())
         resp = await conn.response(head=head)
     assert resp.status == 405
@@ -153,7 +171,7 @@ async def test_proxy_style_targets_are_not_routes(
         + target
         + f" HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
     )
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(data)
         conn.half_close()
         stream = await conn.eof()

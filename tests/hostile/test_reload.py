@@ -15,22 +15,14 @@ import pytest
 
 from tests.conftest import TOKEN, sha256
 from tests.hostile.conftest import hostile_config
-from tests.hostile.support import RawConn, RawUpstream, request
-from tests.support import GatewayProcess
-
-
-async def _events(proc: GatewayProcess, names: tuple[str, ...], n: int, timeout: float) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while sum(len(proc.events(name)) for name in names) < n:
-        assert proc.proc is not None
-        assert proc.proc.returncode is None, f"gateway exited {proc.proc.returncode}"
-        assert loop.time() < deadline, f"no {names} event; {proc.lines[-5:]}"
-        await asyncio.sleep(0.05)
+from tests.support.client import raw_client
+from tests.support.process import RELOAD_EVENTS, GatewayProcess
+from tests.support.upstreams import RawUpstream
+from tests.support.wire import request
 
 
 async def _post(port: int, body: bytes) -> int:
-    async with await RawConn.open(port) as conn:
+    async with raw_client(port) as conn:
         await conn.send(request("POST", "/api/v1/write", body, token=TOKEN))
         return (await conn.response()).status
 
@@ -89,12 +81,12 @@ async def test_unservable_config_is_a_failed_reload_and_later_reloads_work(
         config.write_text(bad)
         os.kill(proc.proc.pid, signal.SIGHUP)
         # Refused and said so, like any invalid config.
-        await _events(proc, ("config_reload_failed", "config_reload_partial"), 1, 5.0)
+        await proc.wait_event(("config_reload_failed", "config_reload_partial"), timeout=5.0)
         assert await _post(proc.port, b"old-config") == 204
         config.write_text(good)
         os.kill(proc.proc.pid, signal.SIGHUP)
-        await _events(proc, ("config_reloaded",), 1, 15.0)
-        assert not proc.events("config_reload_partial"), proc.events("config_reload_partial")
+        await proc.wait_event("config_reloaded", timeout=15.0)
+        assert not proc.find("config_reload_partial"), proc.find("config_reload_partial")
         assert await _post(proc.port, b"new-config") == 204
     finally:
         await proc.stop()
@@ -136,14 +128,14 @@ async def _statuses_on_every_worker(
     seen: dict[int, set[int]] = {}
     for i in range(60):
         rid = f"{tag}-{i}"
-        async with await RawConn.open(proc.port) as conn:
+        async with raw_client(proc.port) as conn:
             await conn.send(
                 request("POST", "/api/v1/write", b"x", token=token, headers=[("X-Request-Id", rid)])
             )
             sent[rid] = (await conn.response()).status
         await asyncio.sleep(0.25)  # access lines are flushed a few times a second
         seen = {}
-        for line in proc.events("request"):
+        for line in proc.find("request"):
             if line.get("request_id") in sent:
                 seen.setdefault(int(line["worker"]), set()).add(int(line["status"]))
         if len(seen) == 2:
@@ -185,11 +177,12 @@ async def test_a_worker_that_misses_the_reload_deadline_fails_it_everywhere(
         config.write_text(new)
         os.kill(workers[1], signal.SIGSTOP)
         stopped = workers[1]
+        since = proc.mark()
         os.kill(proc.proc.pid, signal.SIGHUP)
-        await _events(
-            proc, ("config_reload_failed", "config_reload_partial", "config_reloaded"), 1, 15.0
+        outcome = await proc.wait_event(RELOAD_EVENTS, since, timeout=15.0)
+        assert outcome["event"] == "config_reload_failed", (
+            "a stopped worker cannot have acknowledged"
         )
-        assert not proc.events("config_reloaded"), "a stopped worker cannot have acknowledged"
         # The supervisor's metrics still describe the config in force.
         metrics = await _metrics(proc.admin_port)
         assert 'token_id="old"' in metrics
@@ -204,17 +197,19 @@ async def test_a_worker_that_misses_the_reload_deadline_fails_it_everywhere(
         # not pass for an answer to this one.
         os.kill(workers[1], signal.SIGSTOP)
         stopped = workers[1]
+        since = proc.mark()
         os.kill(proc.proc.pid, signal.SIGHUP)
-        await _events(
-            proc, ("config_reload_failed", "config_reload_partial", "config_reloaded"), 2, 15.0
+        outcome = await proc.wait_event(RELOAD_EVENTS, since, timeout=15.0)
+        assert outcome["event"] == "config_reload_failed", (
+            "worker 1 is stopped: nothing acknowledged"
         )
-        assert not proc.events("config_reloaded"), "worker 1 is stopped: nothing acknowledged"
         os.kill(workers[1], signal.SIGCONT)
         stopped = None
         await asyncio.sleep(1.0)
         # Everyone running: the same config reloads, on every worker.
+        since = proc.mark()
         os.kill(proc.proc.pid, signal.SIGHUP)
-        await _events(proc, ("config_reloaded",), 1, 15.0)
+        await proc.wait_event("config_reloaded", since, timeout=15.0)
         assert await _statuses_on_every_worker(proc, NEW_TOKEN, "c") == {0: {204}, 1: {204}}
         assert 'token_id="new"' in await _metrics(proc.admin_port)
     finally:

@@ -19,7 +19,9 @@ import pytest
 from gateway.process.gateway import Gateway
 from tests.conftest import TOKEN, StartGateway, wait_for
 from tests.hostile.conftest import hostile_config
-from tests.hostile.support import RawConn, RawUpstream, parse_statuses, request
+from tests.support.client import RawClient, raw_client
+from tests.support.upstreams import RawUpstream
+from tests.support.wire import parse_statuses, request
 
 HEADER_TIMEOUT = 0.5
 BODY_IDLE = 0.5
@@ -34,7 +36,7 @@ def _head(path: str, length: int, extra: str = "") -> bytes:
     ).encode()
 
 
-async def _trickle(conn: RawConn, data: bytes, every: float, closed: asyncio.Event) -> None:
+async def _trickle(conn: RawClient, data: bytes, every: float, closed: asyncio.Event) -> None:
     """Send ``data`` a byte at a time, the slowloris way, until refused."""
     for i in range(len(data)):
         if closed.is_set():
@@ -51,7 +53,7 @@ async def test_slowloris_head_is_closed_at_the_header_timeout(
 ) -> None:
     gw = await start_gateway(hostile_config(strict_upstream))
     head = _head("/api/v1/write", 4) + b"abcd"
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         t0 = time.monotonic()
         closed = asyncio.Event()
         sender = asyncio.create_task(_trickle(conn, head, 0.05, closed))
@@ -70,9 +72,9 @@ async def test_silent_connection_is_closed_at_the_header_timeout(
     start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         t0 = time.monotonic()
-        assert await conn.closed_within(HEADER_TIMEOUT + SLACK)
+        assert await conn.closed(HEADER_TIMEOUT + SLACK)
         assert time.monotonic() - t0 >= HEADER_TIMEOUT - 0.05
 
 
@@ -86,7 +88,7 @@ async def test_slowloris_on_a_kept_alive_connection(
             server=f"header_timeout_seconds = {HEADER_TIMEOUT}\nkeepalive_timeout_seconds = 30",
         )
     )
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(request("POST", "/api/v1/write", b"one", token=TOKEN))
         assert (await conn.response()).status == 204
         t0 = time.monotonic()
@@ -109,11 +111,11 @@ async def test_idle_keep_alive_connection_is_closed(
             strict_upstream, server="header_timeout_seconds = 5\nkeepalive_timeout_seconds = 0.5"
         )
     )
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(request("POST", "/api/v1/write", b"one", token=TOKEN))
         assert (await conn.response()).status == 204
         t0 = time.monotonic()
-        assert await conn.closed_within(0.5 + SLACK)
+        assert await conn.closed(0.5 + SLACK)
         assert time.monotonic() - t0 >= 0.45
 
 
@@ -133,13 +135,13 @@ async def test_stalled_body_is_timed_out_and_never_completed_upstream(
     log_capture: list[MutableMapping[str, Any]],
 ) -> None:
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(_head(path, 1000) + b"x" * 100)
         await wait_for(lambda: len(strict_upstream.received) > 100)  # streaming began
         t0 = time.monotonic()
         resp = await conn.response(timeout=BODY_IDLE + SLACK + 1)
         elapsed = time.monotonic() - t0
-        assert await conn.closed_within(3.0)
+        assert await conn.closed(3.0)
     assert resp.status == status
     assert resp.header("Content-Type") == content_type
     assert resp.header("Connection") == "close"
@@ -157,7 +159,7 @@ async def test_stalled_json_otlp_body_gets_a_json_status(
     start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(_head("/v1/traces", 1000, "Content-Type: application/json\r\n") + b"{")
         resp = await conn.response(timeout=BODY_IDLE + SLACK + 1)
     assert resp.status == 503
@@ -182,7 +184,7 @@ async def test_trickling_body_below_the_minimum_rate_is_cut(
     gw = await start_gateway(
         hostile_config(strict_upstream, server=SLOW_BODY_SERVER, extra=MIN_RATE)
     )
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(_head("/api/v1/write", 100_000))
         t0 = time.monotonic()
         done = asyncio.Event()
@@ -216,7 +218,7 @@ async def test_steady_body_above_the_minimum_rate_passes(
         hostile_config(strict_upstream, server=SLOW_BODY_SERVER, extra=MIN_RATE)
     )
     chunk, n = b"z" * 200, 10  # 200 bytes / 50 ms = 4000 B/s for 0.5 s
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(_head("/api/v1/write", len(chunk) * n))
         for _ in range(n):
             await conn.send(chunk)
@@ -245,7 +247,7 @@ async def test_client_disconnect_mid_body_never_completes_upstream(
         data = head + b"%x\r\n" % len(part) + part + b"\r\n"
     else:
         data = _head("/api/v1/write", 100_000) + part
-    conn = await RawConn.open(gw.port)
+    conn = await RawClient.open(gw.port)
     await conn.send(data)
     await wait_for(lambda: b"ppppp" in strict_upstream.received)
     if how == "rst":
@@ -265,11 +267,11 @@ async def test_client_disconnect_mid_body_never_completes_upstream(
     assert gw.stats.pairs["remote_write", "ingest"].codes == {499: 1}
 
 
-async def _open_many(port: int, n: int, first_bytes: bytes) -> list[RawConn]:
-    conns: list[RawConn] = []
+async def _open_many(port: int, n: int, first_bytes: bytes) -> list[RawClient]:
+    conns: list[RawClient] = []
 
     async def one() -> None:
-        conn = await RawConn.open(port)
+        conn = await RawClient.open(port)
         conns.append(conn)
         if first_bytes:
             await conn.send(first_bytes)
@@ -279,7 +281,7 @@ async def _open_many(port: int, n: int, first_bytes: bytes) -> list[RawConn]:
     return conns
 
 
-async def _close_all(conns: list[RawConn]) -> None:
+async def _close_all(conns: list[RawClient]) -> None:
     for conn in conns:
         conn.writer.close()
     for conn in conns:
@@ -304,7 +306,7 @@ async def test_thousands_of_idle_connections_do_not_delay_a_valid_request(
     conns = await _open_many(gw.port, IDLE_CONNECTIONS, partial)
     try:
         await wait_for(lambda: gw.stats.open_connections >= IDLE_CONNECTIONS, 5.0)
-        async with await RawConn.open(gw.port) as good:
+        async with raw_client(gw.port) as good:
             t0 = time.monotonic()
             await good.send(request("POST", "/api/v1/write", b"valid", token=TOKEN))
             resp = await good.response()
@@ -314,7 +316,7 @@ async def test_thousands_of_idle_connections_do_not_delay_a_valid_request(
         assert [r.body for r in strict_upstream.requests] == [b"valid"]
         # The sweeper closes them all at the header deadline (one pass, no per-connection timers).
         await wait_for(lambda: gw.stats.open_connections == 0, header_timeout + 3.0)
-        closed = await asyncio.gather(*(c.closed_within(2.0) for c in conns))
+        closed = await asyncio.gather(*(c.closed(2.0) for c in conns))
         assert all(closed)
     finally:
         await _close_all(conns)

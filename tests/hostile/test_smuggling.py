@@ -15,14 +15,9 @@ import pytest
 
 from tests.conftest import TOKEN, StartGateway, wait_for
 from tests.hostile.conftest import hostile_config
-from tests.hostile.support import (
-    ParsedRequest,
-    RawConn,
-    RawUpstream,
-    UpConn,
-    parse_statuses,
-    request,
-)
+from tests.support.client import raw_client
+from tests.support.upstreams import RawUpstream, UpConn
+from tests.support.wire import ParsedRequest, parse_statuses, request
 
 AUTH = f"Authorization: Bearer {TOKEN}\r\n".encode()
 RW = b"POST /api/v1/write HTTP/1.1\r\nHost: gw\r\n" + AUTH
@@ -32,7 +27,7 @@ SMUGGLED = b"POST /v1/traces HTTP/1.1\r\nHost: gw\r\n" + AUTH + b"Content-Length
 
 async def _exchange(port: int, data: bytes) -> bytes:
     """Send, half-close, and read everything until the gateway closes."""
-    async with await RawConn.open(port) as conn:
+    async with raw_client(port) as conn:
         await conn.send(data)
         conn.half_close()
         return await conn.eof(timeout=5.0)
@@ -264,7 +259,7 @@ async def test_pipelined_requests_answered_in_order(
 
     strict_upstream.responder = responder
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(
             request("POST", "/api/v1/write", b"first", token=TOKEN)
             + request("POST", "/v1/traces", b"second", token=TOKEN)

@@ -12,6 +12,7 @@ import signal
 import ssl
 import time
 import warnings
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,10 @@ from gateway.config.loader import ConfigError, loads
 from tests.conftest import OTHER_TOKEN, TOKEN, StartGateway, sha256, wait_for
 from tests.hostile.conftest import FAST_SERVER, hostile_config
 from tests.hostile.pki import Issued, Pki
-from tests.hostile.support import RawConn, RawUpstream, Response, parse_statuses, request
-from tests.support import GatewayProcess
+from tests.support.client import RawClient, raw_client
+from tests.support.process import GatewayProcess
+from tests.support.upstreams import RawUpstream
+from tests.support.wire import Response, parse_statuses, request
 
 SLACK = 1.0
 
@@ -40,11 +43,11 @@ def _tls(server: Issued, client_auth: str = "none", ca: Path | None = None) -> s
     return FAST_SERVER + text
 
 
-async def _tls_conn(port: int, ctx: ssl.SSLContext) -> RawConn:
-    return await RawConn.open(port, ssl=ctx, server_hostname="localhost")
+def _tls_conn(port: int, ctx: ssl.SSLContext) -> AbstractAsyncContextManager[RawClient]:
+    return raw_client(port, ssl=ctx, server_hostname="localhost")
 
 
-def _peer_der(conn: RawConn) -> bytes:
+def _peer_der(conn: RawClient) -> bytes:
     sslobj = conn.writer.get_extra_info("ssl_object")
     assert sslobj is not None
     der = sslobj.getpeercert(binary_form=True)
@@ -52,7 +55,7 @@ def _peer_der(conn: RawConn) -> bytes:
     return bytes(der)
 
 
-async def _post(conn: RawConn, body: bytes, token: str = TOKEN) -> Response:
+async def _post(conn: RawClient, body: bytes, token: str = TOKEN) -> Response:
     await conn.send(request("POST", "/api/v1/write", body, token=token))
     return await conn.response()
 
@@ -60,7 +63,7 @@ async def _post(conn: RawConn, body: bytes, token: str = TOKEN) -> Response:
 async def _refused(port: int, ctx: ssl.SSLContext) -> bool:
     """True when no HTTP exchange is possible over this TLS setup."""
     try:
-        async with await _tls_conn(port, ctx) as conn:
+        async with _tls_conn(port, ctx) as conn:
             # TLS 1.3: a client-certificate failure arrives after the
             # client-side handshake completes, on the first read.
             await conn.send(request("POST", "/api/v1/write", b"sneak", token=TOKEN))
@@ -78,7 +81,7 @@ async def test_tls_request_reaches_upstream_as_https(
 ) -> None:
     cert = pki.server("gw-1")
     gw = await start_gateway(hostile_config(strict_upstream, server=_tls(cert)))
-    async with await _tls_conn(gw.port, pki.client_context()) as conn:
+    async with _tls_conn(gw.port, pki.client_context()) as conn:
         assert _peer_der(conn) == cert.der
         resp = await _post(conn, b"secret-payload")
         assert resp.status == 204
@@ -110,12 +113,12 @@ async def test_tls_below_1_2_is_refused(
     # The server answers the old ClientHello with an alert or a reset; a
     # client that could not even offer the version fails differently.
     with pytest.raises((ssl.SSLError, ConnectionResetError)) as refused:
-        async with await _tls_conn(gw.port, ctx):
+        async with _tls_conn(gw.port, ctx):
             pass
     assert "NO_PROTOCOLS_AVAILABLE" not in str(refused.value), "the client never offered it"
     tls12 = pki.client_context()
     tls12.maximum_version = ssl.TLSVersion.TLSv1_2
-    async with await _tls_conn(gw.port, tls12) as conn:
+    async with _tls_conn(gw.port, tls12) as conn:
         assert (await _post(conn, b"ok")).status == 204
     assert [r.body for r in strict_upstream.requests] == [b"ok"]
 
@@ -124,7 +127,7 @@ async def test_plain_http_on_the_tls_port_gets_nothing(
     pki: Pki, start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     gw = await start_gateway(hostile_config(strict_upstream, server=_tls(pki.server("gw"))))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(request("POST", "/api/v1/write", b"x", token=TOKEN))
         stream = await conn.eof(timeout=3.0)
     assert parse_statuses(stream) == []
@@ -136,11 +139,11 @@ async def test_stalled_tls_handshake_is_closed_at_the_header_timeout(
     sent: bytes, pki: Pki, start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     gw = await start_gateway(hostile_config(strict_upstream, server=_tls(pki.server("gw"))))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         t0 = time.monotonic()
         if sent:
             await conn.send(sent)
-        assert await conn.closed_within(0.5 + SLACK + 1)
+        assert await conn.closed(0.5 + SLACK + 1)
         assert time.monotonic() - t0 <= 0.5 + SLACK
     await wait_for(lambda: gw.stats.open_connections == 0)
 
@@ -154,13 +157,13 @@ async def test_certificate_swap_on_reload_keeps_open_connections(
     )
     gw = await start_gateway(text)
     ctx = pki.client_context()
-    async with await _tls_conn(gw.port, ctx) as old:
+    async with _tls_conn(gw.port, ctx) as old:
         assert (await _post(old, b"before")).status == 204
         # A certificate manager renews in place (same paths), then SIGHUP.
         second = pki.server("gw-second")
         assert second.cert == first.cert
         gw.reload(loads(text))
-        async with await _tls_conn(gw.port, ctx) as new:
+        async with _tls_conn(gw.port, ctx) as new:
             assert _peer_der(new) == second.der
             assert (await _post(new, b"new")).status == 204
         # The connection opened before the swap is still the same, still works.
@@ -195,7 +198,7 @@ async def test_required_client_certificate(
     intruder = pki.client("origin-pull", "Cloudflare", foreign=True)
     assert await _refused(gw.port, pki.client_context(intruder))
     good = pki.client("origin-pull", "Cloudflare")
-    async with await _tls_conn(gw.port, pki.client_context(good)) as conn:
+    async with _tls_conn(gw.port, pki.client_context(good)) as conn:
         assert (await _post(conn, b"with-cert")).status == 204
     assert [r.body for r in strict_upstream.requests] == [b"with-cert"]
     assert b"sneak" not in strict_upstream.received
@@ -238,7 +241,7 @@ async def test_client_certificate_subject_per_credential(
         (wrong, OTHER_TOKEN, 204),
     ]
     for client, token, status in cases:
-        async with await _tls_conn(gw.port, pki.client_context(client)) as conn:
+        async with _tls_conn(gw.port, pki.client_context(client)) as conn:
             resp = await _post(conn, b"%d" % status, token)
             assert resp.status == status, (client, token)
     assert [r.body for r in strict_upstream.requests] == [b"204"] * 3
@@ -290,7 +293,7 @@ async def test_client_certificate_subject_in_rfc4514_form(
         )
     )
     client = pki.client("origin", None, subject=subject)
-    async with await _tls_conn(gw.port, pki.client_context(client)) as conn:
+    async with _tls_conn(gw.port, pki.client_context(client)) as conn:
         assert (await _post(conn, b"x")).status == 204, rfc4514
 
 
@@ -311,14 +314,14 @@ async def test_sighup_swaps_certificates_in_every_worker(
         await proc.start()
         assert proc.proc is not None
         ctx = pki.client_context()
-        async with await _tls_conn(proc.port, ctx) as old:
+        async with _tls_conn(proc.port, ctx) as old:
             assert (await _post(old, b"before")).status == 204
             second = pki.server("gw-second")
             os.kill(proc.proc.pid, signal.SIGHUP)
-            await _wait_events(proc, "config_reloaded", 1)
+            await proc.wait_event("config_reloaded")
             # Every worker serves the new certificate to new connections.
             for _ in range(6):
-                async with await _tls_conn(proc.port, ctx) as new:
+                async with _tls_conn(proc.port, ctx) as new:
                     assert _peer_der(new) == second.der
             assert (await _post(old, b"after")).status == 204
             assert _peer_der(old) == first.der
@@ -326,21 +329,13 @@ async def test_sighup_swaps_certificates_in_every_worker(
             third = pki.server("gw-third", "third")
             second.key.write_bytes(third.key.read_bytes())
             os.kill(proc.proc.pid, signal.SIGHUP)
-            await _wait_events(proc, "config_reload_failed", 1)
-            async with await _tls_conn(proc.port, ctx) as new:
+            await proc.wait_event("config_reload_failed")
+            async with _tls_conn(proc.port, ctx) as new:
                 assert _peer_der(new) == second.der
                 assert (await _post(new, b"still")).status == 204
     finally:
         await proc.stop()
     assert [r.body for r in strict_upstream.requests] == [b"before", b"after", b"still"]
-
-
-async def _wait_events(proc: GatewayProcess, name: str, n: int, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while len(proc.events(name)) < n:
-        assert loop.time() < deadline, f"no {name} event: {bytes(proc.stderr)[-500:]!r}"
-        await asyncio.sleep(0.05)
 
 
 # -- client_auth across reloads ------------------------------------------------------
@@ -369,13 +364,13 @@ async def test_client_auth_change_applies_to_new_handshakes_after_reload(
 
     gw = await start_gateway(text(before))
     assert await _refused(gw.port, pki.client_context()) == (before == "required")
-    async with await _tls_conn(gw.port, pki.client_context(good)) as old:
+    async with _tls_conn(gw.port, pki.client_context(good)) as old:
         assert (await _post(old, b"before")).status == 204
         gw.reload(loads(text(after)))
         # Every new handshake: with no certificate, refused exactly when required.
         for _ in range(3):
             assert await _refused(gw.port, pki.client_context()) == (after == "required")
-        async with await _tls_conn(gw.port, pki.client_context(good)) as new:
+        async with _tls_conn(gw.port, pki.client_context(good)) as new:
             assert (await _post(new, b"with-cert")).status == 204
         # The connection from before keeps its session.
         assert (await _post(old, b"old-session")).status == 204
@@ -391,7 +386,7 @@ async def test_client_auth_none_asks_for_no_certificate_even_with_a_ca_file(
     server = _tls(pki.server("gw"), "none", pki.client_ca_file)
     gw = await start_gateway(hostile_config(strict_upstream, server=server))
     foreign = pki.client("someone", "Elsewhere", foreign=True)
-    async with await _tls_conn(gw.port, pki.client_context(foreign)) as conn:
+    async with _tls_conn(gw.port, pki.client_context(foreign)) as conn:
         assert (await _post(conn, b"foreign")).status == 204
         assert conn.writer.get_extra_info("ssl_object").getpeercert() is not None
 
@@ -403,13 +398,13 @@ async def test_tls_turned_on_and_off_by_reload(
     plain = hostile_config(strict_upstream)
     tls = hostile_config(strict_upstream, server=_tls(pki.server("gw")))
     gw = await start_gateway(plain)
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         assert (await _post(conn, b"plain")).status == 204
     gw.reload(loads(tls))
-    async with await _tls_conn(gw.port, pki.client_context()) as conn:
+    async with _tls_conn(gw.port, pki.client_context()) as conn:
         assert (await _post(conn, b"tls")).status == 204
     gw.reload(loads(plain))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         assert (await _post(conn, b"plain-again")).status == 204
     requests = strict_upstream.requests
     assert [r.body for r in requests] == [b"plain", b"tls", b"plain-again"]
@@ -439,16 +434,17 @@ async def test_sighup_to_client_auth_required_is_enforced_by_every_worker(
         assert proc.proc is not None
         assert not await _refused(proc.port, pki.client_context())
         write("required")
+        since = proc.mark()
         os.kill(proc.proc.pid, signal.SIGHUP)
-        await _wait_events(proc, "config_reloaded", 1)
+        await proc.wait_event("config_reloaded", since)
         for _ in range(12):
             assert await _refused(proc.port, pki.client_context())
         workers: set[object] = set()
         for _ in range(40):
-            async with await _tls_conn(proc.port, pki.client_context(good)) as conn:
+            async with _tls_conn(proc.port, pki.client_context(good)) as conn:
                 assert (await _post(conn, b"with-cert")).status == 204
             await asyncio.sleep(0.3)  # access lines are flushed a few times a second
-            workers = {e.get("worker") for e in proc.events("request") if e.get("status") == 204}
+            workers = {e.get("worker") for e in proc.find("request", status=204)}
             if len(workers) == 2:
                 break
         assert workers == {0, 1}

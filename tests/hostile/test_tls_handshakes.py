@@ -16,8 +16,10 @@ import pytest
 from tests.conftest import TOKEN, StartGateway, wait_for
 from tests.hostile.conftest import hostile_config
 from tests.hostile.pki import Issued, Pki
-from tests.hostile.support import RawConn, RawUpstream, request
-from tests.support import GatewayProcess
+from tests.support.client import RawClient, raw_client
+from tests.support.process import GatewayProcess
+from tests.support.upstreams import RawUpstream
+from tests.support.wire import request
 
 
 @pytest.fixture
@@ -58,7 +60,7 @@ def client_hello() -> bytes:
 
 async def _served(port: int, pki: Pki) -> int:
     ctx = pki.client_context()
-    async with await RawConn.open(port, ssl=ctx, server_hostname="localhost") as conn:
+    async with raw_client(port, ssl=ctx, server_hostname="localhost") as conn:
         await conn.send(request("POST", "/api/v1/write", b"served", token=TOKEN))
         return (await conn.response()).status
 
@@ -82,12 +84,12 @@ async def test_handshaking_connections_count_against_max_connections(
     gw = await start_gateway(
         hostile_config(strict_upstream, server=_server(pki.server("gw"), 30.0), extra=_limits(3))
     )
-    silent = [await RawConn.open(gw.port) for _ in range(40)]
+    silent = [await RawClient.open(gw.port) for _ in range(40)]
     try:
         await wait_for(lambda: gw.stats.limit_rejections.get("connections", 0) >= 37)
         assert gw.stats.open_connections == 3
         assert gw.stats.limit_rejections == {"connections": 37}
-        closed = await asyncio.gather(*(c.closed_within(2.0) for c in silent))
+        closed = await asyncio.gather(*(c.closed(2.0) for c in silent))
         assert closed.count(True) == 37, "the refused ones are closed at once"
         assert await _refused_at_once(gw.port, pki)
         assert gw.stats.open_connections == 3
@@ -110,13 +112,13 @@ async def test_failed_and_abandoned_handshakes_are_uncounted(
     )
     data = {"client_hello": client_hello(), "garbage": b"GET / HTTP/1.1\r\n\r\n", "nothing": b""}
     for _ in range(20):
-        conn = await RawConn.open(gw.port)
+        conn = await RawClient.open(gw.port)
         try:
             await wait_for(lambda: gw.stats.open_connections == 1)
             if data[first_flight]:
                 await conn.send(data[first_flight])
             if first_flight == "garbage":
-                assert await conn.closed_within(3.0), "a ClientHello that is not one ends it"
+                assert await conn.closed(3.0), "a ClientHello that is not one ends it"
         finally:
             conn.abort()
         await wait_for(lambda: gw.stats.open_connections == 0)
@@ -142,7 +144,7 @@ async def test_never_finishing_handshakes_are_bounded_in_memory_files_and_time(
     server = _server(pki.server("gw"), header_timeout)
     config.write_text(hostile_config(strict_upstream, server=server, extra=_limits(50)))
     proc = GatewayProcess(config, args=("--workers", "1"))
-    stalled: list[RawConn] = []
+    stalled: list[RawClient] = []
     try:
         await proc.start()
         assert proc.proc is not None
@@ -152,14 +154,14 @@ async def test_never_finishing_handshakes_are_bounded_in_memory_files_and_time(
         loop = asyncio.get_running_loop()
         started = loop.time()
         for _ in range(400):
-            conn = await RawConn.open(proc.port)
+            conn = await RawClient.open(proc.port)
             await conn.send(client_hello())
             stalled.append(conn)
         opened = loop.time() - started
         held_fds = _open_fds(pid) - fds_before
         rss_growth_kib = proc.status()["VmRSS"] - rss_before
         # Refused ones are closed at accept; held ones at header_timeout.
-        closed = await asyncio.gather(*(c.closed_within(header_timeout + 8.0) for c in stalled))
+        closed = await asyncio.gather(*(c.closed(header_timeout + 8.0) for c in stalled))
         elapsed = loop.time() - started
         await asyncio.sleep(0.5)
         fds_after = _open_fds(pid)

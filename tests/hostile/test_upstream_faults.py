@@ -11,17 +11,11 @@ import time
 
 import pytest
 
-from tests.conftest import TOKEN, StartGateway, wait_for
+from tests.conftest import TOKEN, StartGateway, config_text, wait_for
 from tests.hostile.conftest import hostile_config
-from tests.hostile.support import (
-    Closed,
-    ParsedRequest,
-    RawConn,
-    RawUpstream,
-    UpConn,
-    request,
-    respond_204,
-)
+from tests.support.client import Closed, RawClient, raw_client
+from tests.support.upstreams import RawUpstream, UpConn, respond_204
+from tests.support.wire import ParsedRequest, request
 
 RESPONSE_TIMEOUT = 0.5
 SLACK = 1.0
@@ -43,7 +37,7 @@ async def test_hanging_upstream_is_a_gateway_timeout_and_the_connection_survives
 ) -> None:
     strict_upstream.responder = _hang
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         t0 = time.monotonic()
         await conn.send(request("POST", path, b"data", token=TOKEN))
         resp = await conn.response(timeout=RESPONSE_TIMEOUT + SLACK + 1)
@@ -105,7 +99,7 @@ async def test_broken_upstream_answer_is_a_bad_gateway(
 ) -> None:
     strict_upstream.responder = FAULTS[fault]  # type: ignore[assignment]
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(request("POST", path, b"data", token=TOKEN))
         resp = await conn.response(timeout=RESPONSE_TIMEOUT + SLACK)
         assert resp.status == failed(route, 502)
@@ -126,7 +120,7 @@ async def test_refused_upstream_is_a_bad_gateway(
         dead = s.getsockname()[1]  # bound, never listening: connections are refused
         strict_upstream.port = dead
         gw = await start_gateway(hostile_config(strict_upstream))
-        async with await RawConn.open(gw.port) as conn:
+        async with raw_client(gw.port) as conn:
             await conn.send(request("POST", path, b"data", token=TOKEN))
             resp = await conn.response()
     assert resp.status == failed(route, 502)
@@ -148,7 +142,7 @@ async def test_slow_but_live_upstream_is_passed_through(
 
     strict_upstream.responder = slow
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         t0 = time.monotonic()
         await conn.send(request("POST", "/v1/traces", b"data", token=TOKEN))
         resp = await conn.response(timeout=5.0)
@@ -169,7 +163,7 @@ async def test_upstream_stalling_mid_body_truncates_the_response(
 
     strict_upstream.responder = stall
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(request("POST", "/v1/traces", b"data", token=TOKEN))
         with pytest.raises(Closed):
             await conn.response(timeout=RESPONSE_TIMEOUT + SLACK + 1)
@@ -185,10 +179,105 @@ async def test_upstream_closing_mid_body_truncates_the_response(
 
     strict_upstream.responder = cut
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(request("POST", "/v1/traces", b"data", token=TOKEN))
         with pytest.raises(Closed):
             await conn.response()
+
+
+@pytest.mark.parametrize("ending", ["fin", "rst"])
+async def test_close_delimited_answer_is_complete_only_at_a_clean_close(
+    ending: str, start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    """A response without a length ends at the upstream's close (RFC 9112
+    §6.3).  A FIN ends it; a reset may have cut it short, so the client must
+    see a truncated answer, never a complete one."""
+
+    async def close_delimited(conn: UpConn, req: ParsedRequest) -> None:
+        await conn.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npartial")
+        if ending == "rst":
+            conn.reset()
+        else:
+            conn.writer.close()
+
+    strict_upstream.responder = close_delimited
+    gw = await start_gateway(hostile_config(strict_upstream))
+    async with raw_client(gw.port) as conn:
+        await conn.send(request("POST", "/v1/traces", b"data", token=TOKEN))
+        if ending == "fin":
+            resp = await conn.response()
+            assert (resp.status, resp.body) == (200, b"partial")
+            assert resp.header("Transfer-Encoding") == "chunked"
+        else:
+            with pytest.raises(Closed):
+                await conn.response()
+    expected = {} if ending == "fin" else {"reset": 1}
+    assert gw.stats.routes["otlp_traces"].upstream_errors == expected
+
+
+async def test_slow_connect_is_bounded_by_the_connect_timeout_not_the_response_timeout(
+    start_gateway: StartGateway,
+) -> None:
+    """The upstream's accept queue is full, so its SYN is dropped and sent
+    again a second later (TCP's initial retransmit timeout): the connect
+    takes about 1 s, over response_timeout (0.5 s), under connect_timeout
+    (3 s).  A request complete while connecting is sent when the connection
+    is made and gets the upstream's answer, not a 504 (the socket fuzz's
+    case 1506: a whole request, then trailing bytes, answered 504)."""
+    loop = asyncio.get_running_loop()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        fillers = []
+        for _ in range(2):  # fill the accept queue (backlog 0 holds one)
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        await asyncio.sleep(0.1)  # the fillers' handshakes complete in the kernel
+        url = f"http://127.0.0.1:{port}"
+        gw = await start_gateway(
+            config_text(
+                url + "/api/v1/write",
+                url + "/v1/traces",
+                server="header_timeout_seconds = 5",
+                upstream="connect_timeout_seconds = 3\nresponse_timeout_seconds = 0.5",
+            )
+        )
+
+        async def serve() -> bytes:
+            # Free the queue, then take the gateway's connection once its
+            # retransmitted SYN gets through, and answer its request.
+            await asyncio.sleep(0.3)
+            while True:
+                accepted, _ = await loop.sock_accept(listener)
+                data = await loop.sock_recv(accepted, 65536)
+                if not data:  # a filler
+                    accepted.close()
+                    continue
+                while b"accepted" not in data:
+                    data += await loop.sock_recv(accepted, 65536)
+                await loop.sock_sendall(accepted, b"HTTP/1.1 204 No Content\r\n\r\n")
+                accepted.close()
+                return data
+
+        server = asyncio.create_task(serve())
+        try:
+            async with raw_client(gw.port) as conn:
+                t0 = time.monotonic()
+                await conn.send(request("POST", "/api/v1/write", b"accepted", token=TOKEN))
+                for filler in fillers:
+                    filler.close()
+                resp = await conn.response(timeout=5.0)
+                elapsed = time.monotonic() - t0
+            assert resp.status == 204, f"answered {resp.status} after {elapsed:.2f} s"
+            seen = await asyncio.wait_for(server, 5.0)
+        finally:
+            server.cancel()
+    assert elapsed > 0.5  # the connect really was slower than the response timeout
+    assert seen.endswith(b"\r\n\r\naccepted")
 
 
 async def test_upstream_answering_before_the_body_ends(
@@ -209,7 +298,7 @@ async def test_upstream_answering_before_the_body_ends(
         asyncio.get_running_loop().create_task(early(conn))
 
     strict_upstream.on_connect = watcher
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(
             b"POST /api/v1/write HTTP/1.1\r\nHost: gw\r\n"
             + f"Authorization: Bearer {TOKEN}\r\nContent-Length: 100000\r\n\r\n".encode()
@@ -219,7 +308,7 @@ async def test_upstream_answering_before_the_body_ends(
         assert resp.status == 413
         assert resp.body == b"too big!"
         assert resp.header("Connection") == "close"
-        assert await conn.closed_within(3.0)
+        assert await conn.closed(3.0)
     await wait_for(strict_upstream.conns[0].closed.is_set)
     assert strict_upstream.requests == []
 
@@ -234,7 +323,7 @@ async def test_upstream_5xx_is_passed_through_verbatim(
 
     strict_upstream.responder = five_hundred
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(request("POST", "/api/v1/write", b"data", token=TOKEN))
         resp = await conn.response()
     assert (resp.status, resp.body, resp.header("X-Vm")) == (500, b"oops", "1")
@@ -244,7 +333,7 @@ async def test_pooled_connection_closed_by_upstream_is_not_reused(
     start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:
     gw = await start_gateway(hostile_config(strict_upstream))
-    async with await RawConn.open(gw.port) as conn:
+    async with raw_client(gw.port) as conn:
         await conn.send(request("POST", "/api/v1/write", b"one", token=TOKEN))
         assert (await conn.response()).status == 204
         # The upstream closes its idle keep-alive connection (its own idle timeout).
@@ -267,7 +356,7 @@ async def test_client_leaving_while_upstream_works_aborts_upstream(
     gw = await start_gateway(
         hostile_config(strict_upstream, upstream="response_timeout_seconds = 30")
     )
-    conn = await RawConn.open(gw.port)
+    conn = await RawClient.open(gw.port)
     await conn.send(request("POST", "/api/v1/write", b"data", token=TOKEN))
     await wait_for(lambda: len(strict_upstream.requests) == 1)
     conn.abort()

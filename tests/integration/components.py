@@ -20,7 +20,6 @@ import orjson
 import pytest
 
 from tests.integration.harness import (
-    Metrics,
     Proc,
     Procs,
     free_port,
@@ -28,9 +27,9 @@ from tests.integration.harness import (
     http_ok,
     http_post,
     require_binary,
-    scrape,
     wait_until,
 )
+from tests.support.metrics import Metrics, scrape_sync
 
 __all__ = ["Exported", "Gateway", "Prometheus", "VictoriaMetrics", "VmAgent"]
 
@@ -89,7 +88,7 @@ class Gateway:
         return self.url + "/v1/traces"
 
     def metrics(self) -> Metrics:
-        return scrape(self.admin_url + "/metrics")
+        return scrape_sync(self.admin_url + "/metrics")
 
     def access_lines(self) -> list[dict[str, Any]]:
         """The gateway's JSON access-log lines so far (event ``request``)."""
@@ -177,7 +176,7 @@ class VictoriaMetrics:
         return data
 
     def metrics(self) -> Metrics:
-        return scrape(self.url + "/metrics")
+        return scrape_sync(self.url + "/metrics")
 
 
 class VmAgent:
@@ -224,7 +223,7 @@ class VmAgent:
         )
 
     def metrics(self) -> Metrics:
-        return scrape(self.url + "/metrics")
+        return scrape_sync(self.url + "/metrics")
 
     def requests_by_status(self) -> dict[str, float]:
         """Non-zero vmagent_remotewrite_requests_total by status_code ("2XX", "401", …)."""
@@ -262,4 +261,4 @@ class Prometheus:
         )
 
     def metrics(self) -> Metrics:
-        return scrape(self.url + "/metrics")
+        return scrape_sync(self.url + "/metrics")

@@ -2,17 +2,17 @@
 
 Owns free loopback ports, starting a program with its output in a log file,
 stopping it by PID (SIGTERM, then SIGKILL after a deadline), waiting on a
-condition with a deadline, and the small HTTP and metrics-text helpers the
-scenarios share.  Only 127.0.0.1; no pipes to children (a full pipe would
-stall them); no bare sleeps as synchronisation: every wait names what it
-waits for, polls, and fails with the tails of the relevant logs.
+condition with a deadline, and the small HTTP helpers the scenarios share
+(metrics pages are read by tests.support.metrics).  Only 127.0.0.1; no
+pipes to children (a full pipe would stall them); no bare sleeps as
+synchronisation: every wait names what it waits for, polls, and fails with
+the tails of the relevant logs.
 """
 
 from __future__ import annotations
 
 import http.client
 import os
-import re
 import shutil
 import signal
 import socket
@@ -29,28 +29,32 @@ import pytest
 __all__ = [
     "INTEGRATION_TIMEOUT",
     "HttpResult",
-    "Metrics",
     "Proc",
     "Procs",
-    "Sample",
     "free_port",
     "http_get",
     "http_ok",
     "http_post",
     "require_binary",
-    "scrape",
     "timeout",
     "wait_until",
 ]
 
-# Program → the Debian package that ships it (what CI's apt-get line installs).
-PACKAGES = {
-    "victoria-metrics": "victoria-metrics",
-    "vmagent": "victoria-metrics",
-    "vmauth": "victoria-metrics",
-    "prometheus": "prometheus",
-    "promtool": "prometheus",
-}
+SYSTEM_DEPS = Path(__file__).resolve().parents[2] / "scripts" / "system-deps.txt"
+
+
+def _packages() -> dict[str, str]:
+    """Program → the Debian package that ships it, from the table `make
+    test` installs from (scripts/ensure-system-deps)."""
+    out = {}
+    for line in SYSTEM_DEPS.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            program, package = line.split()[:2]
+            out[program] = package
+    return out
+
+
+PACKAGES = _packages()
 
 T = TypeVar("T")
 
@@ -76,7 +80,8 @@ def require_binary(name: str) -> str:
         package = PACKAGES.get(name, name)
         pytest.fail(
             f"{name!r} is not on PATH: install the Debian package {package!r} "
-            f"(apt-get install {package}); the integration tier does not skip",
+            f"(make test does when it may; else: sudo apt-get install {package}); "
+            "the integration tier does not skip",
             pytrace=False,
         )
     return path
@@ -262,62 +267,3 @@ def http_post(
 
 def http_ok(url: str) -> bool:
     return http_get(url, timeout=2.0).status == 200
-
-
-# --------------------------------------------------------------------------
-# Prometheus text exposition, as VictoriaMetrics, vmagent, Prometheus and the
-# gateway write it (vmagent puts a space after commas between labels).
-
-_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)")
-_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"\s*,?')
-_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
-
-
-def _unescape(value: str) -> str:
-    return re.sub(r'\\[\\"n]', lambda m: _UNESCAPE[m.group(0)], value)
-
-
-@dataclass(frozen=True)
-class Sample:
-    name: str
-    labels: dict[str, str]
-    value: float
-
-
-class Metrics:
-    """A parsed /metrics page with lookups by name and a subset of labels."""
-
-    def __init__(self, text: str) -> None:
-        self.samples: list[Sample] = []
-        for line in text.splitlines():
-            if not line or line.startswith("#"):
-                continue
-            m = _LINE.match(line)
-            if m is None:
-                continue
-            labels = {k: _unescape(v) for k, v in _LABEL.findall(m.group("labels") or "")}
-            self.samples.append(Sample(m.group("name"), labels, float(m.group("value"))))
-
-    def select(self, name: str, **labels: str) -> list[Sample]:
-        return [
-            s
-            for s in self.samples
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-        ]
-
-    def sum(self, name: str, **labels: str) -> float:
-        """Sum over every series matching ``labels`` (0 when there is none)."""
-        return sum(s.value for s in self.select(name, **labels))
-
-    def by(self, name: str, key: str, **labels: str) -> dict[str, float]:
-        """``{label value of key: summed value}`` over the matching series."""
-        out: dict[str, float] = {}
-        for s in self.select(name, **labels):
-            out[s.labels.get(key, "")] = out.get(s.labels.get(key, ""), 0.0) + s.value
-        return out
-
-
-def scrape(url: str) -> Metrics:
-    result = http_get(url, timeout=5.0)
-    assert result.status == 200, f"GET {url}: {result.status} {result.body[:200]!r}"
-    return Metrics(result.body.decode("utf-8", errors="replace"))

@@ -18,15 +18,10 @@ import pytest
 from tests.conftest import OTHER_TOKEN, TOKEN
 from tests.integration.components import VictoriaMetrics, VmAgent
 from tests.integration.conftest import StartGateway
-from tests.integration.harness import (
-    INTEGRATION_TIMEOUT,
-    Metrics,
-    Procs,
-    http_post,
-    wait_until,
-)
+from tests.integration.harness import INTEGRATION_TIMEOUT, Procs, http_post, wait_until
 from tests.integration.otel import RecordingExporter, batch_provider, emit, exporter
 from tests.integration.receivers import OtlpReceiver, Received, Tap
+from tests.support.metrics import Metrics
 
 pytestmark = [pytest.mark.integration, INTEGRATION_TIMEOUT]
 

@@ -18,9 +18,7 @@ import pytest
 
 from tests.conftest import RecordingUpstream, sha256, wait_for
 from tests.lifecycle.conftest import (
-    OBS_GATEWAY,
     Answer,
-    GatewayProcess,
     StartProcess,
     call,
     lifecycle_config,
@@ -29,6 +27,7 @@ from tests.lifecycle.conftest import (
     token_block,
     write_atomic,
 )
+from tests.support.process import OBS_GATEWAY, GatewayProcess
 
 WRITE = "/api/v1/write"
 TRACES = "/v1/traces"
@@ -198,14 +197,26 @@ async def test_revoked_token_is_refused_like_any_other_but_named_for_the_operato
         == 1
     )
     assert (
-        metrics.value("gateway_auth_failures_total", reason="unknown", credential="", token_id="")
+        metrics.value(
+            "gateway_auth_failures_total", reason="unknown", credential="none", token_id="none"
+        )
         == 1
     )
+    # Counted as unauthenticated, like the unknown token...
+    assert (
+        metrics.value("gateway_requests_total", route="remote_write", credential="none", code="401")
+        == 2
+    )
+    assert metrics.select("gateway_requests_total", credential="ingest", code="401") == []
     await wait_for(lambda: bool(gw.find("request", error="auth_revoked")), 5)
     [line] = gw.find("request", error="auth_revoked")
-    assert line["token_id"] == "2026-01"
+    # ...but its log line names it as the metric does: the operator hunting
+    # the forgotten sender reads the log first.
+    assert (line["credential"], line["token_id"]) == ("ingest", "2026-01")
     assert line["status"] == 401
     assert line["client"] == "127.0.0.1"
+    [other] = gw.find("request", error="auth_unknown")
+    assert (other["credential"], other["token_id"]) == ("none", None)
     # The retired secret is named by id only: neither it nor its digest is logged.
     log_text = orjson.dumps(gw.events)
     for secret in (retired, sha256(retired.encode()), current, sha256(current.encode())):
@@ -279,8 +290,8 @@ async def test_scopes_refuse_other_routes_with_403(
 
     metrics = await gw.metrics()
     scope = {
-        dict(labels)["credential"]: value
-        for labels, value in metrics.matching("gateway_auth_failures_total", reason="scope").items()
+        s.labels["credential"]: s.value
+        for s in metrics.select("gateway_auth_failures_total", reason="scope")
     }
     assert scope == {"vmagent": 1, "prober": 2}
     assert (

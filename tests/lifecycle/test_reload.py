@@ -17,7 +17,6 @@ from aiohttp import web
 
 from tests.conftest import RecordingUpstream, sha256, wait_for
 from tests.lifecycle.conftest import (
-    GatewayProcess,
     StartProcess,
     bearer,
     call,
@@ -26,6 +25,7 @@ from tests.lifecycle.conftest import (
     token_block,
     write_atomic,
 )
+from tests.support.process import GatewayProcess
 
 WRITE = "/api/v1/write"
 BODY = b"\x00remote-write-ish snappy bytes\xff" * 8

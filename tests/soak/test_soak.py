@@ -32,7 +32,6 @@ import json
 import os
 import random
 import signal
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,14 +41,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import OTHER_TOKEN, TOKEN, sha256, wait_for
-from tests.hostile.support import (
-    Closed,
-    Incomplete,
-    ParsedRequest,
-    RawConn,
-    parse_request,
-    request,
-)
+from tests.support.client import Closed, RawClient, raw_client
+from tests.support.process import GatewayProcess, memory_kib, open_fds
+from tests.support.upstreams import RawUpstream, UpConn
+from tests.support.wire import ParsedRequest, request
 
 pytestmark = pytest.mark.soak
 
@@ -71,170 +66,31 @@ TIMING_SLACK = 4.0  # two shared cores, saturated on purpose
 # -- the upstream ----------------------------------------------------------------------
 
 
-class SoakUpstream:
-    """A lean recording upstream: keeps body digests, not bodies."""
+class Digests:
+    """What a lean soak upstream (tests.support.upstreams, keeping no bytes)
+    answered: digests of the bodies, not the bodies."""
 
-    def __init__(self, otlp: bool) -> None:
-        self.otlp = otlp
-        self.port = 0
-        self.server: asyncio.Server | None = None
+    def __init__(self, up: RawUpstream, otlp: bool) -> None:
         self.digests: set[str] = set()
         self.requests = 0
-        self.framing_errors: list[str] = []
         self.paths: Counter[str] = Counter()
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(
-            self._handle, "127.0.0.1", self.port, reuse_address=True
+        self.answer = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\n"
+            b"Content-Length: 2\r\n\r\nok"
+            if otlp
+            else b"HTTP/1.1 204 No Content\r\n\r\n"
         )
-        self.port = self.server.sockets[0].getsockname()[1]
+        up.responder = self.respond
 
-    async def stop(self) -> None:
-        """A crash-like stop: listener closed, every connection reset."""
-        if self.server is not None:
-            self.server.close()
-            self.server = None
-        for writer in list(self._writers):
-            writer.transport.abort()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        buf = b""
-        try:
-            while chunk := await reader.read(256 * 1024):
-                buf += chunk
-                while True:
-                    try:
-                        req, used = parse_request(buf)
-                    except Incomplete:
-                        break
-                    except ValueError as exc:
-                        self.framing_errors.append(str(exc))
-                        return
-                    buf = buf[used:]
-                    self._record(req)
-                    if self.otlp:
-                        writer.write(
-                            b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\n"
-                            b"Content-Length: 2\r\n\r\nok"
-                        )
-                    else:
-                        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.transport.abort()
-
-    def _record(self, req: ParsedRequest) -> None:
+    async def respond(self, conn: UpConn, req: ParsedRequest) -> None:
         self.requests += 1
         self.paths[req.path] += 1
         self.digests.add(hashlib.sha256(req.body).hexdigest())
-
-
-# -- the gateway process -------------------------------------------------------------------
-
-
-@dataclass
-class SoakGateway:
-    """The real CLI; keeps counts of access lines, not the lines."""
-
-    config: Path
-    proc: asyncio.subprocess.Process | None = None
-    port: int = 0
-    admin_port: int = 0
-    events: list[dict[str, Any]] = field(default_factory=list)
-    access: Counter[int] = field(default_factory=Counter)
-    stderr: bytearray = field(default_factory=bytearray)
-    _readers: list[asyncio.Task[None]] = field(default_factory=list)
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "run",
-            "--config",
-            str(self.config),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,  # our own group: the finaliser reaches the workers too
-        )
-        assert self.proc.stdout is not None
-        assert self.proc.stderr is not None
-        self._readers = [
-            asyncio.create_task(self._read_stdout(self.proc.stdout)),
-            asyncio.create_task(self._read_stderr(self.proc.stderr)),
-        ]
-        listening = await self.wait_event("listening", 1, 20.0)
-        self.port = int(listening["listen"].rpartition(":")[2])
-        self.admin_port = int(listening["admin"].rpartition(":")[2])
-
-    async def _read_stdout(self, stream: asyncio.StreamReader) -> None:
-        while line := await stream.readline():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                self.events.append({"event": "unparsed", "line": line[:200].decode("latin-1")})
-                continue
-            if event.get("event") == "request":
-                self.access[int(event.get("status", 0))] += 1
-            else:
-                self.events.append(event)
-
-    async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
-        while data := await stream.read(65536):
-            self.stderr += data[: max(0, 100_000 - len(self.stderr))]
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("event") == name]
-
-    async def wait_event(self, name: str, n: int, timeout: float = 15.0) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while len(self.named(name)) < n:
-            assert self.proc is not None
-            if self.proc.returncode is not None or loop.time() > deadline:
-                raise AssertionError(
-                    f"no {name!r} #{n}; rc={self.proc.returncode} "
-                    f"stderr={bytes(self.stderr)[-800:]!r}"
-                )
-            await asyncio.sleep(0.05)
-        return self.named(name)[n - 1]
-
-    def pids(self) -> list[int]:
-        assert self.proc is not None
-        root = self.proc.pid
-        children = Path(f"/proc/{root}/task/{root}/children").read_text().split()
-        return [root, *(int(c) for c in children)]
-
-    async def terminate(self, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        rc = await asyncio.wait_for(self.proc.wait(), timeout)
-        await asyncio.wait(self._readers, timeout=5.0)
-        return rc
-
-    async def kill(self) -> None:
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        await self.proc.wait()
-        for task in self._readers:
-            task.cancel()
+        await conn.write(self.answer)
 
 
 def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
-def _fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    return memory_kib(pid)["VmRSS"]
 
 
 # -- config -----------------------------------------------------------------------------
@@ -342,7 +198,7 @@ async def _writer_loop(
 ) -> None:
     """Valid writes on a keep-alive connection, reconnecting when needed."""
     path = "/api/v1/write" if kind == "rw" else "/v1/traces"
-    conn: RawConn | None = None
+    conn: RawClient | None = None
     while time.monotonic() < stop:
         body = rng.randbytes(rng.choice((200, 2000, 20_000)))
         chunked = kind == "rw" and rng.random() < 0.2
@@ -351,7 +207,7 @@ async def _writer_loop(
         t0 = time.monotonic()
         try:
             if conn is None:
-                conn = await RawConn.open(port)
+                conn = await RawClient.open(port)
             await conn.send(data)
             resp = await conn.response(timeout=15.0)
         except (OSError, Closed, TimeoutError) as exc:
@@ -392,7 +248,7 @@ async def _bad_token_loop(port: int, stop: float, ledger: Ledger, rng: random.Ra
             headers=[("X-Forwarded-For", addr)],
         )
         try:
-            async with await RawConn.open(port) as conn:
+            async with raw_client(port) as conn:
                 await conn.send(data)
                 resp = await conn.response(timeout=10.0)
         except (OSError, Closed, TimeoutError) as exc:
@@ -405,7 +261,7 @@ async def _bad_token_loop(port: int, stop: float, ledger: Ledger, rng: random.Ra
 
 
 async def _not_found_loop(port: int, stop: float, ledger: Ledger, rng: random.Random) -> None:
-    async with await RawConn.open(port) as conn:
+    async with raw_client(port) as conn:
         while time.monotonic() < stop:
             path = rng.choice(["/api/v1/write/", "/nope", "//v1/traces", "/api/v1/%77rite"])
             try:
@@ -427,10 +283,10 @@ async def _slow_loop(port: int, stop: float, ledger: Ledger, rng: random.Random)
         slow_head = rng.random() < 0.5
         t0 = time.monotonic()
         try:
-            async with await RawConn.open(port) as conn:
+            async with raw_client(port) as conn:
                 if slow_head:
                     await conn.send(b"POST /api/v1/write HTTP/1.1\r\nHost: gw\r\nX-Slow: ")
-                    closed = await conn.closed_within(HEADER_TIMEOUT + TIMING_SLACK)
+                    closed = await conn.closed(HEADER_TIMEOUT + TIMING_SLACK)
                     ok = closed
                 else:
                     await conn.send(
@@ -455,10 +311,9 @@ async def _slow_loop(port: int, stop: float, ledger: Ledger, rng: random.Random)
 
 
 async def _reloader(
-    gw: SoakGateway, config: Path, text_for: Any, stop: float, ledger: Ledger
+    gw: GatewayProcess, config: Path, text_for: Any, stop: float, ledger: Ledger
 ) -> tuple[int, int]:
     """SIGHUP every RELOAD_EVERY s; every fourth config is broken on purpose."""
-    assert gw.proc is not None
     good = bad = 0
     variant = 0
     while time.monotonic() + RELOAD_EVERY < stop:
@@ -466,19 +321,20 @@ async def _reloader(
         variant += 1
         broken = variant % 4 == 0
         _write_atomically(config, "[server\nbroken" if broken else text_for(variant))
+        since = gw.mark()
         gw.proc.send_signal(signal.SIGHUP)
         if broken:
             bad += 1
-            await gw.wait_event("config_reload_failed", bad)
+            await gw.wait_event("config_reload_failed", since, timeout=15.0)
             _write_atomically(config, text_for(variant))  # what the next restart would read
         else:
             good += 1
-            await gw.wait_event("config_reloaded", good)
+            await gw.wait_event("config_reloaded", since, timeout=15.0)
         ledger.outcomes["reloads"] += 1
     return good, bad
 
 
-async def _restarter(ups: dict[str, SoakUpstream], stop: float, ledger: Ledger) -> int:
+async def _restarter(ups: dict[str, RawUpstream], stop: float, ledger: Ledger) -> int:
     n = 0
     while time.monotonic() + RESTART_EVERY < stop:
         await asyncio.sleep(RESTART_EVERY)
@@ -497,7 +353,8 @@ async def _restarter(ups: dict[str, SoakUpstream], stop: float, ledger: Ledger) 
 
 # Start everything, run the loops, then check every ledger: one scenario.
 async def test_soak(tmp_path: Path) -> None:  # noqa: PLR0915
-    ups = {"rw": SoakUpstream(otlp=False), "otlp": SoakUpstream(otlp=True)}
+    ups = {"rw": RawUpstream(keep=False), "otlp": RawUpstream(keep=False)}
+    seen = {kind: Digests(up, otlp=kind == "otlp") for kind, up in ups.items()}
     for up in ups.values():
         await up.start()
     token_file = tmp_path / "ingest.token"
@@ -508,13 +365,13 @@ async def test_soak(tmp_path: Path) -> None:  # noqa: PLR0915
         return _config(ups["rw"].port, ups["otlp"].port, token_file, variant)
 
     _write_atomically(config, text_for(0))
-    gw = SoakGateway(config)
+    gw = GatewayProcess(config, lean=True)
     try:
-        await gw.start()
+        await gw.start(20.0)
         pids = gw.pids()
         assert len(pids) >= 2, "expected a supervisor and its workers"
         # Idle baseline: started, nothing served yet.
-        fd_base = {pid: _fds(pid) for pid in pids}
+        fd_base = {pid: open_fds(pid) for pid in pids}
 
         ledger = Ledger()
         t_start = time.monotonic()
@@ -548,12 +405,12 @@ async def test_soak(tmp_path: Path) -> None:  # noqa: PLR0915
         # FDs back to the idle baseline once client connections are gone and
         # pooled upstream sockets expired (pool_idle_timeout 2 s).
         with contextlib.suppress(AssertionError):  # the assert below says what is left
-            await wait_for(lambda: all(_fds(p) <= fd_base[p] for p in pids), 15.0)
-        fd_end = {pid: _fds(pid) for pid in pids}
+            await wait_for(lambda: all(open_fds(p) <= fd_base[p] for p in pids), 15.0)
+        fd_end = {pid: open_fds(pid) for pid in pids}
         pids_end = gw.pids()
-        rc = await gw.terminate()
+        rc = await gw.terminate(30.0)
     finally:
-        await gw.kill()
+        await gw.stop()
         for up in ups.values():
             await up.stop()
 
@@ -569,8 +426,8 @@ async def test_soak(tmp_path: Path) -> None:  # noqa: PLR0915
         "rss_samples": samples,
         "fd_base": fd_base,
         "fd_end": fd_end,
-        "gateway_statuses": dict(sorted(gw.access.items())),
-        "upstream_requests": {k: u.requests for k, u in ups.items()},
+        "gateway_statuses": dict(sorted(gw.statuses.items())),
+        "upstream_requests": {k: d.requests for k, d in seen.items()},
     }
     print("soak report:", json.dumps(report, indent=1, default=str))
 
@@ -587,18 +444,18 @@ async def test_soak(tmp_path: Path) -> None:  # noqa: PLR0915
     assert n_restarts >= SOAK_SECONDS // RESTART_EVERY - 1
     # Every 2xx the client saw is a body the upstream received, byte for byte.
     for kind, up in ups.items():
-        assert up.framing_errors == []
-        missing = ledger.sent_2xx[kind] - up.digests
+        assert up.errors == []
+        missing = ledger.sent_2xx[kind] - seen[kind].digests
         assert not missing, f"{kind}: {len(missing)} acknowledged bodies never reached upstream"
-        assert set(up.paths) <= {"/api/v1/write", "/v1/traces"}
+        assert set(seen[kind].paths) <= {"/api/v1/write", "/v1/traces"}
     # No gateway fault: no 500, no internal 503 (OTLP 503s here are throttling
     # and stalled bodies, counted by the load above), no worker died.
-    assert 500 not in gw.access
+    assert 500 not in gw.statuses
     faults = [
         e
         for e in gw.events
         if e.get("event")
-        in ("internal_error", "connection_fault", "deadline_fault", "worker_exited", "unparsed")
+        in ("internal_error", "connection_fault", "deadline_fault", "worker_exited", "<not json>")
     ]
     assert not faults, faults[:5]
     assert pids_end == pids, "a worker was restarted"

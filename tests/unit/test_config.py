@@ -11,6 +11,7 @@ import pytest
 
 from gateway.config.loader import ConfigError, Revoked, Settings, Token, loads
 from tests.conftest import TOKEN, config_text
+from tests.hostile.pki import Pki
 
 SECRET = "plain-secret-token-Zq9vW2xK7"  # distinctive, easy to grep for
 
@@ -258,3 +259,36 @@ def test_repr_never_shows_a_secret_or_its_digest(tmp_path: Path) -> None:
     # The names an operator needs are still there.
     assert "ingest" in text
     assert "'env'" in text
+
+
+def tls_config(cert: str, key: str, ca: str | None = None) -> str:
+    extra = f'client_ca_file = "{ca}"\nclient_auth = "required"\n' if ca else ""
+    server = f'[server.tls]\ncert_file = "{cert}"\nkey_file = "{key}"\n{extra}'
+    return config_text().replace("[upstream]", f"{server}\n[upstream]", 1)
+
+
+@pytest.mark.parametrize(
+    ("missing", "key"),
+    [("key", "key_file"), ("cert", "cert_file"), ("ca", "client_ca_file")],
+)
+def test_an_unreadable_tls_file_is_named_by_its_own_key(
+    tmp_path: Path, missing: str, key: str
+) -> None:
+    pki = Pki(tmp_path)
+    server = pki.server("gateway")
+    files = {"cert": server.cert.name, "key": server.key.name, "ca": pki.client_ca_file.name}
+    files[missing] = f"absent-{missing}.pem"
+    error = error_of(tls_config(files["cert"], files["key"], files["ca"]), base=tmp_path)
+    assert error.startswith(f"server.tls.{key}: cannot read "), error
+    assert f"absent-{missing}.pem" in error
+    assert "No such file" in error
+    assert "None" not in error
+
+
+def test_a_certificate_and_key_that_do_not_pair_name_key_file(tmp_path: Path) -> None:
+    pki = Pki(tmp_path)
+    one, two = pki.server("one", "one"), pki.server("two", "two")
+    error = error_of(tls_config(one.cert.name, two.key.name), base=tmp_path)
+    assert error.startswith("server.tls.key_file: certificate and key do not load as a pair")
+    # And the matching pair loads.
+    assert loads(tls_config(one.cert.name, one.key.name), environ={}, base=tmp_path).tls_context
