@@ -122,6 +122,13 @@ class Stack:
             self.cert = cert, key
         return self.cert
 
+    def tls_block(self) -> str:
+        """The gateway's [server.tls] section ("" without TLS)."""
+        if not self.tls:
+            return ""
+        cert, key = self._certificate()
+        return f'[server.tls]\ncert_file = "{cert}"\nkey_file = "{key}"'
+
     def _nginx(self, name: str, template: str, workers: int, **values: object) -> Peer:
         d = self._dir(name)
         port = free_port()
@@ -215,10 +222,6 @@ class Stack:
         assert self.sink is not None
         d = self._dir("gateway")
         port, admin = free_port(), free_port()
-        tls = ""
-        if self.tls:
-            cert, key = self._certificate()
-            tls = f'[server.tls]\ncert_file = "{cert}"\nkey_file = "{key}"'
         conf = render(
             "gateway.toml",
             d / "gateway.toml",
@@ -229,7 +232,7 @@ class Stack:
             vm=self.vm.port if self.vm else 9,
             access="true" if self.access_log else "false",
             token_sha256=hashlib.sha256(self.token.encode()).hexdigest(),
-            tls=tls,
+            tls=self.tls_block(),
         )
         argv = [sys.executable, "-m", "gateway", "run", "--config", str(conf)]
         if gateway_supports_workers():
