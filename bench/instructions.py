@@ -11,14 +11,17 @@ The gateway runs as one process under ``valgrind --tool=callgrind`` in
 front of the nginx sink; one keep-alive connection sends the workload's
 body ``--warmup`` times, then ``--requests`` more in a second run, and the
 difference of the two totals divided by ``--requests`` is the figure, so
-start-up and shutdown cancel out.
+start-up and shutdown cancel out.  ``--tls``: the gateway terminates TLS
+(the bench's self-signed P-256 certificate); ``--new-connection``: every
+request on a new connection (with ``--tls``, a full handshake each: the
+client keeps no session), so the figure is what a connection costs.
 
 ``--protocol h2c`` sends the same workload over HTTP/2 (h2load, prior
 knowledge, one stream at a time) to the same HTTP/1.1 route, the config
 gaining an ``otlp-grpc`` route so that the listener speaks HTTP/2;
 ``--protocol grpc`` makes OTLP/gRPC export calls (``bench grpc``'s body,
 ~16 KiB) to the nginx gRPC sink through an ``otlp-grpc`` route.  Both need
-h2load (Debian ``nghttp2-client``).
+h2load (Debian ``nghttp2-client``) and go without ``--tls``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import re
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -40,7 +44,7 @@ from bench.peers import ECHO_MODULE, REPO, Stack, render
 from bench.procs import Procs, free_port
 from bench.workloads import RESULTS, WORKLOADS
 
-__all__ = ["count", "main"]
+__all__ = ["main"]
 
 _START_TIMEOUT = 180.0  # Python start-up under callgrind is slow
 _GRPC_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -69,11 +73,23 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"gateway did not listen within {_START_TIMEOUT}s")
 
 
-def _send(port: int, payload: Payload, token: str, n: int) -> None:
+def _connection(port: int, tls: bool) -> http.client.HTTPConnection:
+    if not tls:
+        return http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the bench's own self-signed certificate
+    return http.client.HTTPSConnection("127.0.0.1", port, timeout=60, context=ctx)
+
+
+def _send(port: int, payload: Payload, token: str, n: int, *, tls: bool, new: bool) -> None:
     body = payload.file.read_bytes()
     headers = {**payload.headers, "Authorization": f"Bearer {token}"}
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn = _connection(port, tls)
     for _ in range(n):
+        if new:
+            conn.close()
+            conn = _connection(port, tls)
         conn.request("POST", payload.path, body, headers)
         resp = conn.getresponse()
         resp.read()
@@ -118,6 +134,8 @@ def count(
     out: Path,
     repo: Path,
     *,
+    tls: bool = False,
+    new: bool = False,
     http2: bool = False,
 ) -> int:
     """Total instructions of one gateway process (config ``conf``, public
@@ -141,7 +159,10 @@ def count(
     try:
         _wait_port(port, proc)
         for token, n in sends:
-            (_h2load if http2 else _send)(port, payload, token, n)
+            if http2:
+                _h2load(port, payload, token, n)
+            else:
+                _send(port, payload, token, n, tls=tls, new=new)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(_START_TIMEOUT)
@@ -158,6 +179,7 @@ def _run(
     requests: int,
     tag: str,
     repo: Path,
+    new: bool,
     protocol: str,
 ) -> int:
     """Total instructions of one gateway process that served ``requests``."""
@@ -179,12 +201,16 @@ def _run(
             vm=9,
             access="false",
             token_sha256=digest,
+            tls=stack.tls_block(),
         )
         if protocol == "h2c":
             conf.write_text(conf.read_text().replace("[[credentials]]", _GRPC_ROUTE))
     out = rundir / f"callgrind-{tag}.out"
     sends = [(stack.token, requests)]
-    return count(stack.procs, conf, port, payload, sends, out, repo, http2=protocol != "http1.1")
+    http2 = protocol != "http1.1"
+    return count(
+        stack.procs, conf, port, payload, sends, out, repo, tls=stack.tls, new=new, http2=http2
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,9 +225,16 @@ def main(argv: list[str] | None = None) -> int:
         default=REPO,
         help="run the gateway from this checkout (e.g. a worktree of another commit)",
     )
+    p.add_argument("--tls", action="store_true", help="the gateway terminates TLS")
+    p.add_argument(
+        "--new-connection", action="store_true", help="a new connection for every request"
+    )
     args = p.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("bench instructions: valgrind is not installed (Debian: apt-get install valgrind)")
+        return 2
+    if args.protocol != "http1.1" and (args.tls or args.new_connection):
+        print("bench instructions: --protocol h2c/grpc go without --tls and --new-connection")
         return 2
     if args.protocol != "http1.1" and shutil.which("h2load") is None:
         print("bench instructions: h2load is missing (Debian: apt-get install nghttp2-client)")
@@ -215,18 +248,29 @@ def main(argv: list[str] | None = None) -> int:
         payload = _grpc_payload(rundir)
     token = secrets.token_urlsafe(32)
     with Procs(rundir) as procs:
-        stack = Stack(procs, rundir, token, workers=1, sink_workers=1, access_log=False)
+        stack = Stack(
+            procs, rundir, token, workers=1, sink_workers=1, access_log=False, tls=args.tls
+        )
         if args.protocol == "grpc":
             stack.sink = stack._nginx("grpc-sink", "grpc-sink.conf", 1, echo_module=ECHO_MODULE)
         else:
             stack.start_sink()
         repo = args.gateway_repo.resolve()
+        new = args.new_connection
         runs = [(args.warmup, "base"), (args.warmup + args.requests, "more")]
-        base, more = (_run(stack, rundir, payload, n, tag, repo, args.protocol) for n, tag in runs)
+        base, more = (
+            _run(stack, rundir, payload, n, tag, repo, new, args.protocol) for n, tag in runs
+        )
     per_request = (more - base) / args.requests
+    how = "".join(
+        (
+            ", TLS" if args.tls else "",
+            ", a new connection each" if new else ", keep-alive",
+            f", {args.protocol}" if args.protocol != "http1.1" else "",
+        )
+    )
     print(
-        f"{payload.name} ({payload.size:,} B, {args.protocol}): "
-        f"{per_request:,.0f} instructions per request "
+        f"{payload.name} ({payload.size:,} B{how}): {per_request:,.0f} instructions per request "
         f"(callgrind, user space, {args.requests} requests after {args.warmup}; "
         f"gateway from {repo}; {rundir})"
     )

@@ -17,7 +17,6 @@ from gateway.datapath.exchange_base import DISCARD_LIMIT, State
 from gateway.datapath.h2stream import D_BODY, D_NONE, D_WRITE, H2Stream
 from gateway.datapath.health import (
     DEEP_TIMEOUT_SECONDS,
-    check_upstreams,
     health_response,
     upstreams_of,
     wants_deep,
@@ -76,7 +75,7 @@ class H2RelayBase(H2Stream):
         timeout = min(self.gen.connect_timeout, DEEP_TIMEOUT_SECONDS)
         assert self.principal is not None
         probed = upstreams_of(self.principal, self.gen.routes.routes)
-        upstreams = await check_upstreams(probed, timeout)
+        upstreams = await self.shared.probe.check(probed, timeout)
         if self.state == _PROBING:
             self._health_answer(upstreams)
             self.conn.flush()
