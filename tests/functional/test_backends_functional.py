@@ -633,3 +633,50 @@ routes = ["remote_write"]
         assert healthy == {f"127.0.0.1:{dead}": 0, own.url[7:]: 1, shared.url[7:]: 1}
     finally:
         await stop_all([shared, own])
+
+
+async def test_http2_clients_are_balanced_over_the_backends_too(
+    start_gateway: StartGateway,
+) -> None:
+    """An HTTP/1.1 route reached over HTTP/2 (h2c) picks a backend from the
+    same balancer: equal backends take turns; an ejected one is skipped.
+    (Failover with replay is the HTTP/1.1 data path's: over HTTP/2 a request
+    has one attempt.)"""
+    from tests.support.grpc_peers import TRACE_METHOD  # noqa: PLC0415
+    from tests.support.h2client import H2Client  # noqa: PLC0415
+
+    a, b = await upstreams(2)
+    try:
+        grpc = f"""
+[[routes]]
+name = "grpc_traces"
+path = "{TRACE_METHOD}"
+protocol = "otlp-grpc"
+upstream = "http://127.0.0.1:9"
+"""
+        text = backends_config(
+            [a.url + WRITE, b.url + WRITE], rw_keys='balance = "round_robin"'
+        ).replace("[[credentials]]", grpc + "\n[[credentials]]", 1)
+        text = text.replace(
+            'routes = ["remote_write", "otlp_traces"]',
+            'routes = ["remote_write", "otlp_traces", "grpc_traces"]',
+            1,
+        )
+        gw = await start_gateway(text)
+        client = await H2Client.open(gw.port)
+        try:
+            for _ in range(4):
+                resp = await client.request(
+                    "POST", WRITE, [("authorization", f"Bearer {TOKEN}")], BODY
+                )
+                assert resp.status == 204
+        finally:
+            await client.close()
+        assert (writes(a), writes(b)) == (2, 2)
+        m = await scrape(gw.admin_port)
+        assert labels(m, "gateway_upstream_requests_total", route="remote_write") == {
+            a.url[7:]: 2.0,
+            b.url[7:]: 2.0,
+        }
+    finally:
+        await stop_all([a, b])
