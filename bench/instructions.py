@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from bench.payloads import Payload, otlp_body, write_payload
-from bench.peers import ECHO_MODULE, REPO, Stack, render
+from bench.peers import ECHO_MODULE, GATEWAY_TEMPLATES, REPO, Stack, render
 from bench.procs import Procs, free_port
 from bench.workloads import RESULTS, WORKLOADS
 
@@ -181,6 +181,7 @@ def _run(
     repo: Path,
     new: bool,
     protocol: str,
+    target: str = "gateway",
 ) -> int:
     """Total instructions of one gateway process that served ``requests``."""
     assert stack.sink is not None
@@ -191,12 +192,15 @@ def _run(
         values = {"port": port, "admin": admin, "sink": stack.sink.port, "token_sha256": digest}
         conf = render("gateway-grpc.toml", dest, **values)
     else:
+        template, extra = GATEWAY_TEMPLATES[target]
         conf = render(
-            "gateway.toml",
+            template,
             dest,
             port=port,
             admin=admin,
             sink=stack.sink.port,
+            sink2=stack.sink_port2,
+            **extra,
             stream_sink=stack.stream_sink_port,
             vm=9,
             access="false",
@@ -217,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench instructions", description=__doc__)
     p.add_argument("--size", default="1k", choices=list(WORKLOADS))
     p.add_argument("--protocol", default="http1.1", choices=["http1.1", "h2c", "grpc"])
+    p.add_argument(
+        "--target",
+        default="gateway",
+        choices=list(GATEWAY_TEMPLATES),
+        help="gateway (one backend per route), gateway-2b (two, replay copies kept), "
+        "gateway-2b-nocopy (two, no copies); HTTP/1.1 and h2c",
+    )
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument(
@@ -259,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         new = args.new_connection
         runs = [(args.warmup, "base"), (args.warmup + args.requests, "more")]
         base, more = (
-            _run(stack, rundir, payload, n, tag, repo, new, args.protocol) for n, tag in runs
+            _run(stack, rundir, payload, n, tag, repo, new, args.protocol, args.target)
+            for n, tag in runs
         )
     per_request = (more - base) / args.requests
     how = "".join(
@@ -267,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             ", TLS" if args.tls else "",
             ", a new connection each" if new else ", keep-alive",
             f", {args.protocol}" if args.protocol != "http1.1" else "",
+            f", {args.target}" if args.target != "gateway" else "",
         )
     )
     print(

@@ -76,11 +76,13 @@ class GrpcExchange(GrpcStream):
         rstats.in_flight += 1
         principal = self.principal
         assert principal is not None
-        assert route.default is not None
-        # The credential's own target for this route (tenancy), else the route's.
+        assert route.plan is not None
+        # The credential's own plan for this route (tenancy), else the route's;
+        # a gRPC route has one backend (config/routes.py).
         targets = principal.targets
-        target = route.default if targets is None else targets.get(route.name, route.default)
-        self.target = target
+        plan = route.plan if targets is None else targets.get(route.name, route.plan)
+        target = self.target = plan.targets[0]
+        self.label = plan.balancer.first.backend.label
         pool = self.shared.h2pool(target.upstream)
         conn = pool.acquire()
         if conn is not None:

@@ -116,10 +116,18 @@ class H2Relay(H2RelayBase):
         head, conn, gen, client = self.head, self.conn, self.gen, self.client
         principal = self.principal
         assert principal is not None
-        assert route.default is not None
+        assert route.plan is not None
         targets = principal.targets
-        target = route.default if targets is None else targets.get(route.name, route.default)
-        self.target = target
+        plan = route.plan if targets is None else targets.get(route.name, route.plan)
+        # The plan's balancer chooses the backend; over HTTP/2 a request has
+        # one attempt (failover and the replay copy are HTTP/1.1's so far:
+        # datapath/failover.py), and is not counted as outstanding.
+        bal = plan.balancer
+        lane = bal.first if bal.single else bal.pick(self.shared.loop.time(), 0)
+        assert lane is not None
+        lane.stats.requests += 1
+        self.label = lane.backend.label
+        target = self.target = plan.targets[lane.backend.index]
         query = head.query
         stats = self.shared.stats
         if query and target.query is not None:

@@ -80,7 +80,7 @@ class H2RelayBase(H2Stream):
             self._health_answer(upstreams)
             self.conn.flush()
 
-    def _health_answer(self, upstreams: dict[str, bool] | None) -> None:
+    def _health_answer(self, upstreams: dict[str, list[bool]] | None) -> None:
         assert self.principal is not None
         status, body = health_response(self.principal, time.time(), upstreams)
         fields = [

@@ -99,6 +99,7 @@ class H2Stream:
         "gen",
         "grpc_status",
         "head",
+        "label",
         "limit",
         "principal",
         "request_done",
@@ -116,6 +117,15 @@ class H2Stream:
         "upstream_seconds",
     )
 
+    # Finished's failover fields: over HTTP/2 a request has one attempt.
+    @property
+    def history(self) -> list[str] | None:
+        return None
+
+    @property
+    def retried(self) -> list[str] | None:
+        return None
+
     def __init__(self, conn: StreamPort, shared: Shared, sid: int, head: RequestHead) -> None:
         self.conn = conn
         self.shared = shared
@@ -127,6 +137,7 @@ class H2Stream:
         self.responded = False  # response headers went to the client
         self.route: Route | None = None
         self.target: Target | None = None  # what is sent upstream, once admitted
+        self.label = ""  # the backend the request went to (its label), once admitted
         self.route_name = "unmatched"
         self.principal: Principal | None = None
         self.credential = "none"
