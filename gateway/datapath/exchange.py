@@ -136,16 +136,14 @@ class Exchange(Failover):
             return  # answered already: the body is read and dropped
         if self.body_in > self.limit and self._over_limit():
             return
-        replay = self.replay  # the copy for a replay on another backend, if kept
         if self.head.chunked:
-            pieces = (b"%x\r\n" % n, data, b"\r\n")
-            self.up_buf += pieces
-            if replay is not None:
-                replay += pieces
+            self.up_buf += (b"%x\r\n" % n, data, b"\r\n")
         else:
             self.up_buf.append(data)
-            if replay is not None:
-                replay.append(data)
+        replay = self.replay  # the copy for a replay on another backend, if kept
+        if replay is not None:
+            # Sized to its reservation up front: a copy in place, no resize.
+            replay[self.body_in - n : self.body_in] = data
 
     def too_slow(self, now: float, n: int) -> bool:
         """Minimum body rate, checked as body bytes arrive (slow-body defence)."""
@@ -165,8 +163,6 @@ class Exchange(Failover):
         if _QUEUED <= state <= _RESPONDING:
             if self.head.chunked:
                 self.up_buf.append(b"0\r\n\r\n")
-                if self.replay is not None:
-                    self.replay.append(b"0\r\n\r\n")
             if state >= _SENT:
                 self.conn.set_deadline(_UPSTREAM, self.gen.response_timeout)
             elif self._queued_on is not None:
@@ -294,7 +290,7 @@ class Exchange(Failover):
             lane = self.lane
             if lane is not None and (lane.state.fails or lane.state.ejections):
                 self._recovered(lane)
-        if self.replay is not None:
+        if self.replay_held or self.replay is not None:
             self.drop_copy()  # an answer has started: never replayed from here
         self.upstream_seconds = _perf() - self.t_sent
         self.status = status

@@ -143,7 +143,7 @@ class ExchangeBase:
         self.upstream: UpstreamConnection | None = None
         self.pool: Pool | None = None
         self.rstats: RouteStats | None = None
-        self.up_buf: list[bytes] = []
+        self.up_buf: list[bytes | memoryview] = []
         self.t_sent = 0.0
         self.upstream_seconds = -1.0
         # Backends (failover.py): the set, the lane of the attempt in flight,
@@ -153,9 +153,12 @@ class ExchangeBase:
         self.lane: Lane | None = None
         self.label = ""
         self.tried = 0
-        # The body's copy for a replay (None: none kept) and the bytes it
-        # holds of the worker's replay memory.
-        self.replay: list[bytes] | None = None
+        # The body's copy for a replay, payload bytes only (None: none
+        # kept, or no longer copied), and the bytes reserved for it of the
+        # worker's replay memory: held until the answer starts or the
+        # exchange ends, even once the copy is no longer added to, since
+        # the last attempt's replay may still be in the process.
+        self.replay: bytearray | None = None
         self.replay_held = 0
         # Only once a request is retried: labels tried, failures retried.
         self.history: list[str] | None = None
@@ -302,7 +305,7 @@ class ExchangeBase:
         lane, self.lane = self.lane, None
         if lane is not None:
             lane.state.outstanding -= 1
-        if self.replay is not None:
+        if self.replay_held or self.replay is not None:
             self.drop_copy()
         self.up_buf = []
         up, self.upstream = self.upstream, None
@@ -332,7 +335,7 @@ class ExchangeBase:
 
     def _finish(self) -> None:
         self.state = _FINISHED
-        if self.replay is not None:
+        if self.replay_held or self.replay is not None:
             self.drop_copy()
         if self.rstats is not None:
             self.rstats.in_flight -= 1

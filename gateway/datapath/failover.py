@@ -11,14 +11,17 @@ another backend while ``attempts`` and the body allow: with nothing of
 the body sent yet (a failed connect) it goes as it is; otherwise only
 with the whole body, from the replay copy kept while it streamed.
 
-The copy is the same bytes objects that went upstream, held in a list:
-up to the route's ``replay_buffer_bytes``, within the worker's
-``[upstream] replay_memory_bytes`` (reserved up front for a known length,
-in doubling steps for a chunked body).  A body that does not fit streams
-without a copy (``gateway_replay_skipped_total``).  The copy is dropped
-once an answer starts (never replayed after that), when no attempt is
-left, and when the exchange ends.  The client sees the protocol's failure
-answer only when every attempt failed.
+The copy is the body's payload in one bytearray, sized to what it
+reserves of the worker's ``[upstream] replay_memory_bytes``: the whole
+length up front for a known length, doubling steps for a chunked body
+(re-framed as one chunk when replayed), up to the route's
+``replay_buffer_bytes``.  So its real memory is what it reserves, however
+small the pieces the body arrived in.  A body that does not fit streams
+without a copy (``gateway_replay_skipped_total``).  Copying stops on the
+last attempt, but the reservation is held until an answer starts (never
+replayed after that) or the exchange ends: the replayed bytes may still
+wait in this process for a slow backend.  The client sees the protocol's
+failure answer only when every attempt failed.
 """
 
 from __future__ import annotations
@@ -273,10 +276,7 @@ class Failover(ExchangeBase):
             self.history, self.retried = [self.label], []
         self.retried.append(kind)
         if sent:
-            replay = self.replay
-            assert replay is not None
-            self.up_buf = [b"", *replay]
-            rstats.replayed_bytes += sum(map(len, replay))
+            self._replay_body()
         self.conn.resume(PAUSE_UPSTREAM)  # the next connection starts unpaused
         self._send_to(lane)
         self.history.append(self.label)
@@ -284,6 +284,22 @@ class Failover(ExchangeBase):
             self.conn.resume(PAUSE_CONNECT)
             self.flush_upstream()
         return True
+
+    def _replay_body(self) -> None:
+        """``up_buf`` after the head: the body so far, from the copy
+        (a view, not another copy), framed as one chunk if chunked."""
+        replay, body = self.replay, self.body_in
+        assert replay is not None
+        rstats = self.rstats
+        assert rstats is not None
+        rstats.replayed_bytes += body
+        view = memoryview(replay)[:body]
+        if not self.head.chunked:
+            self.up_buf = [b"", view]
+            return
+        self.up_buf = [b"", b"%x\r\n" % body, view, b"\r\n"] if body else [b""]
+        if self.request_done:
+            self.up_buf.append(b"0\r\n\r\n")
 
     def flush_upstream(self) -> None:
         up = self.upstream
@@ -299,23 +315,28 @@ class Failover(ExchangeBase):
         the body as it streams, if it fits the route's and the worker's bounds."""
         head = self.head
         if not head.has_body:
-            self.replay = []
+            self.replay = bytearray()
             return
         limit = bal.set.replay_bytes
         if not limit:
             return
         length = head.content_length if not head.chunked else None
-        if length is not None and length > limit:
+        body = self.body_in  # parsed while queued, in up_buf after the head
+        if (length if length is not None else body) > limit:
             self._no_copy("too_large")
             return
-        want = length if length is not None else min(limit, _FIRST_STEP)
+        # A chunked body reserves a first step, or what was read while queued.
+        want = length if length is not None else min(limit, max(_FIRST_STEP, body))
         stats = self.shared.stats
         if stats.replay_bytes + want > self.gen.replay_memory_bytes:
             self._no_copy("memory")
             return
         stats.replay_bytes += want
         self.replay_held = want
-        self.replay = self.up_buf[1:]  # body bytes parsed while queued
+        copy = self.replay = bytearray(want)
+        if body:
+            # Chunked, up_buf holds (size line, data, CRLF) per chunk.
+            copy[:body] = b"".join(self.up_buf[2::3] if head.chunked else self.up_buf[1:])
         if length is None:
             self.limit = min(self.limit, want)  # grow the reservation there
 
@@ -347,5 +368,18 @@ class Failover(ExchangeBase):
             else:
                 stats.replay_bytes += want - self.replay_held
                 self.replay_held = want
+                self._grow_copy(want)
         self.limit = cap if self.replay is None else min(cap, self.replay_held)
         return False
+
+    def _grow_copy(self, size: int) -> None:
+        """The chunked body's copy, grown to its new reservation."""
+        copy = self.replay
+        assert copy is not None
+        try:
+            copy += bytes(size - len(copy))  # a calloc'd step: exact, in place if it can be
+        except BufferError:
+            # A replay's view of it is still being written: a new one.
+            grown = bytearray(size)
+            grown[: len(copy)] = copy
+            self.replay = grown

@@ -88,3 +88,75 @@ async def test_a_burst_of_big_bodies_holds_at_most_the_replay_bound(tmp_path: Pa
         await gw.stop()
         await a.stop()
         await b.stop()
+
+
+TINY_CHUNKS = 1024 * 1024  # one byte each: 1 MiB of body, 6 MiB on the wire
+# A copy that costs what it holds adds ~1 MiB; one that kept three objects
+# per chunk (the framing apart from the byte) adds ~80 MiB (measured).  The
+# rest (~9 MiB measured) is streaming itself: one 256 KiB read of tiny
+# chunks becomes ~40 k pieces until it is written.
+TINY_BOUND_KIB = 20 * 1024
+
+
+async def test_a_chunked_body_of_tiny_chunks_costs_its_bytes_in_the_copy(
+    tmp_path: Path,
+) -> None:
+    """The replay copy holds payload bytes, not a list of pieces: a million
+    one-byte chunks, read by a backend that holds the request, cost the
+    gateway about a MiB of resident memory, and the replay to the second
+    backend carries the same body."""
+    release, held = asyncio.Event(), asyncio.Event()
+
+    async def hold_then_reset(conn: UpConn) -> None:
+        tail = b""  # the raw end of the body, not parsed (1 M chunks)
+        while tail != b"0\r\n\r\n":
+            data = await conn.reader.read(65536)
+            if not data:
+                return
+            tail = (tail + data)[-5:]
+        held.set()
+        await release.wait()
+        conn.reset()
+
+    a = RawUpstream(hold_then_reset, keep=False)
+    b = RawUpstream()
+    await a.start()
+    await b.start()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        backends_config(
+            [a.url + "/api/v1/write", b.url + "/api/v1/write"],
+            rw_keys='balance = "first_available"',
+            upstream="response_timeout_seconds = 60",
+            server="body_idle_timeout_seconds = 30",
+            log='level = "info"\naccess = false',
+        )
+    )
+    gw = GatewayProcess(config, ("--workers", "1"))
+    try:
+        await gw.start()
+        async with raw_client(gw.port) as client:
+            await client.send(request_bytes("GET", "/health"))  # warm up, A untouched
+            assert (await client.response()).status == 200
+        before = gw.status()["VmRSS"]
+        async with raw_client(gw.port) as client:
+            head = request_bytes("POST", "/api/v1/write", [("Transfer-Encoding", "chunked")])
+            await client.send(head + b"1\r\nx\r\n" * TINY_CHUNKS + b"0\r\n\r\n")
+            async with asyncio.timeout(60):
+                await held.wait()
+            mem = gw.status()
+            growth = max(mem["VmRSS"], mem["VmHWM"]) - before
+            m = await gw.metrics()
+            print(f"{TINY_CHUNKS} one-byte chunks held: RSS +{growth} KiB")
+            assert growth < TINY_BOUND_KIB, f"RSS grew {growth} KiB for a 1 MiB body"
+            assert m.value("gateway_replay_buffer_bytes") >= TINY_CHUNKS
+            release.set()
+            resp = await client.response(timeout=30)
+        assert resp.status == 204
+        assert [r.body for r in b.requests] == [b"x" * TINY_CHUNKS]
+        assert b.errors == []
+    finally:
+        release.set()
+        await gw.stop()
+        await a.stop()
+        await b.stop()
