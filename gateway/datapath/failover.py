@@ -86,7 +86,10 @@ class Failover(ExchangeBase):
         lane.state.outstanding += 1
         lane.stats.requests += 1
         if self.replay is not None and self.tried.bit_count() >= self.balancer.attempts:  # type: ignore[union-attr]
-            self.drop_copy()  # the last attempt: nothing will be sent again
+            # The last attempt: nothing will be sent again, so copying
+            # stops; the reservation stays (replay_held) while what was
+            # replayed may still sit in this process.
+            self.replay = None
         head, conn, gen, client = self.head, self.conn, self.gen, self.client
         plan = self.plan
         assert plan is not None

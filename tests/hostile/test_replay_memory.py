@@ -14,7 +14,7 @@ from pathlib import Path
 from tests.support.backends import backends_config
 from tests.support.client import raw_client
 from tests.support.process import GatewayProcess
-from tests.support.upstreams import RawUpstream, UpConn
+from tests.support.upstreams import RawUpstream, UpConn, reset_after_request
 from tests.support.wire import Response, request_bytes
 
 MIB = 1024 * 1024
@@ -157,6 +157,70 @@ async def test_a_chunked_body_of_tiny_chunks_costs_its_bytes_in_the_copy(
         assert b.errors == []
     finally:
         release.set()
+        await gw.stop()
+        await a.stop()
+        await b.stop()
+
+
+async def test_a_replay_keeps_its_reservation_while_the_last_backend_stalls(
+    tmp_path: Path,
+) -> None:
+    """The last attempt's replay is still the copy's memory: while B does not
+    read, the bytes sent to it wait in the gateway, so the gauge keeps them
+    and the bound refuses new copies (those bodies stream without one)."""
+    held_bodies, body_bytes, bound = 3, MIB, 3 * MIB
+
+    async def stall(conn: UpConn) -> None:
+        await asyncio.Event().wait()  # accepts, never reads, never answers
+
+    a = RawUpstream(reset_after_request, keep=False)
+    b = RawUpstream(stall, keep=False)
+    await a.start()
+    await b.start()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        backends_config(
+            [a.url + "/api/v1/write", b.url + "/api/v1/write"],
+            rw_keys='balance = "first_available"',
+            upstream=f"replay_memory_bytes = {bound}\nresponse_timeout_seconds = 60",
+            log='level = "info"\naccess = false',
+        )
+    )
+    gw = GatewayProcess(config, ("--workers", "1"))
+    body = random.Random(2).randbytes(body_bytes)
+
+    async def send() -> Response:
+        async with raw_client(gw.port) as client:
+            await client.send(request_bytes("POST", "/api/v1/write", body=body))
+            return await client.response(timeout=60)
+
+    stalled: list[asyncio.Task[Response]] = []
+    try:
+        await gw.start()
+        stalled = [asyncio.create_task(send()) for _ in range(held_bodies)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while b.connections < held_bodies:  # every copy replayed to B
+            assert loop.time() < deadline, "the replays did not all reach B"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # what B would release, if anything, is released
+        m = await gw.metrics()
+        assert m.value("gateway_replay_buffer_bytes") == bound, "replayed bytes unreserved"
+        assert m.value("gateway_upstream_replayed_bytes_total", route="remote_write") == bound
+
+        # The bound is taken: the next bodies stream without a copy.
+        stalled += [asyncio.create_task(send()) for _ in range(2)]
+        deadline = loop.time() + 20
+        while (m := await gw.metrics()).value(
+            "gateway_replay_skipped_total", route="remote_write", reason="memory"
+        ) < 2:
+            assert loop.time() < deadline, "the new bodies were not refused a copy"
+            await asyncio.sleep(0.05)
+        assert m.value("gateway_replay_buffer_bytes") == bound
+        assert not any(t.done() for t in stalled)
+    finally:
+        for t in stalled:
+            t.cancel()
         await gw.stop()
         await a.stop()
         await b.stop()
