@@ -107,6 +107,8 @@ class Prober:
             ok = await probe_once(up, probe.path, probe.timeout, tls)
         finally:
             lane.state.probing = False
+        if lane.state.probe != probe:
+            return  # a reload changed or dropped the check meanwhile: not its verdict
         stats = lane.stats
         stats.add(stats.probes, "ok" if ok else "failed")
         transition = bal.probed(lane.state, ok)

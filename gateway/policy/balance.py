@@ -4,10 +4,12 @@
 requests it has outstanding, its failures and ejection (passive health),
 and the verdict of its active probe.  The ``BackendRegistry`` keeps the
 states keyed by (route, URL), so a reload keeps the health of every
-backend whose URL did not change.  A ``Balancer`` is a ``BackendSet`` of
-one generation bound to those states: one ``Lane`` per backend (the
-backend, its state, and the slots the data path fills with its pool and
-counters), the policy's position, and ``pick``.
+backend whose URL did not change; a probe's verdict only while the same
+health check stands (one dropped clears it, one changed runs at once).
+A ``Balancer`` is a ``BackendSet`` of one generation bound to those
+states: one ``Lane`` per backend (the backend, its state, and the slots
+the data path fills with its pool and counters), the policy's position,
+and ``pick``.
 
 Policies: ``least_outstanding`` (fewest requests in flight per weight),
 ``round_robin`` (smooth weighted round robin) and ``first_available`` (the
@@ -25,7 +27,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from gateway.policy.backends import FIRST_AVAILABLE, LEAST_OUTSTANDING, Backend, BackendSet
+from gateway.policy.backends import (
+    FIRST_AVAILABLE,
+    LEAST_OUTSTANDING,
+    Backend,
+    BackendSet,
+    Probe,
+)
 
 __all__ = ["BackendRegistry", "BackendState", "Balancer", "Lane", "Transition"]
 
@@ -47,6 +55,7 @@ class BackendState:
         "fails",
         "last_failure",
         "outstanding",
+        "probe",
         "probe_due",
         "probe_ok",
         "probe_streak",
@@ -63,6 +72,18 @@ class BackendState:
         self.probe_streak = 0  # > 0: passes in a row; < 0: failures in a row
         self.probe_due = 0.0  # loop time of the next probe
         self.probing = False  # a probe is under way
+        self.probe: Probe | None = None  # the health check whose verdict probe_ok is
+
+    def follow(self, probe: Probe | None) -> None:
+        """A generation's health check for this backend: its verdict stands
+        only while the same check does."""
+        if probe == self.probe:
+            return
+        self.probe = probe
+        self.probe_streak = 0
+        self.probe_due = 0.0  # the new check runs now, not when the old interval ends
+        if probe is None:
+            self.probe_ok = True  # nothing checks it any more: a down verdict would stand forever
 
     def healthy(self, now: float) -> bool:
         return self.probe_ok and self.ejected_until <= now
@@ -245,6 +266,7 @@ class BackendRegistry:
             state = self._states.get(key)
             if state is None:
                 state = self._states[key] = BackendState()
+            state.follow(bset.probe)
             states.append(state)
         return Balancer(route, bset, states)
 

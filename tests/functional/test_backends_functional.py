@@ -413,6 +413,61 @@ async def test_reload_keeps_the_health_of_backends_whose_url_did_not_change(
         await stop_all([a, b])
 
 
+async def test_a_reload_that_drops_the_health_check_brings_a_probed_down_backend_back(
+    start_gateway: StartGateway, log_capture: list[MutableMapping[str, Any]]
+) -> None:
+    """A probe's verdict stands only while its check does: with the check
+    gone, nothing would ever probe the backend back in."""
+    a, b = await upstreams(2)
+    a_ok = {"ok": False}
+    a.responder = health_responder(a_ok)
+    try:
+        urls = [a.url + WRITE, b.url + WRITE]
+        policy = 'balance = "first_available"'
+        gw = await start_gateway(backends_config(urls, rw_keys=policy + PROBE))
+        await wait_for(lambda: any(e.get("event") == "backend_down" for e in log_capture))
+        assert (await post(gw)).status == 204
+        assert writes(a) == 0  # probed down: B serves
+        a_label = a.url[7:]
+
+        # The same URLs, no health_check.
+        gw.reload(loads(backends_config(urls, rw_keys=policy), environ={}))
+        m = await scrape(gw.admin_port)
+        assert m.value("gateway_upstream_healthy", route="remote_write", backend=a_label) == 1
+        assert (await post(gw)).status == 204
+        assert writes(a) == 1  # the primary again
+    finally:
+        await stop_all([a, b])
+
+
+async def test_a_reload_that_shortens_the_probe_interval_probes_at_the_new_one(
+    start_gateway: StartGateway, log_capture: list[MutableMapping[str, Any]]
+) -> None:
+    """A check changed by a reload runs at once and at its own interval,
+    not when the old interval (an hour here) would have ended."""
+    a, b = await upstreams(2)
+    a_ok = {"ok": True}
+    a.responder = health_responder(a_ok)
+
+    def probes() -> int:
+        return sum(1 for r in a.requests if r.path == "/health")
+
+    try:
+        hourly = PROBE.replace("interval_seconds = 0.1", "interval_seconds = 3600")
+        text = backends_config([a.url + WRITE, b.url + WRITE], rw_keys=hourly)
+        gw = await start_gateway(text)
+        await wait_for(lambda: probes() == 1)  # the first probe, then an hour's wait
+        a_ok["ok"] = False
+        gw.reload(
+            loads(text.replace("interval_seconds = 3600", "interval_seconds = 0.1"), environ={})
+        )
+        # Two failures at the new interval take A out.
+        await wait_for(lambda: any(e.get("event") == "backend_down" for e in log_capture))
+        assert probes() >= 3
+    finally:
+        await stop_all([a, b])
+
+
 async def test_deep_health_reports_each_backend_without_addresses(
     start_gateway: StartGateway,
 ) -> None:
