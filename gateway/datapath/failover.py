@@ -30,16 +30,16 @@ import time
 from typing import TYPE_CHECKING
 
 from gateway.datapath.exchange_base import ExchangeBase, State
+from gateway.datapath.passive import BACKEND_KINDS, backend_failed, backend_recovered
 from gateway.datapath.ports import PAUSE_CONNECT, PAUSE_UPSTREAM, Deadline
-from gateway.policy.balance import Balancer, Transition
 from gateway.policy.errors import Kind
 
 if TYPE_CHECKING:
     from gateway.datapath.upstream import Pool, UpstreamConnection
-    from gateway.policy.balance import Lane
+    from gateway.policy.balance import Balancer, Lane
     from gateway.policy.routing import Target
 
-__all__ = ["BACKEND_KINDS", "Failover"]
+__all__ = ["Failover"]
 
 _FAILURES = {
     "connect": Kind.UPSTREAM_CONNECT,
@@ -58,15 +58,6 @@ _BODY, _UPSTREAM = int(Deadline.BODY), int(Deadline.UPSTREAM)
 _perf = time.perf_counter
 # A chunked body's copy reserves replay memory in steps from this size.
 _FIRST_STEP = 64 * 1024
-# The failure kinds counted per backend (gateway_upstream_failures_total).
-BACKEND_KINDS = {
-    "connect": "connect",
-    "connect_timeout": "connect",
-    "timeout": "timeout",
-    "reset": "reset",
-    "protocol": "protocol",
-    "internal": "internal",
-}
 
 
 class Failover(ExchangeBase):
@@ -212,19 +203,9 @@ class Failover(ExchangeBase):
 
     def _failure(self, lane: Lane, kind: str) -> None:
         """Count a failure against ``lane``'s backend; eject it if it is one too many."""
-        lane.stats.add(lane.stats.failures, kind)
         bal = self.balancer
         assert bal is not None
-        now = self.shared.loop.time()
-        if bal.failed(lane, now) == Transition.EJECTED:
-            lane.stats.add(lane.stats.ejections, "failures")
-            self.shared.log.warning(
-                "backend_ejected",
-                route=bal.route,
-                backend=lane.backend.label,
-                after=kind,
-                seconds=round(lane.state.ejected_until - now, 3),
-            )
+        backend_failed(self.shared, bal, lane, kind)
 
     def _attempt_failed(self, kind: str) -> None:
         """The attempt in flight failed: it ends, and counts against its backend."""
@@ -236,9 +217,7 @@ class Failover(ExchangeBase):
 
     def _recovered(self, lane: Lane) -> None:
         """An answer from a backend that had failed: healthy again."""
-        if lane.state.ejections:
-            self.shared.log.info("backend_recovered", route=self.route_name, backend=self.label)
-        Balancer.succeeded(lane)
+        backend_recovered(self.shared, self.route_name, lane)
 
     def _answer_failed(self, status: int) -> bool:
         """An answer of 4xx/5xx: whether it counts against the backend, and

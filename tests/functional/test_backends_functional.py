@@ -699,27 +699,15 @@ async def test_http2_clients_are_balanced_over_the_backends_too(
     same balancer: equal backends take turns; an ejected one is skipped.
     (Failover with replay is the HTTP/1.1 data path's: over HTTP/2 a request
     has one attempt.)"""
-    from tests.support.grpc_peers import TRACE_METHOD  # noqa: PLC0415
     from tests.support.h2client import H2Client  # noqa: PLC0415
 
     a, b = await upstreams(2)
     try:
-        grpc = f"""
-[[routes]]
-name = "grpc_traces"
-path = "{TRACE_METHOD}"
-protocol = "otlp-grpc"
-upstream = "http://127.0.0.1:9"
-"""
-        text = backends_config(
-            [a.url + WRITE, b.url + WRITE], rw_keys='balance = "round_robin"'
-        ).replace("[[credentials]]", grpc + "\n[[credentials]]", 1)
-        text = text.replace(
-            'routes = ["remote_write", "otlp_traces"]',
-            'routes = ["remote_write", "otlp_traces", "grpc_traces"]',
-            1,
+        gw = await start_gateway(
+            with_grpc(
+                backends_config([a.url + WRITE, b.url + WRITE], rw_keys='balance = "round_robin"')
+            )
         )
-        gw = await start_gateway(text)
         client = await H2Client.open(gw.port)
         try:
             for _ in range(4):
@@ -735,5 +723,115 @@ upstream = "http://127.0.0.1:9"
             a.url[7:]: 2.0,
             b.url[7:]: 2.0,
         }
+    finally:
+        await stop_all([a, b])
+
+
+def with_grpc(text: str) -> str:
+    """``text`` with a gRPC route in scope of the token (h2c for every route)."""
+    from tests.support.grpc_peers import TRACE_METHOD  # noqa: PLC0415
+
+    grpc = f"""
+[[routes]]
+name = "grpc_traces"
+path = "{TRACE_METHOD}"
+protocol = "otlp-grpc"
+upstream = "http://127.0.0.1:9"
+"""
+    text = text.replace("[[credentials]]", grpc + "\n[[credentials]]", 1)
+    return text.replace(
+        'routes = ["remote_write", "otlp_traces"]',
+        'routes = ["remote_write", "otlp_traces", "grpc_traces"]',
+        1,
+    )
+
+
+async def test_http2_clients_feed_passive_health_so_a_dead_backend_is_ejected(
+    start_gateway: StartGateway,
+) -> None:
+    """Over HTTP/2 a request has one attempt, but its failure counts against
+    the backend: the dead one costs one 502, then is ejected and skipped."""
+    from tests.support.h2client import H2Client  # noqa: PLC0415
+
+    (b,) = await upstreams(1)
+    try:
+        with refused_port() as dead:
+            text = backends_config(
+                [f"http://127.0.0.1:{dead}{WRITE}", b.url + WRITE],
+                rw_keys='balance = "round_robin"',
+                upstream="eject_base_seconds = 60\neject_max_seconds = 60",
+            )
+            gw = await start_gateway(with_grpc(text))
+            client = await H2Client.open(gw.port)
+            try:
+                statuses = [
+                    (
+                        await client.request(
+                            "POST", WRITE, [("authorization", f"Bearer {TOKEN}")], BODY
+                        )
+                    ).status
+                    for _ in range(4)
+                ]
+            finally:
+                await client.close()
+            assert statuses == [502, 204, 204, 204]
+            m = await scrape(gw.admin_port)
+            dead_label = f"127.0.0.1:{dead}"
+            route = "remote_write"
+            assert (
+                m.value(
+                    "gateway_upstream_failures_total",
+                    route=route,
+                    backend=dead_label,
+                    kind="connect",
+                )
+                == 1
+            )
+            assert (
+                m.value(
+                    "gateway_upstream_ejections_total",
+                    route=route,
+                    backend=dead_label,
+                    cause="failures",
+                )
+                == 1
+            )
+            assert m.value("gateway_upstream_healthy", route=route, backend=dead_label) == 0
+    finally:
+        await stop_all([b])
+
+
+async def test_http2_requests_count_as_outstanding_on_their_backend(
+    start_gateway: StartGateway,
+) -> None:
+    """least_outstanding over HTTP/2: while A holds a request, the next ones
+    go to B (a request not counted would leave A looking idle)."""
+    from tests.support.h2client import H2Client  # noqa: PLC0415
+
+    a, b = await upstreams(2)
+    release = asyncio.Event()
+
+    async def slow(conn: UpConn, req: ParsedRequest) -> None:
+        await release.wait()
+        await conn.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    a.responder = slow
+    auth = [("authorization", f"Bearer {TOKEN}")]
+    try:
+        gw = await start_gateway(with_grpc(backends_config([a.url + WRITE, b.url + WRITE])))
+        client = await H2Client.open(gw.port)
+        try:
+            held = await client.start("POST", WRITE, auth)
+            await client.send(held, BODY, end=True)
+            await wait_for(lambda: writes(a) == 1)
+            for _ in range(3):  # one sent to the busy A would wait for release: a timeout
+                resp = await client.request("POST", WRITE, auth, BODY, timeout=5)
+                assert resp.status == 204
+            assert (writes(a), writes(b)) == (1, 3)
+            release.set()
+            assert (await client.wait(held)).status == 204
+        finally:
+            release.set()
+            await client.close()
     finally:
         await stop_all([a, b])
