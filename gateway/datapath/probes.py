@@ -111,7 +111,7 @@ class Prober:
             return  # a reload changed or dropped the check meanwhile: not its verdict
         stats = lane.stats
         stats.add(stats.probes, "ok" if ok else "failed")
-        transition = bal.probed(lane.state, ok)
+        transition = bal.probed(lane.state, ok, self.shared.loop.time())
         if transition is None:
             return
         log: Any = self.shared.log

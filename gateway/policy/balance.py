@@ -212,10 +212,14 @@ class Balancer:
         """A failure of ``lane``'s backend (connect, reset, timeout, protocol,
         a 5xx); ``Transition.EJECTED`` if it ejected the backend."""
         state = lane.state
-        state.fails += 1
         state.last_failure = now
+        if state.ejected_until > now:
+            # Out already (tried as the fallback): not part of a streak, or
+            # the first failure once back would eject it again at once.
+            return None
+        state.fails += 1
         ejection = self.set.ejection
-        if state.fails < ejection.after_failures or state.ejected_until > now:
+        if state.fails < ejection.after_failures:
             return None
         state.ejected_until = now + ejection.duration(state.ejections)
         state.ejections += 1
@@ -231,8 +235,8 @@ class Balancer:
         state.ejections = 0
         state.ejected_until = 0.0
 
-    def probed(self, state: BackendState, ok: bool) -> str | None:
-        """One probe result; the transition it caused, if any."""
+    def probed(self, state: BackendState, ok: bool, now: float) -> str | None:
+        """One probe result at ``now``; the transition it caused, if any."""
         probe = self.set.probe
         assert probe is not None
         if ok:
@@ -244,6 +248,9 @@ class Balancer:
                 return Transition.PROBE_UP
             return None
         state.probe_streak = min(state.probe_streak, 0) - 1
+        # A failure for the all-unhealthy fallback too, which tries the
+        # least recently failed backend first.
+        state.last_failure = now
         if state.probe_ok and -state.probe_streak >= probe.unhealthy:
             state.probe_ok = False
             return Transition.PROBE_DOWN
