@@ -15,7 +15,7 @@ from tests.support.backends import backends_config
 from tests.support.client import raw_client
 from tests.support.process import GatewayProcess
 from tests.support.upstreams import RawUpstream, UpConn, reset_after_request
-from tests.support.wire import Response, request_bytes
+from tests.support.wire import ParsedRequest, Response, request_bytes
 
 MIB = 1024 * 1024
 CLIENTS = 24
@@ -221,6 +221,59 @@ async def test_a_replay_keeps_its_reservation_while_the_last_backend_stalls(
     finally:
         for t in stalled:
             t.cancel()
+        await gw.stop()
+        await a.stop()
+        await b.stop()
+
+
+async def test_a_chunked_body_read_while_queued_is_reserved_whole(tmp_path: Path) -> None:
+    """What a queued request read of its chunked body is in the copy from
+    the start, so the reservation covers it, not only a first 64 KiB step."""
+    first_done = asyncio.Event()
+    queued_body = 100 * 1024  # one read: within a loopback receive buffer
+
+    async def respond(conn: UpConn, req: ParsedRequest) -> None:
+        await first_done.wait()  # the first request holds the only slot
+        await conn.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    a, b = RawUpstream(), RawUpstream()
+    a.responder = respond
+    await a.start()
+    await b.start()
+    config = tmp_path / "gateway.toml"
+    text = backends_config(
+        [a.url + "/api/v1/write", b.url + "/api/v1/write"],
+        rw_keys='balance = "first_available"',
+        upstream="response_timeout_seconds = 30",
+        log='level = "info"\naccess = false',
+    )
+    config.write_text(
+        text + "\n[limits]\nmax_concurrent_requests = 1\nqueue_timeout_seconds = 20\n"
+    )
+    gw = GatewayProcess(config, ("--workers", "1"))
+    try:
+        await gw.start()
+        async with raw_client(gw.port) as first, raw_client(gw.port) as second:
+            await first.send(request_bytes("POST", "/api/v1/write", body=b"first"))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while not a.requests:
+                assert loop.time() < deadline, "the first request did not reach A"
+                await asyncio.sleep(0.02)
+            head = request_bytes("POST", "/api/v1/write", [("Transfer-Encoding", "chunked")])
+            # One chunk, read while queued; the body goes on (no last chunk yet).
+            await second.send(head + b"%x\r\n" % queued_body + b"y" * queued_body + b"\r\n")
+            await asyncio.sleep(0.3)  # read by the gateway while queued
+            first_done.set()  # the slot frees: the second is admitted, its copy kept
+            assert (await first.response()).status == 204
+            deadline = loop.time() + 10
+            while a.received.count(b"POST /api/v1/write") < 2:
+                assert loop.time() < deadline, "the second request did not reach A"
+                await asyncio.sleep(0.02)
+            m = await gw.metrics()
+            assert m.value("gateway_replay_buffer_bytes") >= queued_body
+    finally:
+        first_done.set()
         await gw.stop()
         await a.stop()
         await b.stop()
