@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from gateway.datapath.exchange_base import DISCARD_LIMIT, State
-from gateway.datapath.failover import Failover
+from gateway.datapath.failover import SEALED_PIECE, SMALL_PIECE, Failover
 from gateway.datapath.ports import PAUSE_QUEUE, PAUSE_UPSTREAM, Deadline
 from gateway.policy.auth import Failure, Principal
 from gateway.policy.decide import (
@@ -142,8 +142,17 @@ class Exchange(Failover):
             self.up_buf.append(data)
         replay = self.replay  # the copy for a replay on another backend, if kept
         if replay is not None:
-            # Sized to its reservation up front: a copy in place, no resize.
-            replay[self.body_in - n : self.body_in] = data
+            if n >= SMALL_PIECE:
+                replay.append(data)  # the same object: no copy, ~1 % overhead at most
+            else:
+                # Tiny pieces would cost more in object headers than in
+                # bytes: gathered, and kept as one piece once big enough.
+                tail = self.replay_tail
+                assert tail is not None
+                tail += data
+                if len(tail) >= SEALED_PIECE:
+                    replay.append(bytes(tail))
+                    tail.clear()
 
     def too_slow(self, now: float, n: int) -> bool:
         """Minimum body rate, checked as body bytes arrive (slow-body defence)."""

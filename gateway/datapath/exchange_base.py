@@ -101,6 +101,7 @@ class ExchangeBase:
         "protocol",
         "replay",
         "replay_held",
+        "replay_tail",
         "request_done",
         "retried",
         "route",
@@ -143,7 +144,7 @@ class ExchangeBase:
         self.upstream: UpstreamConnection | None = None
         self.pool: Pool | None = None
         self.rstats: RouteStats | None = None
-        self.up_buf: list[bytes | memoryview] = []
+        self.up_buf: list[bytes] = []
         self.t_sent = 0.0
         self.upstream_seconds = -1.0
         # Backends (failover.py): the set, the lane of the attempt in flight,
@@ -153,12 +154,15 @@ class ExchangeBase:
         self.lane: Lane | None = None
         self.label = ""
         self.tried = 0
-        # The body's copy for a replay, payload bytes only (None: none
-        # kept, or no longer copied), and the bytes reserved for it of the
-        # worker's replay memory: held until the answer starts or the
-        # exchange ends, even once the copy is no longer added to, since
-        # the last attempt's replay may still be in the process.
-        self.replay: bytearray | None = None
+        # The body's copy for a replay, payload only (None: none kept, or no
+        # longer copied): pieces of at least _SMALL_PIECE bytes, and small
+        # ones gathered in ``replay_tail`` until it makes one; and the bytes
+        # reserved for it of the worker's replay memory, held until the
+        # answer starts or the exchange ends, even once the copy is no
+        # longer added to, since the last attempt's replay may still be in
+        # the process.
+        self.replay: list[bytes] | None = None
+        self.replay_tail: bytearray | None = None
         self.replay_held = 0
         # Only once a request is retried: labels tried, failures retried.
         self.history: list[str] | None = None
@@ -357,7 +361,7 @@ class ExchangeBase:
 
     def drop_copy(self) -> None:
         """Let go of the body's replay copy and the memory it held."""
-        self.replay = None
+        self.replay = self.replay_tail = None
         self.shared.stats.replay_bytes -= self.replay_held
         self.replay_held = 0
 

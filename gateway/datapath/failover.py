@@ -11,12 +11,14 @@ another backend while ``attempts`` and the body allow: with nothing of
 the body sent yet (a failed connect) it goes as it is; otherwise only
 with the whole body, from the replay copy kept while it streamed.
 
-The copy is the body's payload in one bytearray, sized to what it
-reserves of the worker's ``[upstream] replay_memory_bytes``: the whole
-length up front for a known length, doubling steps for a chunked body
-(re-framed as one chunk when replayed), up to the route's
-``replay_buffer_bytes``.  So its real memory is what it reserves, however
-small the pieces the body arrived in.  A body that does not fit streams
+The copy is the body's payload (no chunk framing; a chunked body is
+replayed as one chunk): pieces of SMALL_PIECE bytes or more are the same
+objects that went upstream, smaller ones are gathered into SEALED_PIECE
+pieces, so its real memory is what it reserves (within ~1 %) however small
+the pieces the body arrived in.  It reserves from the worker's ``[upstream]
+replay_memory_bytes``: the whole length up front for a known length,
+doubling steps for a chunked body, up to the route's
+``replay_buffer_bytes``.  A body that does not fit streams
 without a copy (``gateway_replay_skipped_total``).  Copying stops on the
 last attempt, but the reservation is held until an answer starts (never
 replayed after that) or the exchange ends: the replayed bytes may still
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
     from gateway.policy.balance import Balancer, Lane
     from gateway.policy.routing import Target
 
-__all__ = ["Failover"]
+__all__ = ["SEALED_PIECE", "SMALL_PIECE", "Failover"]
 
 _FAILURES = {
     "connect": Kind.UPSTREAM_CONNECT,
@@ -58,6 +60,11 @@ _BODY, _UPSTREAM = int(Deadline.BODY), int(Deadline.UPSTREAM)
 _perf = time.perf_counter
 # A chunked body's copy reserves replay memory in steps from this size.
 _FIRST_STEP = 64 * 1024
+# Body pieces at least this long are kept in the copy as they are (the
+# object's ~41 bytes of header and list slot are at most 1 %); shorter ones
+# are copied into one buffer, kept as one piece of SEALED_PIECE bytes.
+SMALL_PIECE = 4096
+SEALED_PIECE = 64 * 1024
 
 
 class Failover(ExchangeBase):
@@ -80,7 +87,7 @@ class Failover(ExchangeBase):
             # The last attempt: nothing will be sent again, so copying
             # stops; the reservation stays (replay_held) while what was
             # replayed may still sit in this process.
-            self.replay = None
+            self.replay = self.replay_tail = None
         head, conn, gen, client = self.head, self.conn, self.gen, self.client
         plan = self.plan
         assert plan is not None
@@ -268,18 +275,20 @@ class Failover(ExchangeBase):
         return True
 
     def _replay_body(self) -> None:
-        """``up_buf`` after the head: the body so far, from the copy
-        (a view, not another copy), framed as one chunk if chunked."""
-        replay, body = self.replay, self.body_in
+        """``up_buf`` after the head: the body so far, from the copy,
+        framed as one chunk if chunked."""
+        replay, tail, body = self.replay, self.replay_tail, self.body_in
         assert replay is not None
+        if tail:
+            replay.append(bytes(tail))  # the copy stays whole for another attempt
+            tail.clear()
         rstats = self.rstats
         assert rstats is not None
         rstats.replayed_bytes += body
-        view = memoryview(replay)[:body]
         if not self.head.chunked:
-            self.up_buf = [b"", view]
+            self.up_buf = [b"", *replay]
             return
-        self.up_buf = [b"", b"%x\r\n" % body, view, b"\r\n"] if body else [b""]
+        self.up_buf = [b"", b"%x\r\n" % body, *replay, b"\r\n"] if body else [b""]
         if self.request_done:
             self.up_buf.append(b"0\r\n\r\n")
 
@@ -297,7 +306,7 @@ class Failover(ExchangeBase):
         the body as it streams, if it fits the route's and the worker's bounds."""
         head = self.head
         if not head.has_body:
-            self.replay = bytearray()
+            self.replay = []
             return
         limit = bal.set.replay_bytes
         if not limit:
@@ -315,10 +324,11 @@ class Failover(ExchangeBase):
             return
         stats.replay_bytes += want
         self.replay_held = want
-        copy = self.replay = bytearray(want)
-        if body:
-            # Chunked, up_buf holds (size line, data, CRLF) per chunk.
-            copy[:body] = b"".join(self.up_buf[2::3] if head.chunked else self.up_buf[1:])
+        self.replay_tail = bytearray()
+        # Chunked, up_buf holds (size line, data, CRLF) per chunk: joined,
+        # the pieces read while queued cost their bytes, not their number.
+        pieces = self.up_buf[2::3] if head.chunked else self.up_buf[1:]
+        self.replay = [b"".join(pieces)] if body else []
         if length is None:
             self.limit = min(self.limit, want)  # grow the reservation there
 
@@ -350,18 +360,5 @@ class Failover(ExchangeBase):
             else:
                 stats.replay_bytes += want - self.replay_held
                 self.replay_held = want
-                self._grow_copy(want)
         self.limit = cap if self.replay is None else min(cap, self.replay_held)
         return False
-
-    def _grow_copy(self, size: int) -> None:
-        """The chunked body's copy, grown to its new reservation."""
-        copy = self.replay
-        assert copy is not None
-        try:
-            copy += bytes(size - len(copy))  # a calloc'd step: exact, in place if it can be
-        except BufferError:
-            # A replay's view of it is still being written: a new one.
-            grown = bytearray(size)
-            grown[: len(copy)] = copy
-            self.replay = grown

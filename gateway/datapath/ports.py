@@ -11,7 +11,7 @@ data path imports the one on the other side of a port.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -95,8 +95,7 @@ class Tracked(Protocol):
 class UpstreamPort(Protocol):
     """What an exchange may do to the upstream connection it holds."""
 
-    # Write these pieces, coalesced (a replay sends a view of its copy).
-    send: Callable[[Sequence[bytes | memoryview]], None]
+    send: Callable[[list[bytes]], None]  # write these pieces, coalesced
 
     def attach(self, sink: ResponseSink) -> None: ...
     def pause_reading(self) -> None: ...

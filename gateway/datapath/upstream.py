@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from http import HTTPStatus
 from typing import TYPE_CHECKING, cast
@@ -56,7 +56,7 @@ def _classify_response(name: bytes) -> int:
     return action
 
 
-def _not_connected(pieces: Sequence[bytes | memoryview]) -> None:
+def _not_connected(pieces: list[bytes]) -> None:
     raise RuntimeError("upstream connection not made yet")
 
 
@@ -81,7 +81,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.send: Callable[[Sequence[bytes | memoryview]], None] = _not_connected
+        self.send: Callable[[list[bytes]], None] = _not_connected
         self.parser = httptools.HttpResponseParser(self)
         self.sink: ResponseSink | None = None
         self.closed = False

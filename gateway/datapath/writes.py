@@ -6,7 +6,6 @@ an event produces in a list and write it here, once per event.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 
 __all__ = ["write_coalesced"]
 
@@ -16,9 +15,7 @@ __all__ = ["write_coalesced"]
 _JOIN_BELOW = 64 * 1024
 
 
-def write_coalesced(
-    transport: asyncio.WriteTransport, pieces: Sequence[bytes | memoryview]
-) -> None:
+def write_coalesced(transport: asyncio.WriteTransport, pieces: list[bytes]) -> None:
     if len(pieces) == 1:
         transport.write(pieces[0])
     elif sum(map(len, pieces)) < _JOIN_BELOW:
