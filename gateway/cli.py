@@ -23,7 +23,7 @@ from pathlib import Path
 
 import uvloop
 
-from gateway import __version__
+from gateway import __version__, build
 from gateway.config.credentials import token_digest
 from gateway.config.loader import ConfigError, Settings, expiry_warnings, load
 from gateway.policy.auth import MAX_AUTHORIZATION_BYTES
@@ -241,11 +241,16 @@ def _matrix(settings: Settings) -> str:
 def _listening(settings: Settings, port: int, admin_port: int, workers: int) -> None:
     host = settings.server.listen.rpartition(":")[0]
     admin_host = settings.server.admin_listen.rpartition(":")[0]
+    kind, why = build.running()
     log.get_logger().info(
         "listening",
         listen=f"{host}:{port}",
         admin=f"{admin_host}:{admin_port}",
         version=__version__,
+        # The hot path as compiled by mypyc or as Python (gateway/build.py);
+        # build_reason says why a compiled build installed here is not used.
+        build=kind,
+        **({"build_reason": why} if why else {}),
         workers=workers,
         routes=[r.name for r in settings.routes],
         credentials=[c.name for c in settings.credentials],

@@ -64,9 +64,12 @@ class _Stop(Exception):
     """Raised from a parser callback to stop parsing silently (lingering)."""
 
 
-class ClientConnection(asyncio.Protocol):
+# No asyncio.Protocol base: uvloop only calls the methods, and a class with
+# a Python base cannot be a mypyc native class (attributes in a dict, not
+# slots; methods called through the generic path).
+class ClientConnection:
     """One client TCP connection; the ``ClientPort`` of its exchanges and a
-    ``Tracked`` connection of the process."""
+    ``Tracked`` connection of the process (an ``asyncio.Protocol`` by shape)."""
 
     __slots__ = (
         "_advancing",

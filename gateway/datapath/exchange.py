@@ -22,7 +22,7 @@ from gateway.policy.decide import HEALTH_CHECK, MALFORMED, PROXY, Refuse, decide
 from gateway.policy.errors import Kind
 
 if TYPE_CHECKING:
-    from gateway.datapath.upstream import Pool, UpstreamConnection
+    from gateway.datapath.ports import UpstreamPool, UpstreamPort
     from gateway.policy.limits import Slots
     from gateway.policy.routing import Route
 
@@ -262,7 +262,7 @@ class Exchange(ExchangeBase):
             self.conn.clear_deadline()
             self._task = self.shared.loop.create_task(self._connect(pool))
 
-    async def _connect(self, pool: Pool) -> None:
+    async def _connect(self, pool: UpstreamPool) -> None:
         try:
             conn = await pool.connect(self.gen.connect_timeout)
         except TimeoutError:
@@ -286,7 +286,7 @@ class Exchange(ExchangeBase):
         finally:
             self.conn.flush()
 
-    def _attach(self, conn: UpstreamConnection) -> None:
+    def _attach(self, conn: UpstreamPort) -> None:
         conn.attach(self)
         self.upstream = conn
         self.state = _SENT

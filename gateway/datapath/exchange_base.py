@@ -32,8 +32,8 @@ from gateway.datapath.ports import PAUSE_CONNECT, PAUSE_UPSTREAM, ClientPort, De
 from gateway.policy.errors import CLIENT_CLOSED, Kind, Protocol
 
 if TYPE_CHECKING:
+    from gateway.datapath.ports import UpstreamPool, UpstreamPort
     from gateway.datapath.shared import Shared
-    from gateway.datapath.upstream import Pool, UpstreamConnection
     from gateway.policy.auth import Failure, Principal
     from gateway.policy.decide import Refuse
     from gateway.policy.limits import Slots
@@ -128,8 +128,8 @@ class ExchangeBase:
         self.body_in = 0
         self.bytes_out = 0
         self.limit = DISCARD_LIMIT
-        self.upstream: UpstreamConnection | None = None
-        self.pool: Pool | None = None
+        self.upstream: UpstreamPort | None = None
+        self.pool: UpstreamPool | None = None
         self.rstats: RouteStats | None = None
         self.up_buf: list[bytes] = []
         self.t_sent = 0.0

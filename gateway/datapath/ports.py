@@ -1,11 +1,14 @@
 """The narrow interfaces between the parts of the data path.
 
-An exchange drives its client connection only through ``ClientPort`` and
-its upstream connection only through ``UpstreamPort``; the upstream
+An exchange drives its client connection only through ``ClientPort``, its
+upstream connection only through ``UpstreamPort`` (taken from and given back
+to an ``UpstreamPool`` of the process's ``UpstreamPools``); the upstream
 connection reports to the exchange through ``ResponseSink``; accounting
 reads a finished exchange through ``Finished``.  Each side can be replaced
 by a fake in memory (``tests/unit/test_exchange.py``), and no module of the
-data path imports the one on the other side of a port.
+data path imports the one on the other side of a port.  (Compiled with
+mypyc, a concrete class in an annotation is also checked at run time: the
+ports are what lets a fake stand in for a compiled class.)
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from gateway.policy.auth import Principal
     from gateway.policy.request import RequestHead
-    from gateway.policy.routing import Route
+    from gateway.policy.routing import Route, Upstream
     from gateway.telemetry.counters import RouteStats
 
 __all__ = [
@@ -30,6 +33,8 @@ __all__ = [
     "Finished",
     "ResponseSink",
     "Tracked",
+    "UpstreamPool",
+    "UpstreamPools",
     "UpstreamPort",
 ]
 
@@ -99,6 +104,23 @@ class UpstreamPort(Protocol):
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     def abort(self) -> None: ...
+
+
+class UpstreamPool(Protocol):
+    """Where an exchange takes an upstream connection from and gives it back."""
+
+    def acquire(self) -> UpstreamPort | None: ...  # an idle connection, if any
+    async def connect(self, timeout: float) -> UpstreamPort: ...
+    # Back after a complete response (kept if reusable) or abandoned.
+    def release(self, conn: UpstreamPort, idle_until: float) -> None: ...
+
+
+class UpstreamPools(Protocol):
+    """The pools of a process, one per upstream address; outlive reloads."""
+
+    def get(self, upstream: Upstream) -> UpstreamPool: ...
+    def expire(self, now: float) -> None: ...  # close connections idle too long
+    def close(self) -> None: ...
 
 
 class ResponseSink(Protocol):

@@ -24,7 +24,7 @@ from gateway.datapath.writes import write_coalesced
 from gateway.policy.headers import RESPONSE_DROP, strip_listed
 
 if TYPE_CHECKING:
-    from gateway.datapath.ports import ResponseSink
+    from gateway.datapath.ports import ResponseSink, UpstreamPort
     from gateway.policy.routing import Upstream
 
 __all__ = ["Pool", "Pools", "UpstreamConnection"]
@@ -60,9 +60,11 @@ def _not_connected(pieces: list[bytes]) -> None:
     raise RuntimeError("upstream connection not made yet")
 
 
-class UpstreamConnection(asyncio.Protocol):
+# No asyncio.Protocol base, as ClientConnection (connection.py): uvloop only
+# calls the methods, and mypyc makes the class native only without it.
+class UpstreamConnection:
     """One keep-alive connection to an upstream; the ``UpstreamPort`` of the
-    exchange that holds it."""
+    exchange that holds it (an ``asyncio.Protocol`` by shape)."""
 
     __slots__ = (
         "_chunked",
@@ -251,15 +253,16 @@ class Pool:
         up = self.upstream
         async with asyncio.timeout(timeout):
             _, protocol = await self.loop.create_connection(
-                lambda: UpstreamConnection(self),
+                lambda: cast(asyncio.Protocol, UpstreamConnection(self)),
                 up.host,
                 up.port,
                 ssl=self._ssl,
                 server_hostname=up.host if self._ssl else None,
             )
-        return protocol
+        return cast(UpstreamConnection, protocol)
 
-    def release(self, conn: UpstreamConnection, idle_until: float) -> None:
+    def release(self, conn: UpstreamPort, idle_until: float) -> None:
+        assert isinstance(conn, UpstreamConnection)  # what acquire() / connect() gave out
         if conn.reusable() and len(self._idle) < self.max_idle:
             conn.deadline = idle_until
             self._idle.append(conn)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
 from gateway.config.loader import Settings
 from gateway.config.tls import TlsTerminator
@@ -94,7 +94,8 @@ class Gateway:
             ssl_ctx = self._tls.listener
             shared.tls = True
         server = await loop.create_server(
-            lambda: ClientConnection(shared),
+            # A protocol by shape, not by base class (see ClientConnection).
+            lambda: cast(asyncio.Protocol, ClientConnection(shared)),
             sock=sock,
             backlog=2048,
             ssl=ssl_ctx,
