@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import secrets
 import shutil
 import subprocess
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench import load, report
+from bench.machine import machine, pss_kib
 from bench.payloads import Payload, validate_otlp, write_payload
 from bench.peers import ECHO_MODULE, REPO, TARGETS, Peer, Stack, gateway_supports_workers
 from bench.procs import Procs, cpu_seconds, reset_peak, rss_kib, tree
@@ -123,12 +123,7 @@ def _version(argv: list[str], pattern: str = "") -> str:
 def _meta(args: argparse.Namespace, workers: int) -> dict[str, Any]:
     return {
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": {
-            "cpus": os.cpu_count(),
-            "kernel": platform.release(),
-            "python": platform.python_version(),
-            "loadavg_start": os.getloadavg(),
-        },
+        "host": machine(REPO),
         "versions": {
             "nginx": _version(["nginx", "-v"]),
             "wrk": _version(["wrk", "-v"], "wrk"),
@@ -191,7 +186,13 @@ def _check(stack: Stack, peers: dict[str, Peer], payloads: dict[str, Payload]) -
 def _memory(peer: Peer) -> dict[str, Any]:
     t = tree(peer.pid)
     per = {pid: rss_kib(pid) / 1024 for pid in t.pids}
-    return {"rss_mib": sum(per.values()), "per_process_mib": list(per.values())}
+    pss = {pid: pss_kib(pid) / 1024 for pid in t.pids}
+    return {
+        "rss_mib": sum(per.values()),
+        "per_process_mib": list(per.values()),
+        "pss_mib": sum(pss.values()),
+        "per_process_pss_mib": list(pss.values()),
+    }
 
 
 def _one(

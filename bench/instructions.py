@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.client
+import json
 import re
 import secrets
 import shutil
@@ -28,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.machine import machine
 from bench.payloads import Payload, write_payload
 from bench.peers import REPO, Stack, render
 from bench.procs import Procs, free_port
@@ -136,9 +138,24 @@ def main(argv: list[str] | None = None) -> int:
         base = _run(stack, rundir, payload, args.warmup, "base", repo)
         more = _run(stack, rundir, payload, args.warmup + args.requests, "more", repo)
     per_request = (more - base) / args.requests
+    host = machine(repo)
+    (rundir / "result.json").write_text(
+        json.dumps(
+            {
+                "size": args.size,
+                "bytes": payload.size,
+                "instructions_per_request": per_request,
+                "requests": args.requests,
+                "warmup": args.warmup,
+                "gateway_repo": str(repo),
+                "host": host,
+            },
+            indent=1,
+        )
+    )
     print(
         f"{args.size} ({payload.size:,} B): {per_request:,.0f} instructions per request "
         f"(callgrind, user space, {args.requests} requests after {args.warmup}; "
-        f"gateway from {repo}; {rundir})"
+        f"gateway from {repo}, build {host['gateway_build']}; {host['cpu_model']}; {rundir})"
     )
     return 0
