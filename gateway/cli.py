@@ -27,7 +27,6 @@ from gateway import __version__, build
 from gateway.config.credentials import token_digest
 from gateway.config.loader import ConfigError, Settings, expiry_warnings, load
 from gateway.policy.auth import MAX_AUTHORIZATION_BYTES
-from gateway.process.gateway import Gateway
 from gateway.process.memory import tune_malloc
 from gateway.process.watch import watch_files
 from gateway.telemetry import log
@@ -354,6 +353,10 @@ async def _supervise(settings: Settings, path: Path, workers: int) -> int:
 
 async def _serve(settings: Settings, path: Path) -> int:
     logger = log.get_logger()
+    # Imported here: a supervisor never serves traffic, so it does not
+    # load the data path (uvloop and the config are all it shares with it).
+    from gateway.process.gateway import Gateway  # noqa: PLC0415
+
     gateway = Gateway(settings)
     started = False
 
