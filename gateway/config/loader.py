@@ -172,7 +172,8 @@ def loads(
     tls = spec.server.tls
     tls_context = None
     if tls is not None:
-        tls_context = server_context(tls, where)
+        grpc = any(r.protocol == "otlp-grpc" for r in spec.routes)
+        tls_context = server_context(tls, where, h2=grpc)
         named_tls = [tls.cert_file, tls.key_file, tls.client_ca_file]
         files += [str(where / f) for f in named_tls if f is not None]
     for c in spec.credentials:

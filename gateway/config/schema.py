@@ -205,7 +205,7 @@ class ReloadSpec(_Spec, frozen=True):
 class RouteSpec(_Spec, frozen=True):
     name: str
     path: str
-    protocol: Literal["prometheus-remote-write", "otlp-http"]
+    protocol: Literal["prometheus-remote-write", "otlp-http", "otlp-grpc"]
     upstream: str
     methods: tuple[str, ...] = ("POST",)
     # vmagent retries a 413 forever (head-of-line blocking), so the default
@@ -238,6 +238,11 @@ class RouteSpec(_Spec, frozen=True):
             raise ValueError(f"upstream: invalid port in {self.upstream!r}") from None
         if port == 0:
             raise ValueError(f"upstream: port 0 in {self.upstream!r}")
+        if self.protocol == "otlp-grpc" and (parts.path not in ("", "/") or parts.query):
+            raise ValueError(
+                f"upstream: an otlp-grpc upstream is scheme, host and port only (the gRPC "
+                f"method path is forwarded as it is): {self.upstream!r}"
+            )
         try:
             # What the Host header will carry; IDNA refuses empty or
             # oversized labels, so the server can always build it.

@@ -18,11 +18,15 @@ from gateway.config.schema import ConfigError, TlsSpec
 __all__ = ["TlsTerminator", "server_context"]
 
 
-def server_context(spec: TlsSpec, base: Path) -> ssl.SSLContext:
-    """Build and validate (cert and key must match) a server context."""
+def server_context(spec: TlsSpec, base: Path, h2: bool = False) -> ssl.SSLContext:
+    """Build and validate (cert and key must match) a server context.
+
+    ``h2``: offer HTTP/2 in ALPN (only when an ``otlp-grpc`` route exists,
+    so a config without one keeps every TLS sender on HTTP/1.1).
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(["h2", "http/1.1"] if h2 else ["http/1.1"])
     # OpenSSL's error for an unreadable file names neither the file nor which
     # of the two it was: read each first, so the error names its own key.
     cert = _readable(base / spec.cert_file, "cert_file")

@@ -23,7 +23,8 @@ _perf = time.perf_counter
 MAX_LOGGED_PATH = 200
 
 
-def account(shared: Shared, ex: Finished) -> None:
+def account(shared: Shared, ex: Finished, grpc_status: str | None = None) -> None:
+    """``grpc_status``: a gRPC call's outcome (its trailers'), for the access line."""
     duration = _perf() - ex.head.t0
     stats = shared.stats
     rstats = ex.rstats
@@ -51,6 +52,7 @@ def account(shared: Shared, ex: Finished) -> None:
             "request",
             request_id=head.request_id.decode("ascii", "replace"),
             method=head.method.decode("latin-1"),
+            http=head.version,
             # The raw bytes (latin-1: one character each, nothing decoded or
             # normalised), which the JSON renderer escapes.
             path=head.path[:MAX_LOGGED_PATH].decode("latin-1"),
@@ -64,6 +66,7 @@ def account(shared: Shared, ex: Finished) -> None:
             upstream_ms=round(ex.upstream_seconds * 1000, 3) if ex.upstream_seconds >= 0 else None,
             client=ex.client,
             error=ex.error or None,
+            grpc_status=grpc_status,
         )
 
 

@@ -20,6 +20,7 @@ import httptools
 
 from gateway.datapath.accounting import record_rejected
 from gateway.datapath.exchange import Exchange
+from gateway.datapath.h2switch import alpn_h2, h2c, hand_over
 from gateway.datapath.ports import (
     PAUSE_CONNECT,
     PAUSE_PIPELINE,
@@ -142,6 +143,9 @@ class ClientConnection:
             cert = transport.get_extra_info("peercert")
             if cert:
                 self.cert_subject = cert_subject(cert)
+            if alpn_h2(transport):  # HTTP/2 from here on (h2switch.py)
+                hand_over(shared, self, self.transport, b"")
+                return
         self.set_deadline(_IDLE, shared.gen.header_timeout)
 
     # One branch per state of the connection, on every read: a helper call
@@ -182,7 +186,9 @@ class ClientConnection:
             # follows is another protocol, which we never speak.
             self._after_current_close()
         except httptools.HttpParserError:
-            self._reject(Kind.BAD_REQUEST)
+            # Or the HTTP/2 preface where the first request would start (h2c).
+            if self._url != b"*" or self.active is not None or not h2c(self.shared, self, data):
+                self._reject(Kind.BAD_REQUEST)
         except Exception as exc:  # noqa: BLE001  (never let a bug kill the loop's callback)
             self._fault(exc)
         self.flush()

@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Any
 from gateway.policy.limits import Admission
 
 if TYPE_CHECKING:
+    from gateway.datapath.h2upstream import H2Pool, H2Pools
     from gateway.datapath.ports import Tracked, UpstreamPools
     from gateway.policy.generation import Generation
+    from gateway.policy.routing import Upstream
     from gateway.telemetry.counters import Stats
 
 __all__ = ["Shared"]
@@ -64,6 +66,7 @@ class Shared:
         "date_line",
         "draining",
         "gen",
+        "h2pools",
         "log",
         "loop",
         "pools",
@@ -86,6 +89,7 @@ class Shared:
         self.gen = gen
         self.stats = stats
         self.pools = pools
+        self.h2pools: H2Pools | None = None  # made with the first gRPC call
         self.access = access  # a structlog logger, or None when access logs are off
         self.log = log
         self.tls = tls
@@ -99,6 +103,15 @@ class Shared:
         # across workers and restarts without a syscall per request.
         self._id_prefix = os.urandom(6).hex().encode()
         self._id_counter = 0
+
+    def h2pool(self, upstream: Upstream) -> H2Pool:
+        pools = self.h2pools
+        if pools is None:
+            # Imported with the first gRPC call: h2 stays unloaded until then.
+            from gateway.datapath.h2upstream import H2Pools  # noqa: PLC0415
+
+            pools = self.h2pools = H2Pools(self.loop)
+        return pools.get(upstream)
 
     def tick_date(self) -> None:
         self.date_line = b"Date: " + http_date(time.time()) + b"\r\n"

@@ -3,23 +3,35 @@
 Senders decide to retry or drop by status code (DESIGN §3), so the whole
 policy lives in this one table, per route protocol:
 
-    Kind               remote-write          otlp-http            plain (no route)
-    AUTH_MISSING       401 WWW-Authenticate  401                  401
-    AUTH_INVALID       401 error=invalid_token
-    SCOPE              403 insufficient_scope
-    FORBIDDEN          403 (client address or certificate not allowed)
-    NOT_FOUND          404                   404                  404
-    METHOD             405 + Allow           405 + Allow
-    TOO_LARGE          413                   413
+    Kind               remote-write          otlp-http            otlp-grpc (HTTP 200)
+    AUTH_MISSING       401 WWW-Authenticate  401                  16 UNAUTHENTICATED
+    AUTH_INVALID       401 error=invalid_token                    16 UNAUTHENTICATED
+    SCOPE              403 insufficient_scope                     7 PERMISSION_DENIED
+    FORBIDDEN          403 (client address or certificate not allowed)  7 PERMISSION_DENIED
+    NOT_FOUND          404                   404                  12 UNIMPLEMENTED
+    METHOD             405 + Allow           405 + Allow          12 UNIMPLEMENTED
+    TOO_LARGE          413                   413                  8 RESOURCE_EXHAUSTED
     URL_TOO_LONG       414 / HEADERS_TOO_LARGE 431 / BAD_REQUEST 400 (malformed HTTP)
-    CLIENT_TIMEOUT     408                   503 + Retry-After    (OTLP drops 408)
-    OVERLOADED         429 + Retry-After     503 + Retry-After    (Python OTLP drops 429)
-    DRAINING           503 + Retry-After     503 + Retry-After
-    UPSTREAM_CONNECT   502                   503, no Retry-After  (Go SDK < 1.20 drops 502/504)
-    UPSTREAM_RESET     502                   503, no Retry-After
-    UPSTREAM_PROTOCOL  502                   503, no Retry-After
-    UPSTREAM_TIMEOUT   504                   503, no Retry-After  (no answer in time)
-    INTERNAL           503 + Retry-After     503 + Retry-After    (never 500: OTLP drops it)
+                                                                  3 INVALID_ARGUMENT
+    CLIENT_TIMEOUT     408                   503 + Retry-After    14 UNAVAILABLE + pushback
+    OVERLOADED         429 + Retry-After     503 + Retry-After    14 UNAVAILABLE + pushback
+    DRAINING           503 + Retry-After     503 + Retry-After    14 UNAVAILABLE + pushback
+    UPSTREAM_CONNECT   502                   503, no Retry-After  14 UNAVAILABLE
+    UPSTREAM_RESET     502                   503, no Retry-After  14 UNAVAILABLE
+    UPSTREAM_PROTOCOL  502                   503, no Retry-After  14 UNAVAILABLE
+    UPSTREAM_TIMEOUT   504                   503, no Retry-After  14 UNAVAILABLE
+    INTERNAL           503 + Retry-After     503 + Retry-After    14 UNAVAILABLE + pushback
+
+(OTLP drops 408 and the Python SDK drops 429; Go SDKs before 1.20 drop
+502/504; 500 is never sent, OTLP drops it; gRPC never gets UNKNOWN or
+INTERNAL for a cause on the gateway's side.)
+
+gRPC answers are trailers-only: HTTP 200, ``content-type: application/grpc``,
+``grpc-status`` and ``grpc-message`` in the one HEADERS frame that ends the
+stream.  "+ pushback" means ``grpc-retry-pushback-ms`` (gRPC's own retry
+policy) and ``google.rpc.retryinfo-bin`` (a ``google.rpc.RetryInfo``, which
+the OpenTelemetry SDKs read as their next backoff), both one second: the
+same cases that get Retry-After over HTTP/1.1, for the same reasons.
 
 No Retry-After when the upstream failed: the gateway cannot know when it
 returns, and the Python and JS SDKs obey the header exactly but retry a fixed
@@ -37,13 +49,23 @@ Everything is rendered to bytes once per config; sending is a concatenation.
 
 from __future__ import annotations
 
+import base64
 import enum
 
 import orjson
 
 from gateway.policy.protowire import varint
 
-__all__ = ["CLIENT_CLOSED", "ErrorRenderer", "Kind", "Protocol", "status_of"]
+__all__ = [
+    "CLIENT_CLOSED",
+    "GRPC_OK",
+    "ErrorRenderer",
+    "Kind",
+    "Protocol",
+    "grpc_code",
+    "grpc_trailers_only",
+    "status_of",
+]
 
 # nginx's convention for "client closed the connection before the answer";
 # only ever a log/metric value, never sent.
@@ -54,9 +76,12 @@ class Protocol(enum.IntEnum):
     PLAIN = 0
     REMOTE_WRITE = 1
     OTLP = 2
+    GRPC = 3  # OTLP over gRPC (HTTP/2)
 
     @classmethod
     def of(cls, name: str) -> Protocol:
+        if name == "otlp-grpc":
+            return cls.GRPC
         return cls.OTLP if name == "otlp-http" else cls.REMOTE_WRITE
 
 
@@ -81,29 +106,30 @@ class Kind(enum.IntEnum):
     FORBIDDEN = 17
 
 
-# kind: (remote-write status, otlp status, gRPC code for OTLP bodies, message)
+# kind: (remote-write status, otlp status, gRPC code for OTLP/HTTP bodies,
+#        gRPC status for otlp-grpc routes, message)
 # gRPC codes: 3 INVALID_ARGUMENT, 4 DEADLINE_EXCEEDED, 5 NOT_FOUND,
 # 7 PERMISSION_DENIED, 8 RESOURCE_EXHAUSTED, 12 UNIMPLEMENTED, 14 UNAVAILABLE,
 # 16 UNAUTHENTICATED.
-_TABLE: dict[Kind, tuple[int, int, int, str]] = {
-    Kind.AUTH_MISSING: (401, 401, 16, "missing bearer token"),
-    Kind.AUTH_INVALID: (401, 401, 16, "invalid bearer token"),
-    Kind.SCOPE: (403, 403, 7, "credential is not allowed on this route"),
-    Kind.NOT_FOUND: (404, 404, 5, "not found"),
-    Kind.METHOD: (405, 405, 12, "method not allowed"),
-    Kind.TOO_LARGE: (413, 413, 8, "request body exceeds the route limit"),
-    Kind.URL_TOO_LONG: (414, 414, 3, "request target too long"),
-    Kind.HEADERS_TOO_LARGE: (431, 431, 3, "request header fields too large"),
-    Kind.BAD_REQUEST: (400, 400, 3, "malformed HTTP request"),
-    Kind.CLIENT_TIMEOUT: (408, 503, 14, "timed out reading the request body"),
-    Kind.OVERLOADED: (429, 503, 14, "too many requests, retry later"),
-    Kind.DRAINING: (503, 503, 14, "gateway is shutting down, retry"),
-    Kind.UPSTREAM_CONNECT: (502, 503, 14, "upstream unavailable"),
-    Kind.UPSTREAM_RESET: (502, 503, 14, "upstream connection failed"),
-    Kind.UPSTREAM_PROTOCOL: (502, 503, 14, "upstream sent an invalid response"),
-    Kind.UPSTREAM_TIMEOUT: (504, 503, 4, "upstream timed out"),
-    Kind.INTERNAL: (503, 503, 14, "internal error, retry"),
-    Kind.FORBIDDEN: (403, 403, 7, "client not allowed"),
+_TABLE: dict[Kind, tuple[int, int, int, int, str]] = {
+    Kind.AUTH_MISSING: (401, 401, 16, 16, "missing bearer token"),
+    Kind.AUTH_INVALID: (401, 401, 16, 16, "invalid bearer token"),
+    Kind.SCOPE: (403, 403, 7, 7, "credential is not allowed on this route"),
+    Kind.NOT_FOUND: (404, 404, 5, 12, "not found"),
+    Kind.METHOD: (405, 405, 12, 12, "method not allowed"),
+    Kind.TOO_LARGE: (413, 413, 8, 8, "request body exceeds the route limit"),
+    Kind.URL_TOO_LONG: (414, 414, 3, 3, "request target too long"),
+    Kind.HEADERS_TOO_LARGE: (431, 431, 3, 3, "request header fields too large"),
+    Kind.BAD_REQUEST: (400, 400, 3, 3, "malformed HTTP request"),
+    Kind.CLIENT_TIMEOUT: (408, 503, 14, 14, "timed out reading the request body"),
+    Kind.OVERLOADED: (429, 503, 14, 14, "too many requests, retry later"),
+    Kind.DRAINING: (503, 503, 14, 14, "gateway is shutting down, retry"),
+    Kind.UPSTREAM_CONNECT: (502, 503, 14, 14, "upstream unavailable"),
+    Kind.UPSTREAM_RESET: (502, 503, 14, 14, "upstream connection failed"),
+    Kind.UPSTREAM_PROTOCOL: (502, 503, 14, 14, "upstream sent an invalid response"),
+    Kind.UPSTREAM_TIMEOUT: (504, 503, 4, 14, "upstream timed out"),
+    Kind.INTERNAL: (503, 503, 14, 14, "internal error, retry"),
+    Kind.FORBIDDEN: (403, 403, 7, 7, "client not allowed"),
 }
 
 _REASONS = {
@@ -132,8 +158,46 @@ _UPSTREAM = frozenset(
 
 
 def status_of(kind: Kind, protocol: Protocol) -> int:
-    rw, otlp, _, _ = _TABLE[kind]
-    return otlp if protocol is Protocol.OTLP else rw
+    """The HTTP status; for gRPC, the one counted in metrics (OTLP/HTTP's),
+    while the wire says HTTP 200 and ``grpc_code(kind)``."""
+    rw, otlp, _, _, _ = _TABLE[kind]
+    return otlp if protocol >= Protocol.OTLP else rw
+
+
+def grpc_code(kind: Kind) -> int:
+    """The ``grpc-status`` of a gRPC answer the gateway makes itself."""
+    return _TABLE[kind][3]
+
+
+# The HTTP status of every gRPC answer: the outcome is in grpc-status.
+GRPC_OK = 200
+_PUSHBACK_MS = b"1000"
+# google.rpc.RetryInfo{retry_delay: Duration{seconds: 1}}, base64 as every
+# "-bin" metadata value is on the wire.
+_RETRY_INFO = base64.b64encode(b"\x0a\x02\x08\x01").rstrip(b"=")
+
+
+def grpc_trailers_only(kind: Kind) -> list[tuple[bytes, bytes]]:
+    """The one HEADERS frame (END_STREAM) of a gRPC answer made here; built
+    once per kind."""
+    return _GRPC_ANSWERS[kind]
+
+
+def _grpc_answer(kind: Kind) -> list[tuple[bytes, bytes]]:
+    _, _, _, code, message = _TABLE[kind]
+    fields = [
+        (b":status", b"200"),
+        (b"content-type", b"application/grpc"),
+        (b"grpc-status", b"%d" % code),
+        (b"grpc-message", message.encode()),  # constants: nothing to percent-encode
+    ]
+    if code == 14 and kind not in _UPSTREAM:
+        fields += ((b"grpc-retry-pushback-ms", _PUSHBACK_MS),)
+        fields += ((b"google.rpc.retryinfo-bin", _RETRY_INFO),)
+    return fields
+
+
+_GRPC_ANSWERS = {kind: _grpc_answer(kind) for kind in Kind}
 
 
 def rpc_status_protobuf(code: int, message: str) -> bytes:
@@ -166,15 +230,15 @@ class ErrorRenderer:
         kind: Kind, protocol: Protocol, as_json: bool, realm: str
     ) -> tuple[int, bytes, bytes]:
         status = status_of(kind, protocol)
-        _, _, grpc_code, message = _TABLE[kind]
-        if protocol is Protocol.OTLP:
+        _, _, rpc_code, _, message = _TABLE[kind]
+        if protocol >= Protocol.OTLP:
             if as_json:
                 body, ctype = (
-                    orjson.dumps({"code": grpc_code, "message": message}),
+                    orjson.dumps({"code": rpc_code, "message": message}),
                     "application/json",
                 )
             else:
-                body, ctype = rpc_status_protobuf(grpc_code, message), "application/x-protobuf"
+                body, ctype = rpc_status_protobuf(rpc_code, message), "application/x-protobuf"
         else:
             body, ctype = (message + "\n").encode(), "text/plain; charset=utf-8"
         lines = [

@@ -79,6 +79,7 @@ class RequestHead:
         "request_id",
         "t0",
         "upgrade",
+        "version",
         "xff",
     )
 
@@ -149,7 +150,7 @@ class RequestHead:
     ) -> None:
         """What needs the whole head: request line, framing and id checks."""
         self.method: bytes = parser.get_method()
-        version = parser.get_http_version()
+        version = self.version = parser.get_http_version()
         self.http11 = version == "1.1"
         self.keep_alive: bool = parser.should_keep_alive()
         self.upgrade: bool = parser.should_upgrade()
@@ -178,6 +179,43 @@ class RequestHead:
             # llhttp stops parsing at an Upgrade head, so its body would be
             # taken for the next request.  We never upgrade.
             self.bad_framing = True
+
+    def finish_h2(
+        self,
+        method: bytes,
+        target: bytes,
+        request_id: bytes,
+        client_header: bytes,
+        has_body: bool,
+    ) -> None:
+        """``finish`` for an HTTP/2 request: its pseudo-headers were taken out
+        (h2 checked they are present once and well formed) and the regular
+        fields went through ``header``, so both protocols share one policy."""
+        self.method = method
+        self.version = "2"
+        self.http11 = True
+        self.keep_alive = True
+        self.upgrade = False
+        self.path, self.query = split_target(target)
+        rid = self._rid
+        if rid is None or len(rid) > 128 or not rid.isascii():
+            rid = request_id
+        self.request_id = rid
+        if client_header == b"x-forwarded-for":
+            self.client_ip = self.xff
+        else:
+            ips = self._client_ips
+            self.client_ip = ips.get(client_header) if ips else None
+        self.has_body = has_body
+        # HTTP/2 framing is the frames': a declared length is only a claim
+        # (checked against the cap while streaming), Host is :authority.
+        self.malformed = self._hosts > 1 or self.chunked
+
+    def h2_fields(self) -> list[tuple[bytes, bytes]]:
+        """The end-to-end fields as (name, value) pairs, names lowercase
+        (HTTP/2 requires it, h2 enforces it on input)."""
+        f = self.forward
+        return list(zip(f[0::4], f[2::4], strict=True))
 
     def upstream_head(
         self, target: bytes, host: bytes, peer: bytes, trusted: bool, scheme: bytes

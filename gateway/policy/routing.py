@@ -124,12 +124,25 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
 
 
 class RouteTable:
-    __slots__ = ("_by_path", "routes")
+    """Two views of one table: gRPC methods exist only for HTTP/2 requests
+    (gRPC needs HTTP/2's trailers), the other routes for HTTP/1.1."""
+
+    __slots__ = ("_by_path", "_grpc", "grpc", "routes")
 
     def __init__(self, specs: tuple[RouteSpec, ...]) -> None:
         self.routes: tuple[Route, ...] = tuple(_route(s) for s in specs)
-        self._by_path: dict[bytes, Route] = {r.path: r for r in self.routes}
+        self._by_path: dict[bytes, Route] = {
+            r.path: r for r in self.routes if r.protocol is not Protocol.GRPC
+        }
         self._by_path[HEALTH_PATH] = HEALTH
+        self._grpc: dict[bytes, Route] = {
+            r.path: r for r in self.routes if r.protocol is Protocol.GRPC
+        }
+        # Whether HTTP/2 is offered in TLS ALPN at all (see datapath/h2switch.py).
+        self.grpc = bool(self._grpc)
 
     def get(self, path: bytes) -> Route | None:
         return self._by_path.get(path)
+
+    def get_grpc(self, path: bytes) -> Route | None:
+        return self._grpc.get(path)

@@ -156,6 +156,8 @@ class Gateway:
                     except Exception as exc:
                         self.log.error("deadline_fault", error=type(exc).__name__, exc_info=exc)
             shared.pools.expire(now)
+            if shared.h2pools is not None:
+                shared.h2pools.expire(now, self.settings.upstream.pool_idle_timeout_seconds)
             second = int(time.time())
             if second != last_second:
                 last_second = second
@@ -216,6 +218,8 @@ class Gateway:
             self._server.close()
         if self.shared is not None:
             self.shared.pools.close()
+            if self.shared.h2pools is not None:
+                self.shared.h2pools.close()
         if self._admin is not None:
             await self._admin.close()
             self._admin = None

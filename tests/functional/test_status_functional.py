@@ -59,7 +59,8 @@ def token(view: dict[str, Any], cred: str, tid: str) -> dict[str, Any]:
     return t
 
 
-async def test_status_names_busy_quiet_and_revoked_tokens(tmp_path: Path) -> None:
+# One scenario: traffic, two reads of status, then what they say.
+async def test_status_names_busy_quiet_and_revoked_tokens(tmp_path: Path) -> None:  # noqa: PLR0915
     config = tmp_path / "gateway.toml"
     config.write_text(config_text(credentials=CREDENTIALS))
     gw = GatewayProcess(config, ("--workers", "2"))

@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 
 from gateway.config.loader import ConfigError, loads
 from gateway.policy.auth import Authenticator, Failure, Principal
-from gateway.policy.errors import ErrorRenderer, Kind, Protocol, status_of
+from gateway.policy.errors import ErrorRenderer, Kind, Protocol, grpc_trailers_only, status_of
 from gateway.policy.generation import Generation
 from gateway.policy.headers import HOP_BY_HOP, REQUEST_DROP, connection_tokens, drop_listed
 from tests.conftest import OTHER_TOKEN, TOKEN, StartGateway, config_text, sha256, wait_for
@@ -500,7 +500,18 @@ def test_error_mapping_every_kind_and_protocol() -> None:
     renderer = ErrorRenderer("obs-gateway")
     date = b"Date: Thu, 01 Jan 2026 00:00:00 GMT\r\n"
     for kind in Kind:
-        for protocol in Protocol:
+        fields = dict(grpc_trailers_only(kind))
+        # gRPC: trailers-only HTTP 200; never UNKNOWN (2) or INTERNAL (13);
+        # pushback exactly where HTTP/1.1 has Retry-After.
+        assert fields[b":status"] == b"200"
+        assert fields[b"content-type"] == b"application/grpc"
+        code = int(fields[b"grpc-status"])
+        assert code not in (0, 2, 13), kind
+        assert fields[b"grpc-message"]
+        pushback = b"grpc-retry-pushback-ms" in fields
+        assert pushback == (code == 14 and not kind.name.startswith("UPSTREAM_")), kind
+        assert pushback == (b"google.rpc.retryinfo-bin" in fields)
+        for protocol in (Protocol.PLAIN, Protocol.REMOTE_WRITE, Protocol.OTLP):
             for as_json in (False, True):
                 for close in (False, True):
                     status, data, body_len = renderer.render(kind, protocol, as_json, date, close)

@@ -191,3 +191,18 @@ def test_a_worker_loads_no_admin_or_jwt_library() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_a_worker_loads_h2_only_with_its_first_http2_connection() -> None:
+    """h2 (~1 MiB resident) is imported by the switch to HTTP/2, not by the
+    modules a worker loads to serve HTTP/1.1."""
+    code = (
+        "import sys\n"
+        "import gateway.cli, gateway.process.worker, gateway.process.gateway\n"
+        "import gateway.datapath.connection, gateway.datapath.shared\n"
+        "print(sorted(m for m in ('h2', 'hpack', 'hyperframe') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.strip() == "[]"

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,25 +103,28 @@ def test_valid_token_is_scoped_by_claim(
     assert _auth(token, es_authn) is result
 
 
+# Claims are built when the test runs, not at collection: the whole suite
+# takes longer than a token's five minutes, and an expired "wrong audience"
+# token would fail for the wrong reason.
 @pytest.mark.parametrize(
     ("claims", "reason"),
     [
-        (_claims(exp=int(time.time()) - 120), "expired"),
-        (_claims(nbf=int(time.time()) + 600), "not_yet_valid"),
-        (_claims(aud="someone-else"), "jwt_invalid"),
-        (_claims(iss="https://evil.test"), "jwt_invalid"),
-        (_claims(exp=None), "jwt_invalid"),
-        (_claims(aud=None), "jwt_invalid"),
-        (_claims(iss=None), "jwt_invalid"),
+        (lambda: _claims(exp=int(time.time()) - 120), "expired"),
+        (lambda: _claims(nbf=int(time.time()) + 600), "not_yet_valid"),
+        (lambda: _claims(aud="someone-else"), "jwt_invalid"),
+        (lambda: _claims(iss="https://evil.test"), "jwt_invalid"),
+        (lambda: _claims(exp=None), "jwt_invalid"),
+        (lambda: _claims(aud=None), "jwt_invalid"),
+        (lambda: _claims(iss=None), "jwt_invalid"),
     ],
 )
 def test_claims_are_enforced(
     es_authn: Authenticator,
     ec_key: ec.EllipticCurvePrivateKey,
-    claims: dict[str, Any],
+    claims: Callable[[], dict[str, Any]],
     reason: str,
 ) -> None:
-    token = jwt.encode(claims, ec_key, algorithm="ES256", headers={"kid": "k1"})
+    token = jwt.encode(claims(), ec_key, algorithm="ES256", headers={"kid": "k1"})
     result = _auth(token, es_authn)
     assert isinstance(result, Failure)
     assert result.reason == reason

@@ -10,7 +10,14 @@ import json
 import pytest
 from google.rpc import status_pb2
 
-from gateway.policy.errors import ErrorRenderer, Kind, Protocol, rpc_status_protobuf, status_of
+from gateway.policy.errors import (
+    ErrorRenderer,
+    Kind,
+    Protocol,
+    grpc_trailers_only,
+    rpc_status_protobuf,
+    status_of,
+)
 
 # DESIGN §3, written out independently of gateway/errors.py.
 # kind: (remote-write, otlp)
@@ -189,9 +196,13 @@ def test_upstream_failures_carry_no_retry_after(kind: Kind) -> None:
     # The Python and JS SDKs obey Retry-After exactly for a fixed five
     # retries: "1" would shrink their retry window to ~5 s, and the gateway
     # cannot know when the upstream returns.  Their own backoff lasts longer.
-    for protocol in Protocol:
+    for protocol in (Protocol.PLAIN, Protocol.REMOTE_WRITE, Protocol.OTLP):
         _, headers, _ = render(kind, protocol)
         assert "retry-after" not in headers, (kind, protocol)
+    # Nor their gRPC answer a pushback or RetryInfo (the SDKs read it as their delay).
+    names = {name for name, _ in grpc_trailers_only(kind)}
+    assert not names & {b"grpc-retry-pushback-ms", b"google.rpc.retryinfo-bin"}
+    assert dict(grpc_trailers_only(kind))[b"grpc-status"] == b"14"
 
 
 def test_allow_header_and_connection_close_and_head() -> None:
