@@ -2,32 +2,25 @@
 
 Parses HTTP/1.1 with llhttp (httptools: strict about CL+TE, duplicate
 Content-Length, bad chunk sizes, obs-fold and bare LF), enforces the head
-limits, hands each request to an ``Exchange`` in order (pipelined requests
-wait, with reading paused), coalesces writes into one syscall per event,
-and owns the connection's single deadline (head, body idle, upstream wait,
-keep-alive idle, linger) which ``Listener.sweep`` checks a few times a
-second instead of arming a timer per request.
+limits (trailers count against them too) and the header timeout from a
+head's first byte, and hands each request to an ``Exchange``.  What it
+reads and when, the order of exchanges and the deadline are
+``client_state.py``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
 from gateway.datapath.accounting import record_rejected
+from gateway.datapath.client_state import LINGER_SECONDS, ClientState
 from gateway.datapath.exchange import Exchange
 from gateway.datapath.h2switch import alpn_h2, h2c, hand_over
-from gateway.datapath.ports import (
-    PAUSE_CONNECT,
-    PAUSE_PIPELINE,
-    PAUSE_UPSTREAM,
-    Deadline,
-)
-from gateway.datapath.writes import write_coalesced
+from gateway.datapath.ports import PAUSE_PIPELINE, Deadline
 from gateway.policy.clients import cert_subject
 from gateway.policy.errors import Kind, Protocol
 from gateway.policy.request import RequestHead
@@ -39,19 +32,21 @@ __all__ = ["ClientConnection"]
 
 _perf = time.perf_counter
 
-# The deadline kinds as plain ints: CPython 3.11 specialises comparisons of
-# exact ints only, and these are compared on every read.
+# The deadline kinds as plain ints (see client_state.py).
 _NONE, _IDLE, _HEAD, _BODY, _UPSTREAM, _WRITE, _LINGER, _QUEUE = map(int, Deadline)
 _OVERLOADED = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
     b"Content-Length: 25\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
     b"too many open connections"
 )
-# After answering with "Connection: close" while the client may still be
-# sending, keep reading (and dropping) for this long so the client reads our
-# answer instead of a reset.
-LINGER_SECONDS = 2.0
+# Bytes read and dropped while lingering, at most.
 LINGER_BYTES = 64 * 1024 * 1024
+# Requests taken from one read.  llhttp parses a whole read (256 KiB in
+# uvloop) and cannot stop part-way without losing the rest, so a client
+# pipelining tiny requests would get thousands answered (or queued) before
+# reading can pause; beyond this many, the ones parsed are answered and the
+# connection closes (no sender we serve pipelines at all).
+MAX_REQUESTS_PER_READ = 256
 
 
 class _Reject(Exception):
@@ -65,54 +60,26 @@ class _Stop(Exception):
     """Raised from a parser callback to stop parsing silently (lingering)."""
 
 
-# No asyncio.Protocol base: uvloop only calls the methods, and a class with
-# a Python base cannot be a mypyc native class (attributes in a dict, not
-# slots; methods called through the generic path).
-class ClientConnection:
+class ClientConnection(ClientState):
     """One client TCP connection; the ``ClientPort`` of its exchanges and a
     ``Tracked`` connection of the process (an ``asyncio.Protocol`` by shape)."""
 
     __slots__ = (
-        "_advancing",
+        "_between",
+        "_burst",
         "_head",
         "_head_bytes",
         "_header_count",
         "_in_head",
         "_linger_bytes",
-        "_lingering",
-        "_paused",
-        "_pending",
         "_raw_head",
         "_url",
-        "_write_paused",
-        "active",
-        "cert_subject",
-        "deadline",
-        "deadline_kind",
-        "out",
         "parser",
-        "peer",
-        "peer_bytes",
-        "scheme",
-        "shared",
-        "transport",
     )
 
     def __init__(self, shared: Shared) -> None:
-        self.shared = shared
-        self.transport: asyncio.Transport | None = None
+        super().__init__(shared)
         self.parser = httptools.HttpRequestParser(self)
-        self.peer = ""
-        self.peer_bytes = b""
-        self.cert_subject = ""
-        self.scheme = b"https" if shared.tls else b"http"
-        self.out: list[bytes] = []
-        self.active: Exchange | None = None
-        self._pending: deque[Exchange] = deque()
-        self._paused = 0
-        self._write_paused = False
-        self._lingering = False
-        self._advancing = False
         self._linger_bytes = 0
         self._url = b""
         self._head = RequestHead(0.0)
@@ -120,8 +87,8 @@ class ClientConnection:
         self._head_bytes = 0
         self._raw_head = 0
         self._in_head = False
-        self.deadline = 0.0
-        self.deadline_kind = _NONE  # a Deadline value
+        self._between = True  # between two messages: the next byte starts a head
+        self._burst = 0  # requests parsed from the current read
 
     # -- asyncio.Protocol ------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -156,6 +123,7 @@ class ClientConnection:
             if self._linger_bytes > LINGER_BYTES:
                 self.close_now()
             return
+        self._burst = 0
         if self._in_head:
             # llhttp buffers a header line until it ends: bound the raw bytes
             # of a head that spans reads (one read may also carry some body).
@@ -164,15 +132,32 @@ class ClientConnection:
                 self._reject(Kind.HEADERS_TOO_LARGE)
                 self.flush()
                 return
-        elif self.deadline_kind == _BODY:
+        elif self._between:
+            if not self._head_by:
+                # The first byte of a head: it must be complete within
+                # header_timeout of now, however slowly the rest comes.
+                self._head_by = self.shared.loop.time() + self.shared.gen.header_timeout
+                if self.deadline_kind == _IDLE:
+                    self.deadline_kind = _HEAD
+                    self.deadline = self._head_by
+        else:
+            # Body bytes.  What carries none (a chunked trailer, chunk
+            # extensions) counts against the head limits: llhttp keeps a
+            # trailer line until it ends, as it does a header line.
             gen = self.shared.gen
-            now = self.shared.loop.time()
-            self.deadline = now + gen.body_idle_timeout
-            active = self.active
-            if gen.min_body_rate and active is not None and active.too_slow(now, len(data)):
-                active.client_timeout()
+            self._raw_head += len(data)
+            if self._raw_head > gen.max_raw_head:
+                self._reject(Kind.HEADERS_TOO_LARGE)
                 self.flush()
                 return
+            if self.deadline_kind == _BODY:
+                now = self.shared.loop.time()
+                self.deadline = now + gen.body_idle_timeout
+                active = self.active
+                if gen.min_body_rate and active is not None and active.too_slow(now, len(data)):
+                    active.client_timeout()
+                    self.flush()
+                    return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -214,17 +199,6 @@ class ClientConnection:
         if active is not None:
             active.client_lost()
 
-    def pause_writing(self) -> None:
-        self._write_paused = True
-        if self.active is not None:
-            self.active.client_write_paused(True)
-        self.set_deadline(_WRITE, self.shared.gen.body_idle_timeout)
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self.active is not None:
-            self.active.client_write_paused(False)
-
     # -- llhttp callbacks ------------------------------------------------------------
     # No on_message_begin: every request starts with its target, so the
     # first on_url of a message begins it (one Python callback fewer).
@@ -236,10 +210,12 @@ class ClientConnection:
             return
         if self._lingering:
             raise _Stop
-        if self.active is not None:
-            self.pause(PAUSE_PIPELINE)
-        elif self.deadline_kind == _IDLE:
-            self.set_deadline(_HEAD, self.shared.gen.header_timeout)
+        self._between = False
+        if not self._head_by:  # it began in this read, after the previous message
+            self._head_by = self.shared.loop.time() + self.shared.gen.header_timeout
+        if self.deadline_kind == _IDLE:
+            self.deadline_kind = _HEAD
+            self.deadline = self._head_by
         self._url = part
         self._head = RequestHead(_perf())
         self._header_count = 0
@@ -259,132 +235,43 @@ class ClientConnection:
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._head_by = 0.0
+        self._raw_head = 0
         shared = self.shared
         if self._header_count > shared.gen.max_header_count:
             raise _Reject(Kind.HEADERS_TOO_LARGE)
+        self._burst += 1
+        if self._burst > MAX_REQUESTS_PER_READ:
+            self._after_current_close()
+            raise _Stop
         head = self._head
         head.finish(self.parser, self._url, shared.next_request_id(), shared.gen.clients.header)
         ex = Exchange(self, shared, head)
-        if self.active is None:
+        if self.active is None and not self._write_paused:
             self.active = ex
             self.deadline_kind = _NONE
             ex.start()
         else:
+            # Pipelined (or the client is not reading): it waits, with
+            # reading paused, for the exchanges before it.
             self._pending.append(ex)
+            self.pause(PAUSE_PIPELINE)
 
     def on_body(self, data: bytes) -> None:
         if self._lingering:
             raise _Stop
+        self._raw_head = 0
         (self._pending[-1] if self._pending else self.active).on_body(data)  # type: ignore[union-attr]
 
     def on_message_complete(self) -> None:
         if self._lingering:
             raise _Stop
+        self._between = True
         target = self._pending[-1] if self._pending else self.active
         if target is not None:
             target.on_request_complete()
 
-    # -- ClientPort: used by exchanges -------------------------------------------------
-    def flush(self) -> None:
-        out = self.out
-        if out:
-            transport = self.transport
-            if transport is not None and not transport.is_closing():
-                write_coalesced(transport, out)
-            self.out = []
-
-    def pause(self, reason: int) -> None:
-        if not self._paused and self.transport is not None:
-            self.transport.pause_reading()
-        self._paused |= reason
-
-    def resume(self, reasons: int) -> None:
-        if self._paused and not (self._paused & ~reasons):
-            self._paused = 0
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.resume_reading()
-        else:
-            self._paused &= ~reasons
-
-    def set_deadline(self, kind: int, timeout: float) -> None:
-        if kind == _UPSTREAM and self._write_paused:
-            return  # the client is not reading: the write deadline stays in force
-        self.deadline_kind = kind
-        self.deadline = self.shared.loop.time() + timeout
-
-    def clear_deadline(self) -> None:
-        self.deadline_kind = _NONE
-
-    def close_now(self) -> None:
-        """Flush what is queued and close (no more requests on this connection)."""
-        self._lingering = True
-        self.flush()
-        if self.transport is not None:
-            self.transport.close()
-
-    def exchange_finished(self, ex: object) -> None:
-        active = self.active
-        if active is None or ex is not active:
-            return
-        self.active = None
-        if active.close:
-            self._close_after(active)
-            return
-        if self._advancing:
-            return  # the loop below, further up the stack, starts the next one
-        # Pipelined requests answered synchronously finish inside start():
-        # iterate instead of recursing, however many were queued.
-        self._advancing = True
-        try:
-            while self.active is None and self._pending:
-                nxt = self._pending.popleft()
-                self.active = nxt
-                self.deadline_kind = _NONE
-                nxt.start()
-                # Started outside the client's data_received (often from the
-                # upstream's, as the previous answer ended): send its head now.
-                nxt.flush_upstream()
-        finally:
-            self._advancing = False
-        if self.active is None and not self._lingering:
-            self.resume(PAUSE_PIPELINE)
-            self.set_deadline(_IDLE, self.shared.gen.keepalive_timeout)
-
-    # -- Tracked: used by the process (sweeper, drain) ---------------------------------
-    def busy(self) -> bool:
-        return self.active is not None
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
     # -- internals -------------------------------------------------------------------------
-    def _close_after(self, ex: Exchange) -> None:
-        self._pending.clear()
-        self._lingering = True
-        self.flush()
-        transport = self.transport
-        if transport is None:
-            return
-        if ex.request_done:
-            transport.close()
-            return
-        # The client may still be sending: signal the end, keep reading and
-        # dropping for a while, then close, so it sees our answer, not a reset.
-        self.resume(PAUSE_PIPELINE | PAUSE_CONNECT | PAUSE_UPSTREAM)
-        if transport.can_write_eof():
-            transport.write_eof()
-        self.set_deadline(_LINGER, LINGER_SECONDS)
-
-    def _after_current_close(self) -> None:
-        """Stop parsing; close once the current exchange has answered."""
-        active = self.active
-        if active is None:
-            self.close_now()
-            return
-        active.close = True
-        self._lingering = True
-
     def _reject(self, kind: Kind) -> None:
         """A request that cannot be parsed or exceeds head limits."""
         if self._lingering:
@@ -397,8 +284,9 @@ class ClientConnection:
                 active.close = True
                 self._lingering = True
             else:
-                # The broken part belongs to the body of the active exchange.
-                active.bad_body()
+                # The broken part belongs to the body (or trailer) of the
+                # active exchange.
+                active.bad_body(kind)
             return
         self._pending.clear()
         if self.active is not None:
@@ -423,25 +311,3 @@ class ClientConnection:
             active.fault(exc)
         else:
             self.close_now()
-
-    def on_deadline(self, now: float) -> None:
-        """Called by the sweeper when ``now >= self.deadline``."""
-        kind = self.deadline_kind
-        self.deadline_kind = _NONE
-        active = self.active
-        if kind in (_IDLE, _LINGER, _WRITE) or (kind == _HEAD and active is None):
-            if kind == _WRITE and active is not None:
-                active.error = "client_write_timeout"
-                active.client_lost()
-            if self.transport is not None:
-                self.transport.abort() if kind == _WRITE else self.transport.close()
-            return
-        if active is None:
-            return
-        if kind == _BODY:
-            active.client_timeout()
-        elif kind == _QUEUE:
-            active.queue_timeout()
-        elif kind == _UPSTREAM:
-            active.upstream_timeout()
-        self.flush()

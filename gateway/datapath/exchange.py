@@ -152,13 +152,16 @@ class Exchange(ExchangeBase):
             self._early_done = True
             return
         self.request_done = True
-        if _QUEUED <= self.state <= _RESPONDING:
+        state = self.state
+        if _QUEUED <= state <= _RESPONDING:
             if self.head.chunked:
                 self.up_buf.append(b"0\r\n\r\n")
-            if self._queued_on is None:
+            if state >= _SENT:
                 self.conn.set_deadline(_UPSTREAM, self.gen.response_timeout)
-            else:
+            elif self._queued_on is not None:
                 self.conn.resume(PAUSE_QUEUE)
+            # CONNECTING: connect_timeout bounds the connect; the response
+            # deadline starts when the request can be sent (_attach).
         self._maybe_finish()
 
     def flush_upstream(self) -> None:
@@ -225,7 +228,8 @@ class Exchange(ExchangeBase):
         self.conn.flush()
 
     def queue_timeout(self) -> None:
-        self._overloaded("queue_timeout")
+        if self.state == _QUEUED:  # a stale deadline must not refuse a request sent upstream
+            self._overloaded("queue_timeout")
 
     def _overloaded(self, reason: str) -> None:
         if self._queued_on is not None:
@@ -252,8 +256,6 @@ class Exchange(ExchangeBase):
         conn = pool.acquire()
         if conn is not None:
             self._attach(conn)
-            if head.has_body and not self.request_done:
-                self.conn.set_deadline(_BODY, self.gen.body_idle_timeout)
         else:
             # Reading waits for the connection (bounded by connect_timeout),
             # so no body-idle deadline may blame the client meanwhile.
@@ -281,8 +283,6 @@ class Exchange(ExchangeBase):
                 self._attach(conn)
                 self.flush_upstream()
                 self.conn.resume(PAUSE_CONNECT)
-                if not self.request_done:
-                    self.conn.set_deadline(_BODY, self.gen.body_idle_timeout)
         finally:
             self.conn.flush()
 
@@ -291,6 +291,13 @@ class Exchange(ExchangeBase):
         self.upstream = conn
         self.state = _SENT
         self.t_sent = _perf()
+        # Whatever deadline waited before (the queue's, none while
+        # connecting) ends here: now the body must flow, or the upstream answer.
+        if not self.request_done:
+            if self.head.has_body:
+                self.conn.set_deadline(_BODY, self.gen.body_idle_timeout)
+        else:
+            self.conn.set_deadline(_UPSTREAM, self.gen.response_timeout)
 
     def client_write_paused(self, paused: bool) -> None:
         """The client stopped (or resumed) reading: so does the upstream."""

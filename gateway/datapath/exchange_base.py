@@ -166,14 +166,7 @@ class ExchangeBase:
 
     def answer(self, kind: Kind, extra: bytes = b"") -> None:
         head = self.head
-        if (
-            not self.request_done
-            and head.has_body
-            and (head.content_length is None or head.content_length > DISCARD_LIMIT)
-        ):
-            self.close = True  # too much body left to read and drop
-        if not head.keep_alive or self.shared.draining:
-            self.close = True
+        self._close_if_body_left()
         status, data, body_len = self.gen.errors.render(
             kind,
             self.protocol,
@@ -184,15 +177,36 @@ class ExchangeBase:
             head.method == b"HEAD",
         )
         self._answered(status, data, body_len)
-        if not self.close and not self.request_done and head.has_body:
-            self.conn.set_deadline(_BODY, self.gen.body_idle_timeout)
         self._maybe_finish()
+
+    def _close_if_body_left(self) -> None:
+        """Before a local answer: whether the connection can stay open."""
+        head = self.head
+        if (
+            not self.request_done
+            and head.has_body
+            and (
+                head.expect_continue
+                or head.content_length is None
+                or head.content_length > DISCARD_LIMIT
+            )
+        ):
+            # Too much body left to read and drop; or the client waits
+            # for a 100 Continue that will not come and may rightly never
+            # send the body (RFC 9110 §10.1.1): its next bytes could be
+            # either, so the connection ends after this answer.
+            self.close = True
+        if not head.keep_alive or self.shared.draining:
+            self.close = True
 
     def _answered(self, status: int, data: bytes, body_len: int) -> None:
         self.status = status
         self.bytes_out += body_len
         self.state = _ANSWERED
         self.conn.out.append(data)
+        if not self.close and not self.request_done and self.head.has_body:
+            # The rest of the body is read and dropped, as long as it flows.
+            self.conn.set_deadline(_BODY, self.gen.body_idle_timeout)
 
     def health(self, principal: Principal) -> None:
         if wants_deep(self.head.query):
@@ -216,7 +230,7 @@ class ExchangeBase:
 
     def _health_answer(self, principal: Principal, upstreams: dict[str, bool] | None) -> None:
         head = self.head
-        self.close = self.close or not head.keep_alive or self.shared.draining
+        self._close_if_body_left()
         status, data, body_len = health_answer(
             principal,
             time.time(),
@@ -233,9 +247,10 @@ class ExchangeBase:
         self.shared.log.error("internal_error", error=type(exc).__name__, exc_info=exc)
         self._abort(Kind.INTERNAL, "internal")
 
-    def bad_body(self) -> None:
-        """The body broke HTTP framing (e.g. an invalid chunk size)."""
-        self._abort(Kind.BAD_REQUEST, "bad_body")
+    def bad_body(self, kind: Kind = Kind.BAD_REQUEST) -> None:
+        """The body broke HTTP framing (e.g. an invalid chunk size), or its
+        trailer the head limits (``Kind.HEADERS_TOO_LARGE``)."""
+        self._abort(kind, "bad_body" if kind is Kind.BAD_REQUEST else "trailer_too_large")
 
     def client_timeout(self) -> None:
         """No body bytes for body_idle_timeout seconds, or below the minimum rate."""

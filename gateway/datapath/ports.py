@@ -28,6 +28,7 @@ __all__ = [
     "PAUSE_PIPELINE",
     "PAUSE_QUEUE",
     "PAUSE_UPSTREAM",
+    "PAUSE_WRITE",
     "ClientPort",
     "Deadline",
     "Finished",
@@ -44,6 +45,7 @@ PAUSE_PIPELINE = 1  # a pipelined request waits for the one in flight
 PAUSE_CONNECT = 2  # waiting for an upstream connection (or a deep health probe)
 PAUSE_UPSTREAM = 4  # the upstream stopped reading the body
 PAUSE_QUEUE = 8  # waiting for a concurrency slot
+PAUSE_WRITE = 16  # the client is not reading what we send
 
 
 class Deadline(enum.IntEnum):

@@ -130,8 +130,9 @@ class UpstreamConnection:
         if sink is None:
             return
         self.sink = None
-        if self._status and self._length is None and not self._chunked:
-            # Close-delimited response body (RFC 9112 §6.3 rule 8): EOF ends it.
+        if self._status and self._length is None and not self._chunked and exc is None:
+            # Close-delimited response body (RFC 9112 §6.3 rule 8): a clean
+            # EOF ends it.  A reset (exc set) may have cut it short: failed.
             sink.response_complete()
         else:
             sink.upstream_failed("reset")

@@ -168,6 +168,10 @@ class RequestHead:
             ips = self._client_ips
             self.client_ip = ips.get(client_header) if ips else None
         self.has_body = self.chunked or bool(self.content_length)
+        if self.chunked and not self.http11:
+            # RFC 9112 §6.1: an HTTP/1.0 sender may not know chunked framing,
+            # so what follows this message cannot be trusted: close after it.
+            self.keep_alive = False
         # RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host; and only
         # HTTP/1.x is spoken here (a 2.0 request line is not HTTP/2).
         hosts = self._hosts

@@ -162,7 +162,9 @@ async def test_256_mib_upload_does_not_grow_gateway_memory(
             'level = "debug"', 'level = "info"'
         )
     )
-    gw = GatewayProcess(config)
+    # One process, so the pid measured is the one that streams (with
+    # workers it would be the supervisor's, which never sees a byte).
+    gw = GatewayProcess(config, args=("--workers", "1"))
     try:
         await gw.start()
         block = bytes(MiB)

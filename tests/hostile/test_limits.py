@@ -159,6 +159,46 @@ async def test_queued_requests_are_admitted_in_order(
     assert [r.body for r in strict_upstream.requests] == [b"hold", b"q1", b"q2", b"q3"]
 
 
+async def test_admitted_request_is_not_refused_by_its_old_queue_deadline(
+    start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    """A request complete while queued, admitted with little queue time left,
+    to an upstream slower than that: its deadline is the upstream's now.  It
+    gets the upstream's one answer, not a 429 while the upstream works."""
+    release = asyncio.Event()
+
+    async def respond(conn: UpConn, req: ParsedRequest) -> None:
+        if req.body == b"hold":
+            await release.wait()
+        else:
+            await asyncio.sleep(0.6)  # longer than the queue time left (~0.3 s)
+        await conn.write(b"HTTP/1.1 204 No Content\r\nX-Which: %s\r\n\r\n" % req.body)
+
+    strict_upstream.responder = respond
+    extra = "[limits]\nmax_concurrent_requests = 1\nqueue_size = 1\nqueue_timeout_seconds = 0.5"
+    gw = await start_gateway(
+        hostile_config(strict_upstream, extra=extra, upstream="response_timeout_seconds = 3")
+    )
+    assert gw.shared is not None
+    waiters = gw.shared.admission.slots.waiters
+    async with raw_client(gw.port) as first, raw_client(gw.port) as queued:
+        await _send(first, "/api/v1/write", b"hold")
+        await wait_for(lambda: len(strict_upstream.requests) == 1)
+        await _send(queued, "/api/v1/write", b"slow")
+        await wait_for(lambda: len(waiters) == 1)
+        await asyncio.sleep(0.2)  # queue time passes: that is the case under test
+        release.set()
+        assert (await first.response()).status == 204
+        resp = await queued.response(timeout=3.0)
+        # Nothing else arrives on the connection: one request, one answer.
+        await _send(queued, "/api/v1/write", b"next")
+        after = await queued.response(timeout=3.0)
+    assert (resp.status, resp.header("X-Which")) == (204, "slow")
+    assert (after.status, after.header("X-Which")) == (204, "next")
+    assert gw.stats.limit_rejections == {}
+    assert [r.body for r in strict_upstream.requests] == [b"hold", b"slow", b"next"]
+
+
 async def test_per_credential_concurrency_leaves_others_alone(
     start_gateway: StartGateway, strict_upstream: RawUpstream
 ) -> None:

@@ -13,7 +13,7 @@ from typing import cast
 import pytest
 
 from gateway.datapath.upstream import Pools
-from tests.conftest import TOKEN, StartGateway, wait_for
+from tests.conftest import TOKEN, StartGateway, config_text, wait_for
 from tests.hostile.conftest import hostile_config
 from tests.support.client import Closed, RawClient, raw_client
 from tests.support.upstreams import RawUpstream, UpConn, respond_204
@@ -185,6 +185,101 @@ async def test_upstream_closing_mid_body_truncates_the_response(
         await conn.send(request("POST", "/v1/traces", b"data", token=TOKEN))
         with pytest.raises(Closed):
             await conn.response()
+
+
+@pytest.mark.parametrize("ending", ["fin", "rst"])
+async def test_close_delimited_answer_is_complete_only_at_a_clean_close(
+    ending: str, start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    """A response without a length ends at the upstream's close (RFC 9112
+    §6.3).  A FIN ends it; a reset may have cut it short, so the client must
+    see a truncated answer, never a complete one."""
+
+    async def close_delimited(conn: UpConn, req: ParsedRequest) -> None:
+        await conn.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npartial")
+        if ending == "rst":
+            conn.reset()
+        else:
+            conn.writer.close()
+
+    strict_upstream.responder = close_delimited
+    gw = await start_gateway(hostile_config(strict_upstream))
+    async with raw_client(gw.port) as conn:
+        await conn.send(request("POST", "/v1/traces", b"data", token=TOKEN))
+        if ending == "fin":
+            resp = await conn.response()
+            assert (resp.status, resp.body) == (200, b"partial")
+            assert resp.header("Transfer-Encoding") == "chunked"
+        else:
+            with pytest.raises(Closed):
+                await conn.response()
+    expected = {} if ending == "fin" else {"reset": 1}
+    assert gw.stats.routes["otlp_traces"].upstream_errors == expected
+
+
+async def test_slow_connect_is_bounded_by_the_connect_timeout_not_the_response_timeout(
+    start_gateway: StartGateway,
+) -> None:
+    """The upstream's accept queue is full, so its SYN is dropped and sent
+    again a second later (TCP's initial retransmit timeout): the connect
+    takes about 1 s, over response_timeout (0.5 s), under connect_timeout
+    (3 s).  A request complete while connecting is sent when the connection
+    is made and gets the upstream's answer, not a 504 (the socket fuzz's
+    case 1506: a whole request, then trailing bytes, answered 504)."""
+    loop = asyncio.get_running_loop()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        fillers = []
+        for _ in range(2):  # fill the accept queue (backlog 0 holds one)
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        await asyncio.sleep(0.1)  # the fillers' handshakes complete in the kernel
+        url = f"http://127.0.0.1:{port}"
+        gw = await start_gateway(
+            config_text(
+                url + "/api/v1/write",
+                url + "/v1/traces",
+                server="header_timeout_seconds = 5",
+                upstream="connect_timeout_seconds = 3\nresponse_timeout_seconds = 0.5",
+            )
+        )
+
+        async def serve() -> bytes:
+            # Free the queue, then take the gateway's connection once its
+            # retransmitted SYN gets through, and answer its request.
+            await asyncio.sleep(0.3)
+            while True:
+                accepted, _ = await loop.sock_accept(listener)
+                data = await loop.sock_recv(accepted, 65536)
+                if not data:  # a filler
+                    accepted.close()
+                    continue
+                while b"accepted" not in data:
+                    data += await loop.sock_recv(accepted, 65536)
+                await loop.sock_sendall(accepted, b"HTTP/1.1 204 No Content\r\n\r\n")
+                accepted.close()
+                return data
+
+        server = asyncio.create_task(serve())
+        try:
+            async with raw_client(gw.port) as conn:
+                t0 = time.monotonic()
+                await conn.send(request("POST", "/api/v1/write", b"accepted", token=TOKEN))
+                for filler in fillers:
+                    filler.close()
+                resp = await conn.response(timeout=5.0)
+                elapsed = time.monotonic() - t0
+            assert resp.status == 204, f"answered {resp.status} after {elapsed:.2f} s"
+            seen = await asyncio.wait_for(server, 5.0)
+        finally:
+            server.cancel()
+    assert elapsed > 0.5  # the connect really was slower than the response timeout
+    assert seen.endswith(b"\r\n\r\naccepted")
 
 
 async def test_upstream_answering_before_the_body_ends(

@@ -280,3 +280,40 @@ def test_a_pipelined_request_waits_with_its_body_and_replays_it(
     seen, _ = parse_request(bytes(up.data))
     assert seen.body == b"abc"
     assert ex.request_done
+
+
+def test_a_refused_expect_continue_request_closes_the_connection(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """No 100 Continue was sent, so the body may never come (RFC 9110
+    §10.1.1): the answer says close instead of waiting to drop the body."""
+    shared = make_shared(loop)
+    raw = request(body=b"x" * 100, Expect="100-continue")
+    ex, port = start(shared, raw.replace(f"Authorization: Bearer {TOKEN}\r\n".encode(), b""))
+    port.flush()
+    assert parse_statuses(bytes(port.sent)) == [401]
+    assert b"\r\nConnection: close\r\n" in port.sent
+    assert b"100 Continue" not in port.sent
+    assert ex.finished
+    assert port.deadline == Deadline.NONE  # no body-idle wait for a body that may never come
+
+
+def test_an_admitted_request_trades_its_queue_deadline_for_the_upstream_one(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    extra = "[limits]\nmax_concurrent_requests = 1\nqueue_size = 1\nqueue_timeout_seconds = 1"
+    shared = make_shared(loop, extra=extra)
+    first, _ = start(shared, request(body=b""), FakeUpstream())
+    first.on_request_complete()
+    up = FakeUpstream()
+    cast(FakePools, shared.pools).pool.idle.append(up)
+    second, port = start(shared, request(body=b""))
+    assert (second.state, port.deadline) == (State.QUEUED, Deadline.QUEUE)
+    second.on_request_complete()  # complete while queued
+    first.response_head(204, b"No Content", b"", True, False, 0)
+    first.response_complete()  # frees the slot: the second is admitted and sent
+    assert (second.state, port.deadline) == (State.SENT, Deadline.UPSTREAM)
+    second.queue_timeout()  # a stale queue deadline firing now refuses nothing
+    port.flush()
+    assert port.sent == b""
+    assert second.state == State.SENT
