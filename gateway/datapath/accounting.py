@@ -9,7 +9,7 @@ header value, so never a token.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from gateway.datapath.ports import Finished
@@ -17,10 +17,10 @@ if TYPE_CHECKING:
 
 __all__ = ["account", "record_rejected"]
 
-_perf = time.perf_counter
+_perf: Final = time.perf_counter
 # Logged paths are cut here: a path is client input, and one line per
 # request must stay small whatever a client sends.
-MAX_LOGGED_PATH = 200
+MAX_LOGGED_PATH: Final = 200
 
 
 def account(shared: Shared, ex: Finished, grpc_status: str | None = None) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 if TYPE_CHECKING:
     from gateway.policy.auth import Principal
@@ -41,11 +41,11 @@ __all__ = [
 
 # Why the client connection is not being read; reading resumes when no
 # reason is left.  Plain ints: they are or-ed on the hot path.
-PAUSE_PIPELINE = 1  # a pipelined request waits for the one in flight
-PAUSE_CONNECT = 2  # waiting for an upstream connection (or a deep health probe)
-PAUSE_UPSTREAM = 4  # the upstream stopped reading the body
-PAUSE_QUEUE = 8  # waiting for a concurrency slot
-PAUSE_WRITE = 16  # the client is not reading what we send
+PAUSE_PIPELINE: Final = 1  # a pipelined request waits for the one in flight
+PAUSE_CONNECT: Final = 2  # waiting for an upstream connection (or a deep health probe)
+PAUSE_UPSTREAM: Final = 4  # the upstream stopped reading the body
+PAUSE_QUEUE: Final = 8  # waiting for a concurrency slot
+PAUSE_WRITE: Final = 16  # the client is not reading what we send
 
 
 class Deadline(enum.IntEnum):

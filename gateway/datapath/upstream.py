@@ -16,7 +16,7 @@ import ssl
 from collections.abc import Callable
 from functools import partial
 from http import HTTPStatus
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -31,12 +31,16 @@ __all__ = ["Pool", "Pools", "UpstreamConnection"]
 
 
 # Response header names as sent → role; cached per spelling (bounded).
-_FORWARD, _LENGTH, _CHUNKED, _CONNECTION, _DROP = range(5)
-_RESPONSE_KNOWN: dict[bytes, int] = {}
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_FORWARD: Final = 0
+_LENGTH: Final = 1
+_CHUNKED: Final = 2
+_CONNECTION: Final = 3
+_DROP: Final = 4
+_RESPONSE_KNOWN: Final[dict[bytes, int]] = {}
+_REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
 # "Connection: keep-alive" / "close" name no other field: nothing to strip.
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
-_KNOWN_MAX = 1024
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})
+_KNOWN_MAX: Final = 1024
 
 
 def _classify_response(name: bytes) -> int:

@@ -9,6 +9,8 @@ an upstream must never see it.
 
 from __future__ import annotations
 
+from typing import Final
+
 __all__ = [
     "HOP_BY_HOP",
     "REQUEST_DROP",
@@ -18,7 +20,7 @@ __all__ = [
     "strip_listed",
 ]
 
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -33,7 +35,7 @@ HOP_BY_HOP = frozenset(
 )
 
 # Request fields not copied upstream as they came (some are rebuilt).
-REQUEST_DROP = HOP_BY_HOP | {
+REQUEST_DROP: Final = HOP_BY_HOP | {
     b"authorization",
     b"host",
     b"content-length",
@@ -43,7 +45,7 @@ REQUEST_DROP = HOP_BY_HOP | {
 }
 
 # Response fields not copied to the client as they came: framing is ours.
-RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+RESPONSE_DROP: Final = HOP_BY_HOP | {b"content-length"}
 
 
 def connection_tokens(values: list[bytes]) -> frozenset[bytes]:

@@ -12,6 +12,7 @@ Must not know: sockets, HTTP framing, credentials' secrets.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
 from urllib.parse import urlsplit
 
 from gateway.config.schema import RouteSpec
@@ -19,7 +20,7 @@ from gateway.policy.errors import Protocol
 
 __all__ = ["HEALTH_PATH", "Route", "RouteTable", "Upstream", "split_target"]
 
-HEALTH_PATH = b"/health"
+HEALTH_PATH: Final = b"/health"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +96,7 @@ def _route(spec: RouteSpec) -> Route:
     )
 
 
-HEALTH = Route(
+HEALTH: Final = Route(
     "health",
     HEALTH_PATH,
     Protocol.PLAIN,
