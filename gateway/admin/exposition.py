@@ -81,11 +81,19 @@ class GatewayCollector(Collector):
         )
         for reason, n in sorted(snap.limit_rejections.items()):
             rejections.add_metric([reason], n)
+        dropped = CounterMetricFamily(
+            "gateway_request_headers_dropped",
+            "Request header fields not forwarded upstream, by reason (underscore: "
+            "a name with '_', see [server] underscores_in_headers).",
+            labels=["reason"],
+        )
+        for reason, n in sorted(snap.headers_dropped.items()):
+            dropped.add_metric([reason], n)
         connections = GaugeMetricFamily(
             "gateway_open_connections", "Client connections open on the public listener."
         )
         connections.add_metric([], snap.open_connections)
-        yield from (requests, req_bytes, failures, rejections, connections)
+        yield from (requests, req_bytes, failures, rejections, dropped, connections)
 
     @staticmethod
     def _routes(snap: Snapshot) -> Iterator[Metric]:

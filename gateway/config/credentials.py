@@ -41,7 +41,7 @@ class Revoked:
 
 @dataclass(frozen=True, slots=True)
 class JwtKey:
-    kid: str  # "" when the key set has a single key without a kid
+    kid: str  # "": a single key without a kid (at most one in a config)
     key: Any = field(repr=False)  # a cryptography public key, or HMAC secret bytes
 
 
@@ -223,7 +223,7 @@ def _pem_key(spec: JwtSpec, key: str, base: Path) -> JwtKey:
             f"{key}public_key_file: not a PEM public key (private keys do not belong here)"
         ) from None
     _check_family(public_key, spec.algorithms, f"{key}public_key_file")
-    return JwtKey("", public_key)
+    return JwtKey(spec.kid, public_key)
 
 
 def _hmac_key(spec: JwtSpec, key: str, environ: Mapping[str, str], base: Path) -> JwtKey:
@@ -239,7 +239,7 @@ def _hmac_key(spec: JwtSpec, key: str, environ: Mapping[str, str], base: Path) -
         where = f"{key}hmac_secret_file"
     if len(secret) < _MIN_HMAC_SECRET:
         raise ConfigError(f"{where}: an HMAC secret needs at least {_MIN_HMAC_SECRET} bytes")
-    return JwtKey("", secret)
+    return JwtKey(spec.kid, secret)
 
 
 def _jwt(

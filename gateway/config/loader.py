@@ -112,12 +112,22 @@ def _check_routes(spec: SettingsSpec) -> set[str]:
 
 
 def _check_secrets(credentials: tuple[Credential, ...]) -> None:
-    """No two tokens share a secret, no two credentials a JWT key id."""
+    """No two tokens share a secret, no two credentials a JWT key id, and at
+    most one JWT key has no id (a token without ``kid`` is verified with it:
+    with two, neither would be, and every JWT would get 401)."""
     seen: dict[bytes, str] = {}
     kids: dict[str, str] = {}
+    unnamed = ""
     for i, cred in enumerate(credentials):
         for k in cred.jwt.keys if cred.jwt is not None else ():
             if not k.kid:
+                if unnamed:
+                    raise ConfigError(
+                        f"credentials[{i}].jwt: {cred.name!r} and {unnamed!r} both have a JWT "
+                        "key without a kid, so a token without one could be either's; give "
+                        'all but one a kid ([credentials.jwt] kid = "…", or "kid" in the JWKS)'
+                    )
+                unnamed = cred.name
                 continue
             owner = kids.setdefault(k.kid, cred.name)
             if owner != cred.name:

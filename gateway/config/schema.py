@@ -117,6 +117,11 @@ class ServerSpec(_Spec, frozen=True):
     max_header_bytes: PositiveInt = 16384
     max_header_count: PositiveInt = 100
     max_url_bytes: PositiveInt = 8192
+    # Header names with "_" are dropped (nginx's underscores_in_headers off):
+    # backends that fold "_" into "-" would read Transfer_Encoding as
+    # Transfer-Encoding.  On: kept, unless one folds into a field the gateway
+    # handles or into another field of the same request.
+    underscores_in_headers: bool = False
     # realm= in WWW-Authenticate (RFC 6750 §3).
     realm: str = "obs-gateway"
     tls: TlsSpec | None = None
@@ -184,10 +189,13 @@ class LimitsSpec(_Spec, frozen=True):
     max_concurrent_requests: PositiveInt = 1024
     queue_size: Annotated[int, msgspec.Meta(ge=0)] = 256
     queue_timeout_seconds: Positive = 1.0
-    # After this many auth failures from one client address within the
-    # window, its requests are refused without checking the token (0: off).
+    # After this many auth failures from one client address (IPv6: its /64)
+    # within the window, its further failures get 429/503 instead of 401;
+    # valid credentials are still served (0: off).  "strict": every request
+    # from the address is refused before its token is checked.
     auth_failure_limit: Annotated[int, msgspec.Meta(ge=0)] = 30
     auth_failure_window_seconds: Positive = 60.0
+    auth_throttle_mode: Literal["failures", "strict"] = "failures"
     # Slow-body defence: after the grace period a body must average at
     # least this rate (0: off).  1 KiB/s passes any real sender.
     min_body_rate_bytes_per_second: Annotated[int, msgspec.Meta(ge=0)] = 1024
@@ -296,6 +304,10 @@ class JwtSpec(_Spec, frozen=True):
     public_key_file: str | None = None
     hmac_secret_env: str | None = None
     hmac_secret_file: str | None = None
+    # The key id tokens signed with a PEM key or an HMAC secret carry in
+    # their header (a JWKS names its own).  Needed when another credential
+    # also has a key without one: a token without kid would fit either.
+    kid: str = ""
     leeway_seconds: Annotated[float, msgspec.Meta(ge=0, le=300)] = 30.0
     # The claim listing what the token may do ("" → every route of the
     # credential).  Values map to routes through ``scopes``; without a
@@ -333,6 +345,10 @@ class JwtSpec(_Spec, frozen=True):
             )
         if not self.issuer or not self.audience:
             raise ValueError("issuer: issuer and audience are required (RFC 8725 §3.8-3.9)")
+        if self.kid and self.jwks_file is not None:
+            raise ValueError('kid: a JWKS names its keys itself (its "kid" members)')
+        if self.kid and not NAME.match(self.kid):
+            raise ValueError(f"kid: {self.kid!r} must match [A-Za-z0-9_.-]{{1,64}}")
 
 
 class CredentialSpec(_Spec, frozen=True):

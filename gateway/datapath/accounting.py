@@ -33,7 +33,8 @@ def account(shared: Shared, ex: Finished, grpc_status: str | None = None) -> Non
     rstats.duration.observe(duration)
     if ex.upstream_seconds >= 0:
         rstats.upstream.observe(ex.upstream_seconds)
-        rstats.added.observe(max(0.0, duration - ex.upstream_seconds))
+        # Never negative: the upstream's time lies within the exchange's.
+        rstats.added.observe(duration - ex.upstream_seconds)
     rstats.response_bytes += ex.bytes_out
     # A refused token's credential is named in the log line, not here: a
     # request counts under a credential only once it authenticated.

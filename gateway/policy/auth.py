@@ -112,7 +112,7 @@ class Authenticator:
                 failure = Failure("revoked", cred.name, r.id)
                 entries.append(_Entry(r.digest, None, None, None, failure))
         self._entries = tuple(entries)
-        # A key without a kid is usable only when it is the only such key.
+        # The config has at most one key without a kid (config/loader.py).
         self._jwt_single = unnamed[0] if len(unnamed) == 1 else None
 
     def authenticate(self, header: bytes | None, now: float) -> Principal | Failure:
@@ -179,13 +179,14 @@ class Authenticator:
                 leeway=config.leeway,
                 options=_JWT_REQUIRED,  # type: ignore[arg-type]
             )
+            # A validly signed exp past a float's range (10**400) is no date.
+            expires = float(claims["exp"])
         except jwt.ExpiredSignatureError:
             return Failure("expired", cred.name, token_id)
         except jwt.ImmatureSignatureError:
             return Failure("not_yet_valid", cred.name, token_id)
-        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError, OverflowError):
             return Failure("jwt_invalid", cred.name, token_id)
-        expires = float(claims["exp"])
         principal = Principal(cred.name, token_id, _scoped(config, cred.routes, claims), expires)
         if len(self._jwt_cache) >= JWT_CACHE_SIZE:
             self._jwt_cache.clear()

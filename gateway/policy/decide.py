@@ -5,11 +5,19 @@ authenticates (a malformed head skips those: it is refused unattributed);
 ``decide`` then applies the rules in this order (DESIGN §3) and returns a
 value:
 
-    malformed head (400) → global allow/deny (403) → authentication (a failure from a throttled
-    address: OVERLOADED, else 401) → client certificate (401) → credential
-    CIDRs (403) → route known (404) → method (405) → /health → scope (403)
-    → draining (503) → framing (400) → declared body size (413) → request
-    rate → byte rate (429/503) → proxy
+    malformed head (400) → global allow/deny (403) → authentication (not
+    checked, strict throttle: OVERLOADED; a failure from a throttled
+    address: OVERLOADED; else 401) → client certificate (401) →
+    credential CIDRs (403) → route known (404) → method (405) → /health →
+    scope (403) → draining (503) → framing (400) → declared body size (413)
+    → request rate → byte rate (429/503) → proxy
+
+The auth throttle counts failures per address.  By default it only turns a
+throttled address's failures into OVERLOADED (checked after the token, so
+senders sharing the address keep working).  In strict mode
+(``[limits] auth_throttle_mode``) the exchange does not authenticate a
+throttled address at all and passes ``UNCHECKED``, refused here first
+among the failures.
 
 Unauthenticated callers learn nothing about routes: the credential is
 checked before the path means anything.  The only state it touches is the
@@ -36,6 +44,7 @@ __all__ = [
     "HEALTH_CHECK",
     "MALFORMED",
     "PROXY",
+    "UNCHECKED",
     "Decision",
     "HealthCheck",
     "Proxy",
@@ -90,6 +99,14 @@ CLIENT_DENIED: Final = Refuse(
     Kind.FORBIDDEN, "client_denied", limit="client_denied", anonymous=True
 )
 CIDR_DENIED: Final = Refuse(Kind.FORBIDDEN, "client_denied", limit="client_denied")
+# Strict mode: refused before authentication, so no credential and no
+# auth-failure reason; the access line's error is this word.
+AUTH_THROTTLED: Final = Refuse(
+    Kind.OVERLOADED, "auth_throttled", limit="auth_throttle", anonymous=True
+)
+# What the exchange passes for ``who`` when the strict throttle made it
+# skip authentication (``Generation.throttle_strict``).
+UNCHECKED: Final = Failure("unchecked")
 NOT_FOUND: Final = Refuse(Kind.NOT_FOUND)
 # An OTLP exporter on a signal that has no route (/v1/metrics, /v1/logs)
 # reads a google.rpc.Status in its own encoding.
@@ -166,6 +183,8 @@ def decide(  # noqa: PLR0912
     if policy.filtering and not policy.permitted(client):
         return CLIENT_DENIED
     if isinstance(who, Failure):
+        if who is UNCHECKED:
+            return AUTH_THROTTLED
         return _auth_failed(who.reason, head, client, admission, now)
     rules = gen.credentials[who.credential]
     if rules.subjects and cert_subject not in rules.subjects:

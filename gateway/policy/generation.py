@@ -58,6 +58,8 @@ class Generation:
         "response_timeout",
         "routes",
         "settings",
+        "throttle_strict",
+        "underscores_in_headers",
     )
 
     def __init__(self, settings: Settings) -> None:
@@ -79,11 +81,14 @@ class Generation:
         self.max_header_bytes = s.max_header_bytes
         self.max_header_count = s.max_header_count
         self.max_url_bytes = s.max_url_bytes
+        self.underscores_in_headers = s.underscores_in_headers
         # Raw bytes a head spread over several reads may take: the limits
         # plus one full read (256 KiB in uvloop) that may carry body bytes.
         self.max_raw_head = s.max_header_bytes + s.max_url_bytes + 256 * 1024
         self.min_body_rate = lim.min_body_rate_bytes_per_second
         self.min_body_grace = lim.min_body_rate_grace_seconds
+        # The exchange skips authentication for a throttled address (decide.py).
+        self.throttle_strict = lim.auth_throttle_mode == "strict"
 
     @classmethod
     def build(cls, settings: Settings) -> Generation:

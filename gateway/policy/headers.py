@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "CLIENT_ADDRESS",
     "HOP_BY_HOP",
     "REQUEST_DROP",
     "RESPONSE_DROP",
@@ -43,6 +44,26 @@ REQUEST_DROP: Final = HOP_BY_HOP | {
     b"x-forwarded-for",
     b"x-forwarded-proto",
 }
+
+# Fields that name the client or the original request as some proxy saw
+# it.  A client can write any of them, and a trusted proxy passes its own
+# client's copies on, so none is ever copied upstream: the gateway sends
+# X-Forwarded-For, X-Forwarded-Proto and X-Real-IP itself, and the
+# configured client address header is read, then dropped.  Any name that
+# starts with "x-forwarded-" counts too (RequestHead).
+CLIENT_ADDRESS: Final = frozenset(
+    {
+        b"forwarded",
+        b"x-forwarded",
+        b"x-real-ip",
+        b"cf-connecting-ip",
+        b"cf-connecting-ipv6",
+        b"true-client-ip",
+        b"x-client-ip",
+        b"x-cluster-client-ip",
+        b"fastly-client-ip",
+    }
+)
 
 # Response fields not copied to the client as they came: framing is ours.
 RESPONSE_DROP: Final = HOP_BY_HOP | {b"content-length"}

@@ -13,13 +13,14 @@ attacker, not a cost.
 from __future__ import annotations
 
 import contextlib
-from collections import deque
-from typing import Protocol
+from collections import OrderedDict, deque
+from ipaddress import IPv6Address
+from typing import Final, Protocol
 
 from gateway.config.credentials import Credential
 from gateway.config.schema import LimitsSpec
 
-__all__ = ["Admission", "FailureThrottle", "Slots", "TokenBucket", "Waiter"]
+__all__ = ["Admission", "FailureThrottle", "Slots", "TokenBucket", "Waiter", "throttle_key"]
 
 
 class Waiter(Protocol):
@@ -96,11 +97,39 @@ class TokenBucket:
         self.tokens -= amount
 
 
-class FailureThrottle:
-    """Counts auth failures per client address in fixed windows.
+# IPv6 address → its key, remembered (bounded) because parsing costs
+# microseconds and strict mode asks on every request.
+_KEYS: Final[dict[str, str]] = {}
+_KEYS_MAX: Final = 4096
 
-    Memory is bounded: past ``max_tracked`` addresses the table starts over,
-    which at worst forgives some offenders early.
+
+def throttle_key(address: str) -> str:
+    """What the throttle counts under: an IPv4 address as it is (also when
+    IPv4-mapped), an IPv6 address by its /64, which one host holds whole
+    and could otherwise rotate through."""
+    if ":" not in address:
+        return address
+    key = _KEYS.get(address)
+    if key is None:
+        try:
+            addr = IPv6Address(address)
+        except ValueError:
+            return address
+        mapped = addr.ipv4_mapped
+        key = str(mapped) if mapped is not None else f"{int(addr) >> 64:x}::/64"
+        if len(_KEYS) >= _KEYS_MAX:
+            _KEYS.clear()  # a cache: starting over forgets nothing
+        _KEYS[address] = key
+    return key
+
+
+class FailureThrottle:
+    """Counts auth failures per client address (``throttle_key``) in fixed
+    windows that start at an address's first failure.
+
+    Memory is bounded: the table keeps windows in the order they started
+    and, holding ``max_tracked``, drops the oldest to make room, so one
+    offender is forgiven early, never all of them at once.
     """
 
     __slots__ = ("_seen", "limit", "max_tracked", "window")
@@ -109,29 +138,35 @@ class FailureThrottle:
         self.limit = limit  # 0: off
         self.window = window
         self.max_tracked = max_tracked
-        self._seen: dict[str, list[float]] = {}  # address → [window start, count]
+        # key → [window start, count], oldest window first.
+        self._seen: OrderedDict[str, list[float]] = OrderedDict()
 
     def blocked(self, address: str, now: float) -> bool:
         if not self.limit:
             return False
-        entry = self._seen.get(address)
+        key = throttle_key(address)
+        entry = self._seen.get(key)
         if entry is None:
             return False
         if now - entry[0] >= self.window:
-            del self._seen[address]
+            del self._seen[key]
             return False
         return entry[1] >= self.limit
 
     def failed(self, address: str, now: float) -> None:
         if not self.limit:
             return
-        entry = self._seen.get(address)
-        if entry is None or now - entry[0] >= self.window:
-            if len(self._seen) >= self.max_tracked:
-                self._seen.clear()
-            self._seen[address] = [now, 1.0]
-        else:
-            entry[1] += 1
+        seen = self._seen
+        key = throttle_key(address)
+        entry = seen.get(key)
+        if entry is not None:
+            if now - entry[0] < self.window:
+                entry[1] += 1
+                return
+            del seen[key]  # a new window: it goes to the end, as the newest
+        elif len(seen) >= self.max_tracked:
+            seen.popitem(last=False)
+        seen[key] = [now, 1.0]
 
 
 class Admission:

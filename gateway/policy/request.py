@@ -2,16 +2,19 @@
 
 The client connection feeds each header to ``RequestHead.header`` as it is
 parsed (one pass, no list of pairs to walk again): framing and auth fields
-are taken out, hop-by-hop fields dropped (RFC 9110 §7.6.1), end-to-end
-fields kept as ready-to-send bytes.  ``finish`` applies the checks that
-need the whole head, and ``upstream_head`` renders what the upstream gets.
+are taken out, hop-by-hop fields dropped (RFC 9110 §7.6.1), so are the
+client's copies of address fields (``headers.CLIENT_ADDRESS``) and names
+with an underscore (set aside: some backends fold ``_`` into ``-``),
+end-to-end fields kept as ready-to-send bytes.  ``finish`` applies the
+checks that need the whole head, and ``upstream_head`` renders what the
+upstream gets.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
-from gateway.policy.headers import REQUEST_DROP, strip_listed
+from gateway.policy.headers import CLIENT_ADDRESS, REQUEST_DROP, connection_tokens, strip_listed
 from gateway.policy.routing import split_target
 
 if TYPE_CHECKING:
@@ -34,6 +37,7 @@ _EXPECT: Final = 8
 _XFF: Final = 9
 _CLIENT_IP: Final = 10
 _HOST: Final = 11
+_UNDERSCORE: Final = 12
 _SPECIAL: Final = {
     b"authorization": _AUTHORIZATION,
     b"content-length": _CONTENT_LENGTH,
@@ -54,8 +58,14 @@ _KNOWN_MAX: Final = 1024
 def _classify(name: bytes) -> tuple[bytes, int]:
     lname = name.lower()
     action = _SPECIAL.get(lname)
-    if action is None:
-        action = _DROP if lname in REQUEST_DROP else _FORWARD
+    if action is not None:
+        pass
+    elif b"_" in lname:
+        action = _UNDERSCORE
+    elif lname in REQUEST_DROP or lname in CLIENT_ADDRESS or lname.startswith(b"x-forwarded-"):
+        action = _DROP
+    else:
+        action = _FORWARD
     entry = (lname, action)
     if len(_KNOWN) < _KNOWN_MAX:
         _KNOWN[name] = entry
@@ -88,6 +98,7 @@ class RequestHead:
         "query",
         "request_id",
         "t0",
+        "underscored",
         "upgrade",
         "version",
         "xff",
@@ -103,11 +114,13 @@ class RequestHead:
         self.json = False
         self.otlp_encoded = False  # Content-Type is OTLP/HTTP's (protobuf or JSON)
         self.xff: bytes | None = None
-        self.forward: list[bytes] = []  # name, b": ", value, b"\r\n", ...
+        self.forward: list[bytes] = []  # the client's fields: name, b": ", value, b"\r\n", ...
         self._client_ips: dict[bytes, bytes] | None = None
         self._hosts = 0
         self._rid: bytes | None = None
         self._listed: list[bytes] | None = None
+        # Names with "_": name, value, ...; after upstream_head, the dropped ones.
+        self.underscored: list[bytes] | None = None
 
     # Called once per header: one if-chain on the cached action costs less
     # than a table of bound methods (a Python call per header fewer).
@@ -145,11 +158,14 @@ class RequestHead:
             self.expect_continue = value.strip().lower() == b"100-continue"
         elif action == _XFF:
             self.xff = value if self.xff is None else self.xff + b", " + value
-        else:  # _CLIENT_IP: CF-Connecting-IP / X-Real-IP
+        elif action == _CLIENT_IP:  # CF-Connecting-IP / X-Real-IP: read, never copied
             if self._client_ips is None:
                 self._client_ips = {}
             self._client_ips[entry[0]] = value
-            self.forward += (name, b": ", value, b"\r\n")
+        else:  # _UNDERSCORE: forwarded or not by upstream_head, per config
+            if self.underscored is None:
+                self.underscored = []
+            self.underscored += (name, value)
 
     def finish(
         self,
@@ -170,8 +186,7 @@ class RequestHead:
         rid = self._rid
         if rid is None or len(rid) > 128 or not rid.isascii():
             rid = request_id
-        self.forward += (b"X-Request-Id: ", rid, b"\r\n")
-        self.request_id = rid  # decoded only when logged
+        self.request_id = rid  # sent by upstream_head; decoded only when logged
         if client_header == b"x-forwarded-for":
             self.client_ip = self.xff
         else:
@@ -232,11 +247,23 @@ class RequestHead:
         return list(zip(f[0::4], f[2::4], strict=True))
 
     def upstream_head(
-        self, target: bytes, host: bytes, peer: bytes, trusted: bool, scheme: bytes
+        self,
+        target: bytes,
+        host: bytes,
+        peer: bytes,
+        trusted: bool,
+        scheme: bytes,
+        client: bytes,
+        underscores: bool,
     ) -> bytes:
+        """``client`` is the resolved client address (X-Real-IP);
+        ``underscores`` keeps names with "_" that fold into no other field
+        (``[server] underscores_in_headers``)."""
         # A forwarding chain is only kept from a trusted proxy; from anyone
         # else it could be invented, so the upstream sees the peer alone.
         xff = self.xff + b", " + peer if trusted and self.xff is not None else peer
+        if underscores and self.underscored is not None:
+            self.forward, self.underscored = _fold(self.forward, self.underscored, self._listed)
         if self.chunked:
             framing = b"Transfer-Encoding: chunked\r\n\r\n"
         elif self.content_length is not None:
@@ -252,11 +279,50 @@ class RequestHead:
                 host,
                 b"\r\n",
                 *self.forward,
-                b"X-Forwarded-For: ",
+                b"X-Request-Id: ",
+                self.request_id,
+                b"\r\nX-Forwarded-For: ",
                 xff,
                 b"\r\nX-Forwarded-Proto: ",
                 scheme,
+                b"\r\nX-Real-IP: ",
+                client,
                 b"\r\n",
                 framing,
             )
         )
+
+
+def _fold(
+    forward: list[bytes], underscored: list[bytes], listed: list[bytes] | None
+) -> tuple[list[bytes], list[bytes]]:
+    """Underscore names kept by config: (forward with them, those dropped).
+
+    A backend that folds "_" into "-" must not see a field it would read as
+    another: one the gateway handles itself (``Transfer_Encoding``,
+    ``X_Real_IP``, ``Proxy_Authorization``, …) or one that another field of
+    this request also folds into (``X-Foo_Bar`` beside ``X-Foo-Bar``); nor
+    one that Connection names, as sent or folded.  Off the hot path: only
+    requests that carry such a name get here.
+    """
+    hop = connection_tokens(listed) if listed is not None else frozenset()
+    spellings: dict[bytes, set[bytes]] = {}
+    for i in range(0, len(forward), 4):
+        lname = forward[i].lower()
+        spellings.setdefault(lname, set()).add(lname)
+    for i in range(0, len(underscored), 2):
+        lname = underscored[i].lower()
+        spellings.setdefault(lname.replace(b"_", b"-"), set()).add(lname)
+    kept: list[bytes] = []
+    dropped: list[bytes] = []
+    for i in range(0, len(underscored), 2):
+        name, value = underscored[i], underscored[i + 1]
+        lname = name.lower()
+        folded = lname.replace(b"_", b"-")
+        entry = _KNOWN.get(folded) or _classify(folded)
+        ordinary = entry[1] == _FORWARD and lname not in hop and folded not in hop
+        if ordinary and len(spellings[folded]) == 1:
+            kept += (name, b": ", value, b"\r\n")
+        else:
+            dropped += (name, value)
+    return forward + kept, dropped

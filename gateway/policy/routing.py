@@ -107,19 +107,31 @@ HEALTH: Final = Route(
 )
 
 
+# Where an absolute-form authority ends: RFC 3986 §3.2, and a backslash
+# for WHATWG parsers.  The first of these.
+_AUTHORITY_ENDS: Final = (b"/", b"?", b"#", b"\\")
+
+
 def split_target(target: bytes) -> tuple[bytes, bytes]:
     """request-target → (path, query) without decoding anything.
 
-    Absolute-form (RFC 9112 §3.2.2, which servers must accept) is reduced to
-    its path; anything else that is not origin-form yields a path that
-    matches no route.
+    Absolute-form (RFC 9112 §3.2.2, which servers must accept) is routed by
+    the path a proxy in front of the gateway sees: its authority ends at the
+    first "/", "?" or "#", so ``http://h?/api/v1/write`` is path "/" with a
+    query, never the route ``/api/v1/write``.  Anything else that is not
+    origin-form yields a path that matches no route.
     """
     if target[:1] != b"/":
         lowered = target[:8].lower()
         if lowered.startswith((b"http://", b"https://")):
             rest = target[target.index(b"//") + 2 :]
-            slash = rest.find(b"/")
-            target = rest[slash:] if slash >= 0 else b"/"
+            end = len(rest)
+            for stop in _AUTHORITY_ENDS:
+                found = rest.find(stop, 0, end)
+                if found >= 0:
+                    end = found
+            rest = rest[end:]
+            target = rest if rest[:1] == b"/" else b"/" + rest
     path, _, query = target.partition(b"?")
     return path, query
 

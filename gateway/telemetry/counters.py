@@ -103,6 +103,7 @@ class Stats:
 
     __slots__ = (
         "auth_failures",
+        "headers_dropped",
         "limit_rejections",
         "open_connections",
         "pairs",
@@ -116,6 +117,7 @@ class Stats:
         self.tokens: dict[tuple[str, str], TokenStats] = {}
         self.auth_failures: dict[tuple[str, str, str], int] = {}
         self.limit_rejections: dict[str, int] = {}
+        self.headers_dropped: dict[str, int] = {}  # reason → request header fields
         self.open_connections = 0
 
     def route(self, name: str) -> RouteStats:
@@ -147,6 +149,9 @@ class Stats:
     def limit_rejection(self, reason: str) -> None:
         self.limit_rejections[reason] = self.limit_rejections.get(reason, 0) + 1
 
+    def header_dropped(self, reason: str, n: int = 1) -> None:
+        self.headers_dropped[reason] = self.headers_dropped.get(reason, 0) + n
+
     def upstream_error(self, route: str, kind: str) -> None:
         errors = self.route(route).upstream_errors
         errors[kind] = errors.get(kind, 0) + 1
@@ -176,4 +181,5 @@ class Stats:
             [FailureSnap(*key, n) for key, n in self.auth_failures.items()],
             dict(self.limit_rejections),
             self.open_connections,
+            headers_dropped=dict(self.headers_dropped),
         )

@@ -4,7 +4,8 @@ Access lines (one per request) are appended to an in-memory buffer that the
 event loop flushes a few times a second and at shutdown: a write syscall
 per request would cost more than the rest of the request's bookkeeping.
 Warnings and errors are written at once.  Nothing here ever receives a
-header value, so no token can reach a log line.
+header value, and tracebacks carry no local variables (the one renderer
+of every logger in every process), so no token or key can reach a log line.
 """
 
 from __future__ import annotations
@@ -81,6 +82,12 @@ class _Factory:
 
 
 _writer: BufferedLineWriter | None = None
+# structlog's dict_tracebacks shows every frame's local variables: a fault
+# inside the JWT check would log the presented token and the HMAC key.
+# Frames keep file, line and function; values never.
+_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
 
 
 def configure(
@@ -98,7 +105,7 @@ def configure(
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
-            structlog.processors.dict_tracebacks,
+            _TRACEBACKS,
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

@@ -78,6 +78,7 @@ class Snapshot(_Value):
     limit_rejections: dict[str, int]
     open_connections: int
     processes: list[ProcessSample] = msgspec.field(default_factory=list)
+    headers_dropped: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class Gauges(_Value):
@@ -112,6 +113,7 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     tokens: dict[tuple[str, str], TokenSnap] = {}
     failures: dict[tuple[str, str, str], int] = {}
     rejections: dict[str, int] = {}
+    dropped: dict[str, int] = {}
     open_connections = 0
     for snap in snapshots:
         for name, r in snap.routes.items():
@@ -147,6 +149,8 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
             failures[fkey] = failures.get(fkey, 0) + f.count
         for reason, n in snap.limit_rejections.items():
             rejections[reason] = rejections.get(reason, 0) + n
+        for reason, n in snap.headers_dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + n
         open_connections += snap.open_connections
     return Snapshot(
         routes,
@@ -155,4 +159,5 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
         [FailureSnap(*key, n) for key, n in failures.items()],
         rejections,
         open_connections,
+        headers_dropped=dropped,
     )

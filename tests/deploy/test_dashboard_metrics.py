@@ -144,6 +144,8 @@ async def exported(start_gateway: StartGateway, upstream: RecordingUpstream) -> 
             rw_upstream=upstream.url + "/api/v1/write",
             otlp_upstream="http://127.0.0.1:9/v1/traces",  # discard port: connect error
             credentials=CREDENTIALS,
+            # Three failures below, then a fourth is throttled.
+            extra="[limits]\nauth_failure_limit = 3",
         )
     )
     base = f"http://127.0.0.1:{gw.port}"
@@ -154,10 +156,12 @@ async def exported(start_gateway: StartGateway, upstream: RecordingUpstream) -> 
         ("/api/v1/write", REVOKED_TOKEN, 401),  # revoked
         ("/v1/traces", OTHER_TOKEN, 403),  # scope
         ("/v1/traces", TOKEN, 503),  # upstream connect error (503 on OTLP routes)
+        ("/api/v1/write", UNKNOWN_TOKEN, 429),  # gateway_limit_rejections_total (auth_throttle)
     ]
     async with aiohttp.ClientSession() as session:
         for path, token, status in attempts:
             headers = {"Authorization": f"Bearer {token}"} if token else {}
+            headers["X_Underscored"] = "dropped"  # gateway_request_headers_dropped_total
             async with session.post(base + path, data=b"\x00" * 64, headers=headers) as resp:
                 assert resp.status == status, (path, token, await resp.text())
     return {s.name for s in (await scrape(gw.admin_port)).samples}
@@ -192,6 +196,8 @@ def test_the_scrape_saw_every_path_the_queries_need(exported: set[str]) -> None:
     for name in (
         "gateway_auth_failures_total",
         "gateway_upstream_errors_total",
+        "gateway_request_headers_dropped_total",
+        "gateway_limit_rejections_total",
         "gateway_credential_expiry_timestamp_seconds",
         "gateway_request_duration_seconds_bucket",
     ):

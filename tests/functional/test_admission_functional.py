@@ -5,6 +5,9 @@ OTLP (never 429: the Python OTLP SDK drops it); and client address rules
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+from typing import Any
+
 import pytest
 
 from tests.conftest import (
@@ -132,13 +135,22 @@ async def test_per_credential_request_rate(
     assert len(upstream.requests) == 2
 
 
+def _errors(events: list[MutableMapping[str, Any]]) -> list[tuple[int, str | None]]:
+    return [(e["status"], e["error"]) for e in events if e.get("event") == "request"]
+
+
 @pytest.mark.parametrize("case", ROUTES, ids=ROUTE_IDS)
 async def test_auth_failure_throttle(
-    start_gateway: StartGateway, upstream: RecordingUpstream, case: RouteCase
+    start_gateway: StartGateway,
+    upstream: RecordingUpstream,
+    case: RouteCase,
+    log_capture: list[MutableMapping[str, Any]],
 ) -> None:
-    """After N failures an address's bad tokens get 429/503, not 401; a
-    valid token from the same address (another sender behind the same
-    proxy) still goes through."""
+    """The default mode, exactly as README § [limits] and the runbook say:
+    after N failures an address's further failures get 429/503, not 401,
+    still checked, counted and logged under their reason; a valid token
+    from the same address (another sender behind the same proxy) still
+    goes through."""
     gw = await start_gateway(config_with(upstream, "[limits]\nauth_failure_limit = 2"))
     bad = request_bytes("POST", case.path, body=b"x", token="wrong-token-0123456789")
     for _ in range(2):
@@ -149,6 +161,47 @@ async def test_auth_failure_throttle(
     resp = await raw_request(gw.port, request_bytes("POST", case.path, body=b"x"))
     assert resp.status == 204
     assert len(upstream.requests) == 1
+    throttled = case.status(remote_write=429, otlp=503)
+    assert _errors(log_capture) == [
+        (401, "auth_unknown"),
+        (401, "auth_unknown"),
+        (throttled, "auth_unknown"),
+        (204, None),
+    ]
+    assert gw.stats.auth_failures == {("unknown", "none", "none"): 3}
+    assert gw.stats.limit_rejections == {"auth_throttle": 1}
+
+
+@pytest.mark.parametrize("case", ROUTES, ids=ROUTE_IDS)
+async def test_strict_auth_failure_throttle_refuses_before_checking_the_token(
+    start_gateway: StartGateway,
+    upstream: RecordingUpstream,
+    case: RouteCase,
+    log_capture: list[MutableMapping[str, Any]],
+) -> None:
+    """auth_throttle_mode = "strict": once throttled, every request from the
+    address is refused before its token is looked at, valid ones too, and
+    the refusals are not auth failures (nothing was checked)."""
+    gw = await start_gateway(
+        config_with(upstream, '[limits]\nauth_failure_limit = 2\nauth_throttle_mode = "strict"')
+    )
+    bad = request_bytes("POST", case.path, body=b"x", token="wrong-token-0123456789")
+    good = request_bytes("POST", case.path, body=b"x")
+    assert (await raw_request(gw.port, good)).status == 204
+    for _ in range(2):
+        assert (await raw_request(gw.port, bad)).status == 401
+    for data in (good, bad):
+        resp = await raw_request(gw.port, data)
+        assert_overloaded(resp.status, resp.header("Retry-After"), case)
+    # Before the route too: an address that is refused learns nothing.
+    assert (await raw_request(gw.port, request_bytes("POST", "/nowhere", body=b"x"))).status == 429
+    assert len(upstream.requests) == 1
+    throttled = case.status(remote_write=429, otlp=503)
+    assert _errors(log_capture)[3:5] == [(throttled, "auth_throttled")] * 2
+    refused = [e for e in log_capture if e.get("error") == "auth_throttled"]
+    assert {(e["credential"], e["token_id"]) for e in refused} == {("none", None)}
+    assert gw.stats.auth_failures == {("unknown", "none", "none"): 2}
+    assert gw.stats.limit_rejections == {"auth_throttle": 3}
 
 
 @pytest.mark.parametrize("case", ROUTES, ids=ROUTE_IDS)

@@ -200,6 +200,43 @@ def test_check_config_warns_of_an_unset_token_env_and_still_checks_the_rest(
     assert "credentials[0].token_env: environment variable OBS_TEST_UNSET" in refused.stderr
 
 
+def _hmac_credential(name: str, env: str) -> str:
+    return f"""
+[[credentials]]
+name = "{name}"
+routes = ["remote_write"]
+[credentials.jwt]
+algorithms = ["HS256"]
+issuer = "https://sso.test"
+audience = "obs-gateway"
+hmac_secret_env = "{env}"
+"""
+
+
+def test_two_jwt_keys_without_kid_exit_2_naming_both_credentials(tmp_path: Path) -> None:
+    """Both loaded at 70f0a08, and then every JWT of either got 401."""
+    config = tmp_path / "gateway.toml"
+    creds = _hmac_credential("team-a", "OBS_TEST_HMAC_A") + _hmac_credential(
+        "team-b", "OBS_TEST_HMAC_B"
+    )
+    config.write_text(config_text(credentials=creds))
+    env = {**os.environ, "OBS_TEST_HMAC_A": "a" * 40, "OBS_TEST_HMAC_B": "b" * 40}
+    result = run_cli("check-config", str(config), env=env)
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith("obs-gateway: config error: credentials[1].jwt: ")
+    assert "'team-a'" in result.stderr
+    assert "'team-b'" in result.stderr
+    assert "a" * 40 not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert run_cli("run", "--config", str(config), env=env).returncode == 2
+    # A kid on one of them is the way out.
+    config.write_text(config_text(credentials=creds + 'kid = "team-b-1"\n'))
+    ok = run_cli("check-config", str(config), env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "team-a/jwt: JWT HS256" in ok.stdout
+    assert "team-b/team-b-1: JWT HS256" in ok.stdout
+
+
 def test_check_config_missing_file_exits_2(tmp_path: Path) -> None:
     result = run_cli("check-config", str(tmp_path / "absent.toml"))
     assert result.returncode == 2

@@ -214,3 +214,109 @@ async def test_denied_otlp_client_gets_403_protobuf(
     assert resp.status == 403
     assert resp.header("Content-Type") == "application/x-protobuf"
     assert strict_upstream.conns == []
+
+
+async def test_one_ipv6_64_is_one_throttled_address(
+    start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    """A host owns its whole /64: at 70f0a08 a fresh address from it per
+    attempt was never throttled.  Clients behind a trusted proxy, so the
+    test can speak from IPv6 addresses over 127.0.0.1."""
+    limits = "[limits]\nauth_failure_limit = 3\n"
+    gw = await start_gateway(
+        hostile_config(strict_upstream, extra=_clients(**TRUSTED) + "\n" + limits)
+    )
+    bad = "wrong-token-0123456789abcdef"
+    statuses = [
+        (await _ask(gw.port, [("X-Forwarded-For", f"2001:db8:7:1::{i:x}")], token=bad)).status
+        for i in range(1, 6)
+    ]
+    assert statuses == [401, 401, 401, 429, 429]
+    # Its neighbour /64 is someone else; a valid token from the /64 still works.
+    assert (await _ask(gw.port, [("X-Forwarded-For", "2001:db8:7:2::1")], token=bad)).status == 401
+    assert (await _ask(gw.port, [("X-Forwarded-For", "2001:db8:7:1::99")])).status == 204
+    assert gw.stats.limit_rejections == {"auth_throttle": 2}
+
+
+# Fields that name the client or the original request as some proxy saw it.
+# At 70f0a08 X-Real-IP and CF-Connecting-IP always reached the upstream, and
+# every other one of these too; now only what the gateway itself sends does.
+CLIENT_COPIES = [
+    ("X-Real-IP", "203.0.113.9"),
+    ("x-real-ip", "203.0.113.9"),
+    ("CF-Connecting-IP", "203.0.113.9"),
+    ("CF-Connecting-IPv6", "2001:db8::9"),
+    ("True-Client-IP", "203.0.113.9"),
+    ("X-Client-IP", "203.0.113.9"),
+    ("X-Cluster-Client-IP", "203.0.113.9"),
+    ("Fastly-Client-IP", "203.0.113.9"),
+    ("Forwarded", "for=203.0.113.9;host=evil.example;proto=https"),
+    ("FORWARDED", "for=203.0.113.9"),
+    ("X-Forwarded", "for=203.0.113.9"),
+    ("X-Forwarded-Host", "evil.example"),
+    ("X-Forwarded-Port", "8443"),
+    ("X-Forwarded-Prefix", "/evil"),
+    ("X-Forwarded-Server", "evil.example"),
+    ("X-Forwarded-Proto", "https"),
+]
+OWN = {"x-forwarded-for", "x-forwarded-proto", "x-real-ip"}
+
+
+def _sent_by_the_gateway(names: set[str]) -> set[str]:
+    copies = {name.lower() for name, _ in CLIENT_COPIES}
+    return names & (copies | OWN)
+
+
+async def test_no_client_copy_of_an_address_header_reaches_the_upstream(
+    start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    """From an untrusted peer the upstream sees what the gateway knows: the
+    peer as X-Forwarded-For and X-Real-IP, and the scheme it was reached on."""
+    gw = await start_gateway(hostile_config(strict_upstream))
+    assert (await _ask(gw.port, CLIENT_COPIES)).status == 204
+    [req] = strict_upstream.requests
+    assert _sent_by_the_gateway(req.names()) == OWN
+    assert req.all("X-Forwarded-For") == ["127.0.0.1"]
+    assert req.all("X-Real-IP") == ["127.0.0.1"]
+    assert req.all("X-Forwarded-Proto") == ["http"]
+    for claim in (b"203.0.113.9", b"2001:db8::9", b"evil.example", b"8443", b"/evil"):
+        assert claim not in strict_upstream.received, claim
+    assert strict_upstream.errors == []
+
+
+@pytest.mark.parametrize(
+    ("header", "claim", "client"),
+    [
+        ("X-Forwarded-For", "6.6.6.6, 203.0.113.9", "203.0.113.9"),
+        ("CF-Connecting-IP", "198.51.100.4", "198.51.100.4"),
+        ("X-Real-IP", "198.51.100.5", "198.51.100.5"),
+        ("X-Real-IP", "not-an-address", "127.0.0.1"),
+    ],
+)
+async def test_from_a_trusted_proxy_the_upstream_gets_the_chain_and_the_resolved_client(
+    header: str,
+    claim: str,
+    client: str,
+    start_gateway: StartGateway,
+    strict_upstream: RawUpstream,
+) -> None:
+    """The configured header names the client; X-Real-IP carries the address
+    the gateway resolved from it, the X-Forwarded-For chain is kept with the
+    peer appended; every other copy is dropped, even from a trusted proxy
+    (it passes its own client's copies on unchanged)."""
+    gw = await start_gateway(
+        hostile_config(strict_upstream, extra=_clients(**TRUSTED, client_ip_header=f'"{header}"'))
+    )
+    others = [(n, v) for n, v in CLIENT_COPIES if n.lower() != header.lower()]
+    headers = [*others, (header, claim)]
+    if header != "X-Forwarded-For":
+        headers.append(("X-Forwarded-For", "192.0.2.44"))
+    assert (await _ask(gw.port, headers)).status == 204
+    [req] = strict_upstream.requests
+    assert _sent_by_the_gateway(req.names()) == OWN
+    assert req.all("X-Real-IP") == [client]
+    chain = claim if header == "X-Forwarded-For" else "192.0.2.44"
+    assert req.all("X-Forwarded-For") == [f"{chain}, 127.0.0.1"]
+    assert req.all("X-Forwarded-Proto") == ["http"]
+    for header_name in ("CF-Connecting-IP", "Forwarded", "X-Forwarded-Host", "True-Client-IP"):
+        assert req.all(header_name) == [], header_name

@@ -37,7 +37,13 @@ from gateway.config.loader import ConfigError, loads
 from gateway.policy.auth import Authenticator, Failure, Principal
 from gateway.policy.errors import ErrorRenderer, Kind, Protocol, grpc_trailers_only, status_of
 from gateway.policy.generation import Generation
-from gateway.policy.headers import HOP_BY_HOP, REQUEST_DROP, connection_tokens, drop_listed
+from gateway.policy.headers import (
+    CLIENT_ADDRESS,
+    HOP_BY_HOP,
+    REQUEST_DROP,
+    connection_tokens,
+    drop_listed,
+)
 from tests.conftest import OTHER_TOKEN, TOKEN, StartGateway, config_text, sha256, wait_for
 from tests.hostile.conftest import hostile_config
 from tests.support.client import raw_client
@@ -160,7 +166,10 @@ _NAMES = st.one_of(
     st.sampled_from(
         [
             *sorted(n.decode() for n in REQUEST_DROP),
+            *sorted(n.decode() for n in CLIENT_ADDRESS),
             *("X-Custom", "Content-Type", "X-Listed", "traceparent", "User-Agent", "X-Request-Id"),
+            *("X-Forwarded-Host", "X_Custom", "X-Custom_", "Transfer_Encoding", "X-Real_IP"),
+            *("X_Listed", "Content_Type", "X-Forwarded_For", "traceparent_"),
         ]
     ).flatmap(
         lambda n: st.builds(
@@ -194,13 +203,15 @@ def test_drop_listed_removes_exactly_the_named_fields(
     headers=st.lists(st.tuples(_NAMES, _VALUES), max_size=30),
     connection=st.lists(st.lists(_NAMES, min_size=1, max_size=3).map(", ".join), max_size=2),
     chunked=st.booleans(),
+    underscores=st.booleans(),
 )
 def test_upstream_head_carries_no_hop_by_hop_field(
-    headers: list[tuple[str, str]], connection: list[str], chunked: bool
+    headers: list[tuple[str, str]], connection: list[str], chunked: bool, underscores: bool
 ) -> None:
     """Whatever the client sends, the head built for the upstream is one
-    well-formed request with our framing, Host and X-Forwarded-*, and none
-    of the hop-by-hop, listed, or credential fields."""
+    well-formed request with our framing, Host and X-Forwarded-*, none of
+    the hop-by-hop, listed, credential or client-address fields, and no
+    two fields that a backend folding "_" into "-" would read as one."""
     lines = ["POST /api/v1/write HTTP/1.1", "Host: client.example"]
     lines += [
         f"{n}: {v}"
@@ -220,7 +231,9 @@ def test_upstream_head_carries_no_hop_by_hop_field(
     head = sink.head
     head.finish(parser, sink.url, b"rid-1", b"x-forwarded-for")
     assert not head.malformed
-    out = head.upstream_head(b"/api/v1/write", b"upstream:8428", b"127.0.0.1", False, b"http")
+    out = head.upstream_head(
+        b"/api/v1/write", b"upstream:8428", b"127.0.0.1", False, b"http", b"127.0.0.1", underscores
+    )
     body = b"4\r\nabcd\r\n0\r\n\r\n" if chunked else b"abcd"
     req, used = parse_request(out + body)
     assert used == len(out + body)
@@ -235,24 +248,41 @@ def test_upstream_head_carries_no_hop_by_hop_field(
     assert req.all("Host") == ["upstream:8428"]
     assert req.all("X-Forwarded-For") == ["127.0.0.1"]
     assert req.all("X-Forwarded-Proto") == ["http"]
+    assert req.all("X-Real-IP") == ["127.0.0.1"]
     # X-Request-Id: the gateway adds its own when the client sent none.
     own = {
         "host",
         "x-forwarded-for",
         "x-forwarded-proto",
+        "x-real-ip",
         "content-length",
         "transfer-encoding",
         "x-request-id",
     }
     for name in names - own:
         assert name not in listed, name
+        assert name.encode() not in CLIENT_ADDRESS, name
+        assert not name.startswith("x-forwarded-"), name
+    folded: dict[str, set[str]] = {}
+    for name in names:
+        folded.setdefault(name.replace("_", "-"), set()).add(name)
+    if underscores:
+        for name in (n for n in names if "_" in n):
+            assert len(folded[name.replace("_", "-")]) == 1, folded
+            assert name.replace("_", "-") not in own | {"content-type"}, name
+            assert name.replace("_", "-") not in listed, name
+    else:
+        assert not [n for n in names if "_" in n]
     # Every other field arrives, in order.
     expected = [
         (n, v)
         for n, v in (tuple(x.decode() for x in h) for h in sink.headers)
-        if n.lower().encode() not in REQUEST_DROP and n.lower() not in listed
+        if n.lower().encode() not in REQUEST_DROP | CLIENT_ADDRESS
+        and not n.lower().startswith("x-forwarded-")
+        and "_" not in n
+        and n.lower() not in listed
     ]
-    got = [(n, v) for n, v in req.headers if n.lower() not in own]
+    got = [(n, v) for n, v in req.headers if n.lower() not in own and "_" not in n]
     assert [h for h in got if h[0].lower() != "x-request-id"] == [
         h for h in expected if h[0].lower() != "x-request-id"
     ]

@@ -44,6 +44,11 @@ TRICKS = [
     "*",
     "http://gw/api/v1/write/..",
     "http://gw//api/v1/write",
+    # Authority, then a query: a proxy in front sees path "/" (70f0a08 routed these).
+    "http://gw?/api/v1/write",
+    "http://gw:8080?/api/v1/write",
+    "https://gw?/v1/traces",
+    "http://gw?x=/api/v1/write",
 ]
 
 
@@ -84,8 +89,19 @@ async def test_path_trick_is_404_with_token_and_401_without(
         b"/api/v1/ write",
         b"api/v1/write",
         b"%2Fapi%2Fv1%2Fwrite",
+        b"http://gw#/api/v1/write",
+        b"http://gw\\/api/v1/write",
     ],
-    ids=["nul_end", "nul_mid", "del", "space", "relative", "encoded_first_slash"],
+    ids=[
+        "nul_end",
+        "nul_mid",
+        "del",
+        "space",
+        "relative",
+        "encoded_first_slash",
+        "absolute_fragment",
+        "absolute_backslash",
+    ],
 )
 async def test_unparseable_target_is_400(
     target: bytes, start_gateway: StartGateway, strict_upstream: RawUpstream

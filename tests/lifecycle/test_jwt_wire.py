@@ -254,6 +254,8 @@ BAD_TOKENS: dict[str, tuple[Callable[[rsa.RSAPrivateKey], str], tuple[str, str, 
         ("jwt_invalid", "apps", "k1"),
     ),
     "not a JWT at all": (lambda _k: "eyJhbGciOi.x.y", ("jwt_invalid", "none", "none")),
+    # Validly signed: a 503 and an internal_error log line at 70f0a08.
+    "exp past a float's range": (lambda k: sign(k, exp=10**400), ("jwt_invalid", "apps", "k1")),
 }
 
 

@@ -59,6 +59,8 @@ class GatewayProcess:
     command: tuple[str, ...] = MODULE
     cwd: Path | None = None
     lean: bool = False
+    # Set by a test that causes internal faults on purpose (teardown allows them).
+    faults_expected: bool = False
     events: list[dict[str, Any]] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)
     raw_stdout: bytearray = field(default_factory=bytearray)

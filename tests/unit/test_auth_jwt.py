@@ -116,6 +116,10 @@ def test_valid_token_is_scoped_by_claim(
         (lambda: _claims(exp=None), "jwt_invalid"),
         (lambda: _claims(aud=None), "jwt_invalid"),
         (lambda: _claims(iss=None), "jwt_invalid"),
+        # Validly signed, but no date: past a float's range, or JSON's Infinity.
+        (lambda: _claims(exp=10**400), "jwt_invalid"),
+        (lambda: _claims(exp=float("inf")), "jwt_invalid"),
+        (lambda: _claims(nbf=float("-inf")), "jwt_invalid"),
     ],
 )
 def test_claims_are_enforced(
@@ -213,6 +217,8 @@ def test_scope_table_maps_claim_values_to_routes(
             'algorithms = ["HS256"]\nhmac_secret_env = "NOPE_UNSET"',
             "credentials[0].jwt.hmac_secret_env",
         ),
+        ('algorithms = ["ES256"]\njwks_file = "jwks.json"\nkid = "k9"', "credentials[0].jwt.kid"),
+        ('algorithms = ["HS256"]\nhmac_secret_env = "S"\nkid = "a b"', "credentials[0].jwt.kid"),
     ],
 )
 def test_bad_jwt_config_names_the_key(
@@ -222,3 +228,89 @@ def test_bad_jwt_config_names_the_key(
     with pytest.raises(ConfigError) as info:
         loads(_config(block), base=tmp_path, environ={})
     assert str(info.value).startswith(error)
+
+
+# Two credentials whose keys have no kid (HMAC secrets, PEM keys, a one-key
+# JWKS without "kid"): a token without kid could be either's, so neither was
+# used and every JWT got 401 (70f0a08).  Refused at load, naming both.
+_HMAC_A = "a" * 32 + "-secret-of-credential-a"
+_HMAC_B = "b" * 32 + "-secret-of-credential-b"
+
+
+def _two_hmac_credentials(kid_b: str = "") -> str:
+    kid_line = f'kid = "{kid_b}"' if kid_b else ""
+    return f"""
+[[routes]]
+name = "remote_write"
+path = "/api/v1/write"
+protocol = "prometheus-remote-write"
+upstream = "http://127.0.0.1:9/api/v1/write"
+
+[[credentials]]
+name = "team-a"
+routes = ["remote_write"]
+[credentials.jwt]
+algorithms = ["HS256"]
+issuer = "{ISS}"
+audience = "{AUD}"
+hmac_secret_env = "SECRET_A"
+scope_claim = ""
+
+[[credentials]]
+name = "team-b"
+routes = ["remote_write"]
+[credentials.jwt]
+algorithms = ["HS256"]
+issuer = "{ISS}"
+audience = "{AUD}"
+hmac_secret_env = "SECRET_B"
+scope_claim = ""
+{kid_line}
+"""
+
+
+_SECRETS = {"SECRET_A": _HMAC_A, "SECRET_B": _HMAC_B}
+
+
+def test_two_keys_without_kid_are_refused_naming_both_credentials() -> None:
+    with pytest.raises(ConfigError) as info:
+        loads(_two_hmac_credentials(), environ=_SECRETS)
+    message = str(info.value)
+    assert message.startswith("credentials[1].jwt: "), message
+    assert "'team-b'" in message
+    assert "'team-a'" in message
+    assert "kid" in message
+    assert _HMAC_A not in message
+    assert _HMAC_B not in message
+
+
+def test_a_jwks_key_without_kid_beside_an_hmac_secret_is_refused(
+    tmp_path: Path, ec_key: ec.EllipticCurvePrivateKey
+) -> None:
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec_key.public_key()))
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    text = _two_hmac_credentials().replace(
+        'algorithms = ["HS256"]\nissuer = "https://issuer.test"\naudience = "obs-gateway"\n'
+        'hmac_secret_env = "SECRET_B"',
+        'algorithms = ["ES256"]\nissuer = "https://issuer.test"\naudience = "obs-gateway"\n'
+        'jwks_file = "jwks.json"',
+    )
+    assert 'jwks_file = "jwks.json"' in text
+    with pytest.raises(ConfigError) as info:
+        loads(text, environ=_SECRETS, base=tmp_path)
+    assert str(info.value).startswith("credentials[1].jwt: "), info.value
+
+
+def test_a_configured_kid_lets_both_credentials_work() -> None:
+    settings = loads(_two_hmac_credentials(kid_b="team-b-2026"), environ=_SECRETS)
+    authn = Authenticator(settings.credentials)
+    plain = jwt.encode(_claims(), _HMAC_A, algorithm="HS256")
+    tagged = jwt.encode(_claims(), _HMAC_B, algorithm="HS256", headers={"kid": "team-b-2026"})
+    a, b = _auth(plain, authn), _auth(tagged, authn)
+    assert isinstance(a, Principal)
+    assert isinstance(b, Principal)
+    assert (a.credential, a.token_id) == ("team-a", "jwt")
+    assert (b.credential, b.token_id) == ("team-b", "team-b-2026")
+    # The kid is the key's id: team-b's secret without it is not team-a's key.
+    untagged_b = jwt.encode(_claims(), _HMAC_B, algorithm="HS256")
+    assert _auth(untagged_b, authn) == Failure("jwt_invalid", "team-a", "jwt")

@@ -13,8 +13,9 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from gateway.config.loader import loads
+from gateway.config.loader import Settings, loads
 from gateway.policy import decide as d
+from gateway.policy.auth import Failure, Principal
 from gateway.policy.errors import Kind
 from gateway.policy.generation import Generation
 from gateway.policy.limits import Admission
@@ -27,7 +28,8 @@ CONFIG = f"""
 deny = ["10.9.9.9/32"]
 
 [limits]
-auth_failure_limit = 0
+auth_failure_limit = 2
+auth_throttle_mode = "strict"
 
 [[routes]]
 name = "remote_write"
@@ -67,7 +69,9 @@ class Request:
     client: str = "10.1.2.3"
     cert_subject: str = "CN=sender"
     draining: bool = False
+    throttled: bool = False  # the client address has used up its auth failures
     spend: tuple[Callable[[Admission, float], None], ...] = ()
+    settings: Settings = SETTINGS
 
     def decide(self) -> d.Decision:
         lines = [f"{self.method} {self.path} HTTP/1.1", *["Host: gw"] * self.hosts]
@@ -75,14 +79,22 @@ class Request:
             lines.append(f"Authorization: Bearer {self.token}")
         lines += [f"{n}: {v}" for n, v in self.headers]
         head = parse_head(("\r\n".join(lines) + "\r\n\r\n").encode())
+        gen = GEN if self.settings is SETTINGS else Generation(self.settings)
         admission = Admission()
-        admission.configure(SETTINGS.limits, SETTINGS.credentials, 0.0)
+        admission.configure(self.settings.limits, self.settings.credentials, 0.0)
         for spend in self.spend:
             spend(admission, 0.0)
-        route = GEN.routes.get(head.path)
-        who = GEN.auth.authenticate(head.authorization, 0.0)
+        if self.throttled:
+            for _ in range(self.settings.limits.auth_failure_limit):
+                admission.throttle.failed(self.client, 0.0)
+        route = gen.routes.get(head.path)
+        # As the exchange does: a strict throttle skips authentication.
+        if gen.throttle_strict and admission.throttle.blocked(self.client, 0.0):
+            who: Principal | Failure = d.UNCHECKED
+        else:
+            who = gen.auth.authenticate(head.authorization, 0.0)
         return d.decide(
-            head, route, self.client, who, self.cert_subject, GEN, admission, 0.0, self.draining
+            head, route, self.client, who, self.cert_subject, gen, admission, 0.0, self.draining
         )
 
 
@@ -105,6 +117,11 @@ ORDER: list[tuple[str, Callable[[Request], Request], Callable[[d.Decision], bool
         "global deny",
         lambda r: replace(r, client="10.9.9.9"),
         lambda x: x is d.CLIENT_DENIED,
+    ),
+    (
+        "strict auth throttle",
+        lambda r: replace(r, throttled=True),
+        lambda x: x is d.AUTH_THROTTLED,
     ),
     ("authentication", lambda r: replace(r, token=None), _missing_token),
     (
@@ -178,11 +195,14 @@ def test_a_bad_token_is_invalid_not_missing() -> None:
     )
 
 
+FAILURES_MODE = loads(CONFIG.replace('"strict"', '"failures"'), environ={})
+
+
 def test_a_throttled_address_is_refused_as_overloaded_and_still_counted() -> None:
-    settings = loads(CONFIG.replace("auth_failure_limit = 0", "auth_failure_limit = 2"), environ={})
-    gen = Generation(settings)
+    """The default mode: the token is checked first; only failures are throttled."""
+    gen = Generation(FAILURES_MODE)
     admission = Admission()
-    admission.configure(settings.limits, settings.credentials, 0.0)
+    admission.configure(FAILURES_MODE.limits, FAILURES_MODE.credentials, 0.0)
     head = parse_head(b"POST /api/v1/write HTTP/1.1\r\nHost: gw\r\nContent-Length: 1\r\n\r\n")
     who = gen.auth.authenticate(None, 0.0)
     route = gen.routes.get(head.path)
@@ -201,6 +221,33 @@ def test_a_throttled_address_is_refused_as_overloaded_and_still_counted() -> Non
     assert (throttled.limit, throttled.auth) == ("auth_throttle", "missing")
 
 
+def test_failures_mode_serves_a_valid_token_from_a_throttled_address() -> None:
+    request = replace(Request(), throttled=True, settings=FAILURES_MODE)
+    assert request.decide() is d.PROXY
+    bad = replace(request, token="not-a-configured-token-at-all").decide()
+    assert isinstance(bad, d.Refuse)
+    assert (bad.kind, bad.limit, bad.auth) == (Kind.OVERLOADED, "auth_throttle", "unknown")
+
+
+def test_strict_mode_refuses_even_an_unchecked_token() -> None:
+    """What the exchange passes when it skipped authentication."""
+    lines = b"POST /api/v1/write HTTP/1.1\r\nHost: gw\r\nContent-Length: 1\r\n\r\n"
+    admission = Admission()
+    admission.configure(SETTINGS.limits, SETTINGS.credentials, 0.0)
+    for _ in range(2):
+        admission.throttle.failed("10.1.2.3", 0.0)
+    head = parse_head(lines)
+    route = GEN.routes.get(head.path)
+    result = d.decide(head, route, "10.1.2.3", d.UNCHECKED, "", GEN, admission, 1.0, False)
+    assert result is d.AUTH_THROTTLED
+    assert (result.kind, result.limit, result.auth, result.anonymous) == (
+        Kind.OVERLOADED,
+        "auth_throttle",
+        "",
+        True,
+    )
+
+
 def test_refusals_are_built_once() -> None:
     """Deciding allocates no refusal: the same failure gives the same object."""
     first = replace(Request(), token=None).decide()
@@ -210,4 +257,8 @@ def test_refusals_are_built_once() -> None:
 
 def test_anonymous_refusals_are_the_ones_before_authentication() -> None:
     anonymous = {name for name in dir(d) if isinstance(getattr(d, name), d.Refuse)}
-    assert {n for n in anonymous if getattr(d, n).anonymous} == {"MALFORMED", "CLIENT_DENIED"}
+    assert {n for n in anonymous if getattr(d, n).anonymous} == {
+        "MALFORMED",
+        "CLIENT_DENIED",
+        "AUTH_THROTTLED",
+    }

@@ -25,7 +25,17 @@ from tests.conftest import config_text
         (b"http://obs.example/api/v1/write?x=1", (b"/api/v1/write", b"x=1")),
         (b"HTTPS://obs.example:443/v1/traces", (b"/v1/traces", b"")),
         (b"http://obs.example", (b"/", b"")),
-        (b"http://obs.example?x", (b"/", b"")),
+        (b"http://obs.example?x", (b"/", b"x")),
+        # The authority ends at the first "/", "?" or "#" (RFC 3986 §3.2), as
+        # a proxy in front parses it: what follows "?" is the query (at
+        # 70f0a08 "http://h?/api/v1/write" was routed to /api/v1/write).
+        (b"http://h?/api/v1/write", (b"/", b"/api/v1/write")),
+        (b"http://h?x=/api/v1/write", (b"/", b"x=/api/v1/write")),
+        (b"https://h:443?/v1/traces", (b"/", b"/v1/traces")),
+        (b"http://h#/api/v1/write", (b"/#/api/v1/write", b"")),
+        (b"http://h\\/api/v1/write", (b"/\\/api/v1/write", b"")),
+        (b"http://u@h:8080/api/v1/write?q", (b"/api/v1/write", b"q")),
+        (b"http://h/api/v1/write?/v1/traces", (b"/api/v1/write", b"/v1/traces")),
         # Neither origin- nor absolute-form: a path that matches nothing.
         (b"*", (b"*", b"")),
         (b"obs.example:443", (b"obs.example:443", b"")),

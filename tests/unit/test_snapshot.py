@@ -23,6 +23,7 @@ def _stats(requests: int, last_used: float) -> Stats:
     token.requests, token.request_bytes, token.last_used = requests, 100 * requests, last_used
     stats.auth_failure("revoked", "ingest", "2026-10")
     stats.limit_rejection("rate")
+    stats.header_dropped("underscore", 2)
     stats.open_connections = 3
     return stats
 
@@ -47,6 +48,7 @@ def test_merge_adds_counters_and_keeps_the_latest_last_used() -> None:
         2,
     )
     assert merged.limit_rejections == {"rate": 2}
+    assert merged.headers_dropped == {"underscore": 4}
     assert merged.open_connections == 6
 
 
