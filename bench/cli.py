@@ -387,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import instructions  # noqa: PLC0415  (valgrind runs are a tool apart)
 
         return instructions.main(argv[1:])
+    if argv[:1] == ["tenancy"]:
+        from bench import tenancy  # noqa: PLC0415  (a comparison apart from the main run)
+
+        return tenancy.main(argv[1:])
     if argv[:1] == ["grpc"]:
         from bench import grpc_load  # noqa: PLC0415  (needs h2load and grpc templates only)
 

@@ -35,7 +35,7 @@ from bench.peers import REPO, Stack, render
 from bench.procs import Procs, free_port
 from bench.workloads import RESULTS, WORKLOADS
 
-__all__ = ["main"]
+__all__ = ["count", "main"]
 
 _START_TIMEOUT = 180.0  # Python start-up under callgrind is slow
 
@@ -67,6 +67,45 @@ def _send(port: int, payload: Payload, token: str, n: int) -> None:
     conn.close()
 
 
+def count(
+    procs: Procs,
+    conf: Path,
+    port: int,
+    payload: Payload,
+    sends: list[tuple[str, int]],
+    out: Path,
+    repo: Path,
+) -> int:
+    """Total instructions of one gateway process (config ``conf``, public
+    ``port``) that served ``n`` requests with each (token, n) in order."""
+    argv = [
+        "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={out}",
+        # Workers would be other processes; one process serves everything.
+        sys.executable,
+        "-m",
+        "gateway",
+        "run",
+        "--config",
+        str(conf),
+        "--workers",
+        "1",
+    ]
+    proc = procs.start(out.stem, argv, cwd=repo)
+    try:
+        _wait_port(port, proc)
+        for token, n in sends:
+            _send(port, payload, token, n)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(_START_TIMEOUT)
+    m = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M)
+    if m is None:
+        raise RuntimeError(f"no totals in {out}")
+    return int(m.group(1))
+
+
 def _run(stack: Stack, rundir: Path, payload: Payload, requests: int, tag: str, repo: Path) -> int:
     """Total instructions of one gateway process that served ``requests``."""
     assert stack.sink is not None
@@ -83,31 +122,7 @@ def _run(stack: Stack, rundir: Path, payload: Payload, requests: int, tag: str, 
         token_sha256=hashlib.sha256(stack.token.encode()).hexdigest(),
     )
     out = rundir / f"callgrind-{tag}.out"
-    argv = [
-        "valgrind",
-        "--tool=callgrind",
-        f"--callgrind-out-file={out}",
-        # Workers would be other processes; one process serves everything.
-        sys.executable,
-        "-m",
-        "gateway",
-        "run",
-        "--config",
-        str(conf),
-        "--workers",
-        "1",
-    ]
-    proc = stack.procs.start(f"gateway-{tag}", argv, cwd=repo)
-    try:
-        _wait_port(port, proc)
-        _send(port, payload, stack.token, requests)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(_START_TIMEOUT)
-    m = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M)
-    if m is None:
-        raise RuntimeError(f"no totals in {out}")
-    return int(m.group(1))
+    return count(stack.procs, conf, port, payload, [(stack.token, requests)], out, repo)
 
 
 def main(argv: list[str] | None = None) -> int:

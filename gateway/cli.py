@@ -26,6 +26,7 @@ import uvloop
 from gateway import __version__, build
 from gateway.config.credentials import token_digest
 from gateway.config.loader import ConfigError, Settings, expiry_warnings, load
+from gateway.config.tenants import forwarding_lines, tenancy_warnings
 from gateway.policy.auth import MAX_AUTHORIZATION_BYTES
 from gateway.process.memory import tune_malloc
 from gateway.process.watch import watch_files
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if environ is not None:
         print(_matrix(settings))  # noqa: T201
+        for warning in tenancy_warnings(settings):
+            print(f"obs-gateway: warning: {warning}", file=sys.stderr)  # noqa: T201
         for name in environ.unset:
             print(  # noqa: T201
                 f"obs-gateway: warning: {name} is not set here, so it was checked with a "
@@ -234,6 +237,7 @@ def _matrix(settings: Settings) -> str:
                     f"  {cred.name}/{k.kid or 'jwt'}: JWT {','.join(jwt.algorithms)} "
                     f"iss={jwt.issuer} aud={jwt.audience} (validity from each token's exp)"
                 )
+    lines += ["", *forwarding_lines(settings)]
     return "\n".join(lines)
 
 

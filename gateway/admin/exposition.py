@@ -89,11 +89,19 @@ class GatewayCollector(Collector):
         )
         for reason, n in sorted(snap.headers_dropped.items()):
             dropped.add_metric([reason], n)
+        overrides = CounterMetricFamily(
+            "gateway_client_overrides_dropped",
+            "What a client sent that its credential's forward table overrides, removed "
+            "before proxying: extra_label arguments, other query arguments, header fields.",
+            labels=["credential", "kind"],
+        )
+        for o in sorted(snap.overrides, key=lambda o: (o.credential, o.kind)):
+            overrides.add_metric([o.credential, o.kind], o.count)
         connections = GaugeMetricFamily(
             "gateway_open_connections", "Client connections open on the public listener."
         )
         connections.add_metric([], snap.open_connections)
-        yield from (requests, req_bytes, failures, rejections, dropped, connections)
+        yield from (requests, req_bytes, failures, rejections, dropped, overrides, connections)
 
     @staticmethod
     def _routes(snap: Snapshot) -> Iterator[Metric]:

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.config.schema import ConfigError, CredentialSpec, JwtSpec
+from gateway.config.schema import ConfigError, CredentialSpec, ForwardSpec, JwtSpec
 
 __all__ = ["Credential", "JwtConfig", "JwtKey", "Revoked", "Token", "resolve_credential"]
 
@@ -69,6 +69,7 @@ class Credential:
     rate_rps: float = 0.0
     rate_burst: float = 0.0
     rate_bytes: float = 0.0
+    forward: ForwardSpec | None = None
 
     @property
     def token_ids(self) -> tuple[str, ...]:
@@ -150,6 +151,7 @@ def resolve_credential(
         spec.rate_limit_requests_per_second,
         spec.rate_limit_burst,
         spec.rate_limit_bytes_per_second,
+        spec.forward,
     )
 
 

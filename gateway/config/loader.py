@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 
@@ -25,6 +26,7 @@ from gateway.config.schema import (
     AuthSpec,
     ClientsSpec,
     ConfigError,
+    ForwardSpec,
     LimitsSpec,
     LogSpec,
     ReloadSpec,
@@ -74,7 +76,10 @@ class Settings:
 
 
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
-_FIELD_MSG = re.compile(r"^(?P<field>[A-Za-z_][A-Za-z0-9_]*): (?P<msg>.*)$", re.DOTALL)
+# A field, or a key inside a table field (``extra_labels.tenant``).
+_FIELD_MSG = re.compile(
+    r"^(?P<field>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_.-]+)?): (?P<msg>.*)$", re.DOTALL
+)
 _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
 
 
@@ -153,7 +158,43 @@ def _cross_check(spec: SettingsSpec, credentials: tuple[Credential, ...]) -> Non
         for j, route_name in enumerate(cspec.routes):
             if route_name not in names:
                 raise ConfigError(f"credentials[{i}].routes[{j}]: no route named {route_name!r}")
+        if cspec.forward is not None:
+            _check_forward(f"credentials[{i}].forward", spec, cspec.forward, cred)
     _check_secrets(credentials)
+
+
+def _check_forward(key: str, spec: SettingsSpec, fwd: ForwardSpec, cred: Credential) -> None:
+    """What a forward table needs from the rest of the config."""
+    routes = {r.name: r for r in spec.routes if r.name in cred.routes}
+    for name in fwd.upstreams:
+        if name not in routes:
+            raise ConfigError(f"{key}.upstreams.{name}: not one of this credential's routes")
+        parts = urlsplit(fwd.upstream_url(name) or "")
+        if routes[name].protocol == "otlp-grpc" and (parts.path not in ("", "/") or parts.query):
+            raise ConfigError(
+                f"{key}.upstreams.{name}: an otlp-grpc upstream is scheme, host and port only"
+            )
+    written = [r for r in routes.values() if r.protocol == "prometheus-remote-write"]
+    if fwd.extra_labels and not written:
+        raise ConfigError(
+            f"{key}.extra_labels: none of this credential's routes is prometheus-remote-write"
+        )
+    for route in written:
+        url = fwd.upstream_url(route.name) or route.upstream
+        pinned = {
+            v.partition("=")[0] for k, v in parse_qsl(urlsplit(url).query) if k == "extra_label"
+        }
+        for label in fwd.extra_labels:
+            if label in pinned:
+                raise ConfigError(
+                    f"{key}.extra_labels.{label}: the upstream URL of route {route.name!r} "
+                    "already sets this label"
+                )
+    if fwd.claims and (cred.jwt is None or cred.tokens):
+        raise ConfigError(
+            f"{key}: a {{claim:…}} value needs a JWT credential without static tokens "
+            "(a static token has no claims)"
+        )
 
 
 def loads(

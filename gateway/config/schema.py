@@ -16,12 +16,16 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from gateway.config.forward import ForwardSpec
+from gateway.config.urls import check_upstream_url
+
 __all__ = [
     "RESERVED_PATHS",
     "AuthSpec",
     "ClientsSpec",
     "ConfigError",
     "CredentialSpec",
+    "ForwardSpec",
     "JwtSpec",
     "LimitsSpec",
     "LogSpec",
@@ -216,6 +220,9 @@ class RouteSpec(_Spec, frozen=True):
     protocol: Literal["prometheus-remote-write", "otlp-http", "otlp-grpc"]
     upstream: str
     methods: tuple[str, ...] = ("POST",)
+    # The client's query string: "pass" appends it to the upstream's (minus
+    # any argument the gateway sets itself), "drop" sends none of it.
+    query: Literal["pass", "drop"] = "pass"
     # vmagent retries a 413 forever (head-of-line blocking), so the default
     # sits far above its largest block; OTLP recommends 64 MiB too.
     max_body_bytes: PositiveInt = 64 * 1024 * 1024
@@ -235,28 +242,13 @@ class RouteSpec(_Spec, frozen=True):
         for method in self.methods:
             if method not in _METHODS:
                 raise ValueError(f"methods: {method!r} is not one of {sorted(_METHODS)}")
+        check_upstream_url(self.upstream, "upstream")
         parts = urlsplit(self.upstream)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
-            raise ValueError(f"upstream: not an http(s) URL: {self.upstream!r}")
-        if parts.username or parts.password:
-            raise ValueError("upstream: credentials in the URL are not supported")
-        try:
-            port = parts.port
-        except ValueError:
-            raise ValueError(f"upstream: invalid port in {self.upstream!r}") from None
-        if port == 0:
-            raise ValueError(f"upstream: port 0 in {self.upstream!r}")
         if self.protocol == "otlp-grpc" and (parts.path not in ("", "/") or parts.query):
             raise ValueError(
                 f"upstream: an otlp-grpc upstream is scheme, host and port only (the gRPC "
                 f"method path is forwarded as it is): {self.upstream!r}"
             )
-        try:
-            # What the Host header will carry; IDNA refuses empty or
-            # oversized labels, so the server can always build it.
-            parts.hostname.encode("ascii" if parts.hostname.isascii() else "idna")
-        except UnicodeError:
-            raise ValueError(f"upstream: not a valid host name in {self.upstream!r}") from None
 
 
 class TokenSpec(_Spec, frozen=True):
@@ -368,6 +360,9 @@ class CredentialSpec(_Spec, frozen=True):
     rate_limit_requests_per_second: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     rate_limit_burst: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     rate_limit_bytes_per_second: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    # What the credential, not the sender, decides upstream: labels,
+    # headers, backends (tenancy).
+    forward: ForwardSpec | None = None
 
     def __post_init__(self) -> None:
         _check_cidrs(self.allow_cidrs, "allow_cidrs")

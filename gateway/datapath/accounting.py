@@ -3,7 +3,9 @@
 Called exactly once per request, after its response ended or its client
 went away.  Everything logged is a name from config, a number, the client
 address or the request path (truncated; never the query string): never a
-header value, so never a token.
+header value, so never a token.  ``tenant`` is the labels and headers the
+credential forwarded with, as the config writes them (a claim's value
+stays ``{claim:…}``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def account(shared: Shared, ex: Finished, grpc_status: str | None = None) -> Non
     access = shared.access
     if access is not None:
         head = ex.head
+        target = ex.target
         access.info(
             "request",
             request_id=head.request_id.decode("ascii", "replace"),
@@ -68,6 +71,7 @@ def account(shared: Shared, ex: Finished, grpc_status: str | None = None) -> Non
             client=ex.client,
             error=ex.error or None,
             grpc_status=grpc_status,
+            tenant=target.tenant if target is not None else None,
         )
 
 

@@ -31,7 +31,7 @@ from gateway.policy.errors import Kind
 if TYPE_CHECKING:
     from gateway.datapath.ports import UpstreamPool, UpstreamPort
     from gateway.policy.limits import Slots
-    from gateway.policy.routing import Route
+    from gateway.policy.routing import Route, Target
 
 __all__ = ["DISCARD_LIMIT", "Exchange", "State"]
 
@@ -199,26 +199,41 @@ class Exchange(ExchangeBase):
             self.state = _QUEUED
             self.route = route
             self.limit = route.max_body_bytes
-            up = route.upstream
-            assert up is not None
+            principal = self.principal
+            assert principal is not None
+            assert route.default is not None
+            # The credential's own target for this route (tenancy), else the route's.
+            targets = principal.targets
+            target = route.default if targets is None else targets.get(route.name, route.default)
+            self.target = target
             head = self.head
             conn = self.conn
             gen = self.gen
             client = self.client
+            query = head.query
+            # A filtered query costs a parse only when the client sent one.
+            if query and target.query is not None:
+                request_target = self._filter_query(target, query)
+            else:
+                request_target = target.render(query)
+            pinned = target.headers
             # Body bytes parsed while queued land after the head, in order.
             self.up_buf.append(
                 head.upstream_head(
-                    route.target(head.query),
-                    up.host_header,
+                    request_target,
+                    target.upstream.host_header,
                     conn.peer_bytes,
                     gen.clients.proxied and gen.clients.trusted(conn.peer),
                     conn.scheme,
                     conn.peer_bytes if client is conn.peer else client.encode(),
                     gen.underscores_in_headers,
+                    pinned,
                 )
             )
             if head.underscored:
                 self.shared.stats.header_dropped("underscore", len(head.underscored) // 2)
+            if pinned is not None and head.pinned_dropped:
+                self.shared.stats.overrides_dropped(self.credential, "header", head.pinned_dropped)
         admission = self.shared.admission
         own = admission.credential_slots.get(self.credential)
         for slots in (own, admission.slots):
@@ -232,6 +247,16 @@ class Exchange(ExchangeBase):
             self._queued_on = None
             self.conn.resume(PAUSE_QUEUE)
         self._proxy(route)
+
+    def _filter_query(self, target: Target, query: bytes) -> bytes:
+        """The request-target with what the client may not set removed, counted."""
+        request_target, labels, others = target.filtered(query)
+        stats = self.shared.stats
+        if labels:
+            stats.overrides_dropped(self.credential, "extra_label", labels)
+        if others:
+            stats.overrides_dropped(self.credential, "query_arg", others)
+        return request_target
 
     def _queue(self, slots: Slots) -> None:
         if self._queued_on is slots or slots.enqueue(self):
@@ -274,8 +299,9 @@ class Exchange(ExchangeBase):
         head = self.head
         rstats = self.rstats = self.shared.stats.route(route.name)
         rstats.in_flight += 1
-        up = route.upstream
-        assert up is not None
+        target = self.target
+        assert target is not None
+        up = target.upstream
         if head.expect_continue and head.has_body and not self.request_done:
             self.conn.out.append(_CONTINUE)
         pool = self.pool = self.shared.pools.get(up)

@@ -26,6 +26,7 @@ from gateway.datapath.health import (
     DEEP_TIMEOUT_SECONDS,
     check_upstreams,
     health_answer,
+    upstreams_of,
     wants_deep,
 )
 from gateway.datapath.ports import PAUSE_CONNECT, PAUSE_UPSTREAM, ClientPort, Deadline
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from gateway.policy.decide import Refuse
     from gateway.policy.limits import Slots
     from gateway.policy.request import RequestHead
-    from gateway.policy.routing import Route
+    from gateway.policy.routing import Route, Target
     from gateway.telemetry.counters import RouteStats
 
 __all__ = ["DISCARD_LIMIT", "ExchangeBase", "State"]
@@ -105,6 +106,7 @@ class ExchangeBase:
         "state",
         "status",
         "t_sent",
+        "target",
         "token_id",
         "up_buf",
         "upstream",
@@ -121,6 +123,7 @@ class ExchangeBase:
         self.close = False  # the connection ends after this exchange
         self.chunked_out = False
         self.route: Route | None = None
+        self.target: Target | None = None  # what is sent upstream, once admitted
         self.route_name = "unmatched"
         self.protocol = Protocol.PLAIN
         self.principal: Principal | None = None
@@ -225,7 +228,8 @@ class ExchangeBase:
     async def _deep_health(self, principal: Principal) -> None:
         timeout = min(self.gen.connect_timeout, DEEP_TIMEOUT_SECONDS)
         try:
-            upstreams = await check_upstreams(self.gen.routes.routes, timeout)
+            probed = upstreams_of(principal, self.gen.routes.routes)
+            upstreams = await check_upstreams(probed, timeout)
         finally:
             self.conn.resume(PAUSE_CONNECT)
         if self.state == _PROBING:

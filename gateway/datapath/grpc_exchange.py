@@ -8,7 +8,9 @@ accounting), carried out on streams: a refusal is a trailers-only answer
 forwards what fits the receiver's window and returns to the sender's window
 only what was forwarded, so neither side can make the gateway hold more
 than one window per stream; the body cap is checked as DATA arrives.
-Headers and trailers pass through as the upstream sent them.
+Headers and trailers pass through as the upstream sent them; the request
+goes to the credential's target (its own backend and pinned fields, if its
+forward table sets them).
 
 Drives its client connection through ``StreamPort`` and its upstream
 stream through ``H2Upstream``'s methods; knows neither connection class.
@@ -135,9 +137,14 @@ class GrpcExchange(GrpcStream):
     def _proxy(self, route: Route) -> None:
         rstats = self.rstats = self.shared.stats.route(route.name)
         rstats.in_flight += 1
-        up = route.upstream
-        assert up is not None
-        pool = self.shared.h2pool(up)
+        principal = self.principal
+        assert principal is not None
+        assert route.default is not None
+        # The credential's own target for this route (tenancy), else the route's.
+        targets = principal.targets
+        target = route.default if targets is None else targets.get(route.name, route.default)
+        self.target = target
+        pool = self.shared.h2pool(target.upstream)
         conn = pool.acquire()
         if conn is not None:
             self._open(conn)
@@ -162,10 +169,15 @@ class GrpcExchange(GrpcStream):
         self.conn.flush()
 
     def _open(self, up: H2Upstream) -> None:
-        head, route = self.head, self.route
-        assert route is not None
-        assert route.upstream is not None
-        target = route.upstream
+        head, pinned = self.head, self.target
+        assert pinned is not None
+        target = pinned.upstream
+        fields = head.h2_fields()
+        if pinned.headers is not None:
+            # The credential's fields replace the client's copies, in any spelling.
+            fields, dropped = pinned.headers.strip_pairs(fields)
+            if dropped:
+                self.shared.stats.overrides_dropped(self.credential, "header", dropped)
         peer = self.conn.peer_bytes
         clients = self.gen.clients
         xff = head.xff + b", " + peer if head.xff and clients.trusted(self.conn.peer) else peer
@@ -175,7 +187,7 @@ class GrpcExchange(GrpcStream):
             (b":path", head.path),
             (b":authority", target.host_header),
             (b"te", b"trailers"),
-            *head.h2_fields(),
+            *fields,
             (b"x-request-id", head.request_id),
             (b"x-forwarded-for", xff),
             (b"x-forwarded-proto", self.conn.scheme),

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from gateway.policy.auth import Principal
     from gateway.policy.limits import Slots
     from gateway.policy.request import RequestHead
-    from gateway.policy.routing import Route
+    from gateway.policy.routing import Route, Target
     from gateway.telemetry.counters import RouteStats
 
 __all__ = ["D_BODY", "D_NONE", "D_QUEUE", "D_UPSTREAM", "D_WRITE", "GrpcStream", "StreamPort"]
@@ -104,6 +104,7 @@ class GrpcStream:
         "state",
         "status",
         "t_sent",
+        "target",
         "token_id",
         "up",
         "up_sid",
@@ -121,6 +122,7 @@ class GrpcStream:
         self.end_sent = False
         self.responded = False  # response headers went to the client
         self.route: Route | None = None
+        self.target: Target | None = None  # what is sent upstream, once admitted
         self.route_name = "unmatched"
         self.principal: Principal | None = None
         self.credential = "none"

@@ -1,5 +1,6 @@
 """``GET /health``: proof that a credential works, and optionally that every
-upstream accepts connections (``?deep=1``).
+upstream accepts connections (``?deep=1``): the principal's own where its
+forward table replaces a route's.
 
 The body names the credential, token id, scopes and seconds to expiry, and
 for a deep check each route's reachability by route name: never a secret,
@@ -14,13 +15,14 @@ from collections.abc import Iterable
 import orjson
 
 from gateway.policy.auth import Principal
-from gateway.policy.routing import Route
+from gateway.policy.routing import Route, Upstream
 
 __all__ = [
     "DEEP_TIMEOUT_SECONDS",
     "check_upstreams",
     "health_answer",
     "health_response",
+    "upstreams_of",
     "wants_deep",
 ]
 
@@ -32,13 +34,24 @@ def wants_deep(query: bytes) -> bool:
     return b"deep=1" in query.split(b"&")
 
 
-async def check_upstreams(routes: Iterable[Route], timeout: float) -> dict[str, bool]:
+def upstreams_of(principal: Principal, routes: Iterable[Route]) -> list[tuple[str, Upstream]]:
+    """(route name, the upstream this principal's requests go to)."""
+    targets = principal.targets or {}
+    out = []
+    for route in routes:
+        if route.upstream is not None:
+            target = targets.get(route.name)
+            out.append((route.name, target.upstream if target is not None else route.upstream))
+    return out
+
+
+async def check_upstreams(
+    upstreams: Iterable[tuple[str, Upstream]], timeout: float
+) -> dict[str, bool]:
     """route name → whether its upstream accepted a TCP connection."""
     loop = asyncio.get_running_loop()
 
-    async def reachable(route: Route) -> bool:
-        up = route.upstream
-        assert up is not None
+    async def reachable(up: Upstream) -> bool:
         try:
             async with asyncio.timeout(timeout):
                 transport, _ = await loop.create_connection(asyncio.Protocol, up.host, up.port)
@@ -47,9 +60,9 @@ async def check_upstreams(routes: Iterable[Route], timeout: float) -> dict[str, 
         transport.close()
         return True
 
-    proxied = [r for r in routes if r.upstream is not None]
-    results = await asyncio.gather(*(reachable(r) for r in proxied))
-    return {r.name: ok for r, ok in zip(proxied, results, strict=True)}
+    listed = list(upstreams)
+    results = await asyncio.gather(*(reachable(up) for _, up in listed))
+    return {name: ok for (name, _), ok in zip(listed, results, strict=True)}
 
 
 def health_response(

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 if TYPE_CHECKING:
     from gateway.policy.auth import Principal
     from gateway.policy.request import RequestHead
-    from gateway.policy.routing import Route, Upstream
+    from gateway.policy.routing import Route, Target, Upstream
     from gateway.telemetry.counters import RouteStats
 
 __all__ = [
@@ -153,6 +153,8 @@ class Finished(Protocol):
     def route(self) -> Route | None: ...
     @property
     def route_name(self) -> str: ...
+    @property
+    def target(self) -> Target | None: ...
     @property
     def rstats(self) -> RouteStats | None: ...
     @property

@@ -19,11 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from gateway.config.credentials import JwtKey
 from gateway.config.loader import Credential, JwtConfig
+
+if TYPE_CHECKING:
+    from gateway.policy.routing import Target
+    from gateway.policy.tenancy import Tenancy
 
 __all__ = [
     "MAX_AUTHORIZATION_BYTES",
@@ -52,6 +57,11 @@ class Principal:
     token_id: str
     routes: frozenset[str]
     not_after: float | None = None
+    # Route name → what this principal sends upstream (tenancy.py); None:
+    # every route's default.  ``refused``: route → why its claims cannot
+    # be forwarded (decide answers 403).
+    targets: Mapping[str, Target] | None = None
+    refused: Mapping[str, str] | None = None
     ok: bool = field(default=True, init=False)
 
 
@@ -91,9 +101,12 @@ class _Entry:
 class Authenticator:
     """The digests and keys of one config generation (rebuilt on reload)."""
 
-    __slots__ = ("_entries", "_jwt_by_kid", "_jwt_cache", "_jwt_single")
+    __slots__ = ("_entries", "_jwt_by_kid", "_jwt_cache", "_jwt_single", "_tenancy")
 
-    def __init__(self, credentials: tuple[Credential, ...]) -> None:
+    def __init__(
+        self, credentials: tuple[Credential, ...], tenancy: Mapping[str, Tenancy] | None = None
+    ) -> None:
+        self._tenancy = tenancy or {}
         entries: list[_Entry] = []
         self._jwt_by_kid: dict[str, tuple[Credential, JwtKey]] = {}
         unnamed: list[tuple[Credential, JwtKey]] = []
@@ -105,8 +118,10 @@ class Authenticator:
                         self._jwt_by_kid[key.kid] = (cred, key)
                     else:
                         unnamed.append((cred, key))
+            own = self._tenancy.get(cred.name)
+            targets = own.static if own is not None else None
             for t in cred.tokens:
-                principal = Principal(cred.name, t.id, cred.routes, t.not_after)
+                principal = Principal(cred.name, t.id, cred.routes, t.not_after, targets)
                 entries.append(_Entry(t.digest, principal, t.not_before, t.not_after, None))
             for r in cred.revoked:
                 failure = Failure("revoked", cred.name, r.id)
@@ -187,7 +202,14 @@ class Authenticator:
             return Failure("not_yet_valid", cred.name, token_id)
         except (jwt.PyJWTError, ValueError, TypeError, KeyError, OverflowError):
             return Failure("jwt_invalid", cred.name, token_id)
-        principal = Principal(cred.name, token_id, _scoped(config, cred.routes, claims), expires)
+        expires = float(claims["exp"])
+        routes = _scoped(config, cred.routes, claims)
+        own = self._tenancy.get(cred.name)
+        targets: Mapping[str, Target] | None = None
+        refused = None
+        if own is not None:
+            targets, refused = own.for_claims(claims) if own.claims else (own.static, None)
+        principal = Principal(cred.name, token_id, routes, expires, targets, refused)
         if len(self._jwt_cache) >= JWT_CACHE_SIZE:
             self._jwt_cache.clear()
         self._jwt_cache[digest] = (principal, expires + config.leeway)

@@ -9,8 +9,8 @@ value:
     checked, strict throttle: OVERLOADED; a failure from a throttled
     address: OVERLOADED; else 401) → client certificate (401) →
     credential CIDRs (403) → route known (404) → method (405) → /health →
-    scope (403) → draining (503) → framing (400) → declared body size (413)
-    → request rate → byte rate (429/503) → proxy
+    scope (403) → tenant claims (403) → draining (503) → framing (400) →
+    declared body size (413) → request rate → byte rate (429/503) → proxy
 
 The auth throttle counts failures per address.  By default it only turns a
 throttled address's failures into OVERLOADED (checked after the token, so
@@ -113,6 +113,10 @@ NOT_FOUND: Final = Refuse(Kind.NOT_FOUND)
 NOT_FOUND_OTLP: Final = Refuse(Kind.NOT_FOUND, otlp=True)
 METHOD: Final = Refuse(Kind.METHOD, allow=True)
 SCOPE: Final = Refuse(Kind.SCOPE, "scope", auth="scope")
+# A JWT whose claim a forward value needs is missing it, or its value is
+# not allowed (tenancy.py): its data would land nowhere it may go.
+CLAIM_MISSING: Final = Refuse(Kind.TENANT, "claim_missing", auth="claim_missing")
+CLAIM_INVALID: Final = Refuse(Kind.TENANT, "claim_invalid", auth="claim_invalid")
 DRAINING: Final = Refuse(Kind.DRAINING, "draining")
 BAD_FRAMING: Final = Refuse(Kind.BAD_REQUEST, "bad_framing")
 TOO_LARGE: Final = Refuse(Kind.TOO_LARGE, "body_too_large")
@@ -199,6 +203,9 @@ def decide(  # noqa: PLR0912
         return HEALTH_CHECK
     if route.name not in who.routes:
         return SCOPE
+    refused = who.refused
+    if refused is not None and route.name in refused:
+        return CLAIM_MISSING if refused[route.name] == "claim_missing" else CLAIM_INVALID
     if draining:
         return DRAINING
     if head.bad_framing:

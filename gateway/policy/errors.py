@@ -7,6 +7,7 @@ policy lives in this one table, per route protocol:
     AUTH_MISSING       401 WWW-Authenticate  401                  16 UNAUTHENTICATED
     AUTH_INVALID       401 error=invalid_token                    16 UNAUTHENTICATED
     SCOPE              403 insufficient_scope                     7 PERMISSION_DENIED
+    TENANT             403 (a JWT's tenant claim is missing or refused)  7 PERMISSION_DENIED
     FORBIDDEN          403 (client address or certificate not allowed)  7 PERMISSION_DENIED
     NOT_FOUND          404                   404                  12 UNIMPLEMENTED
     METHOD             405 + Allow           405 + Allow          12 UNIMPLEMENTED
@@ -105,6 +106,7 @@ class Kind(enum.IntEnum):
     UPSTREAM_TIMEOUT = 15
     INTERNAL = 16
     FORBIDDEN = 17
+    TENANT = 18
 
 
 # kind: (remote-write status, otlp status, gRPC code for OTLP/HTTP bodies,
@@ -131,6 +133,7 @@ _TABLE: Final[dict[Kind, tuple[int, int, int, int, str]]] = {
     Kind.UPSTREAM_TIMEOUT: (504, 503, 4, 14, "upstream timed out"),
     Kind.INTERNAL: (503, 503, 14, 14, "internal error, retry"),
     Kind.FORBIDDEN: (403, 403, 7, 7, "client not allowed"),
+    Kind.TENANT: (403, 403, 7, 7, "token has no usable tenant claim"),
 }
 
 _REASONS: Final = {

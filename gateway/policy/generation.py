@@ -1,6 +1,6 @@
 """A ``Generation``: everything derived from one config that a request
 needs (route table, authenticator, rendered errors, client policy,
-per-credential rules, the limits as plain attributes).
+per-credential rules and forwarding, the limits as plain attributes).
 
 Immutable and replaced as a whole on reload, so an exchange that captured
 one at its start finishes on it.  Built from validated ``Settings``; no I/O.
@@ -14,6 +14,7 @@ from gateway.policy.auth import Authenticator
 from gateway.policy.clients import ClientPolicy, networks, within
 from gateway.policy.errors import ErrorRenderer
 from gateway.policy.routing import RouteTable
+from gateway.policy.tenancy import Tenancy
 
 if TYPE_CHECKING:
     from gateway.config.credentials import Credential
@@ -58,6 +59,7 @@ class Generation:
         "response_timeout",
         "routes",
         "settings",
+        "tenancy",
         "throttle_strict",
         "underscores_in_headers",
     )
@@ -65,7 +67,11 @@ class Generation:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.routes = RouteTable(settings.routes)
-        self.auth = Authenticator(settings.credentials)
+        # Per credential with a forward table: its targets, pre-rendered.
+        self.tenancy = {
+            c.name: Tenancy(c, self.routes) for c in settings.credentials if c.forward is not None
+        }
+        self.auth = Authenticator(settings.credentials, self.tenancy)
         self.errors = ErrorRenderer(settings.server.realm)
         self.clients = ClientPolicy(settings.clients)
         self.credentials = {c.name: CredentialRules(c) for c in settings.credentials}

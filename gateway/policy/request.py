@@ -5,9 +5,10 @@ parsed (one pass, no list of pairs to walk again): framing and auth fields
 are taken out, hop-by-hop fields dropped (RFC 9110 §7.6.1), so are the
 client's copies of address fields (``headers.CLIENT_ADDRESS``) and names
 with an underscore (set aside: some backends fold ``_`` into ``-``),
-end-to-end fields kept as ready-to-send bytes.  ``finish`` applies the
-checks that need the whole head, and ``upstream_head`` renders what the
-upstream gets.
+end-to-end fields kept as ready-to-send bytes (four pieces per field:
+name, ": ", value, CRLF).  ``finish`` applies the checks that need the
+whole head, and ``upstream_head`` renders what the upstream gets, with the
+fields a credential pins in place of the client's copies.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from gateway.policy.routing import split_target
 
 if TYPE_CHECKING:
     import httptools
+
+    from gateway.policy.forward import PinnedHeaders
 
 __all__ = ["RequestHead"]
 
@@ -95,6 +98,7 @@ class RequestHead:
         "method",
         "otlp_encoded",
         "path",
+        "pinned_dropped",
         "query",
         "request_id",
         "t0",
@@ -255,15 +259,30 @@ class RequestHead:
         scheme: bytes,
         client: bytes,
         underscores: bool,
+        pinned: PinnedHeaders | None = None,
     ) -> bytes:
         """``client`` is the resolved client address (X-Real-IP);
         ``underscores`` keeps names with "_" that fold into no other field
-        (``[server] underscores_in_headers``)."""
+        (``[server] underscores_in_headers``); ``pinned``: the credential's
+        fields, whose client copies, in any spelling, are counted in
+        ``pinned_dropped`` and not sent."""
         # A forwarding chain is only kept from a trusted proxy; from anyone
         # else it could be invented, so the upstream sees the peer alone.
         xff = self.xff + b", " + peer if trusted and self.xff is not None else peer
         if underscores and self.underscored is not None:
             self.forward, self.underscored = _fold(self.forward, self.underscored, self._listed)
+        forward = self.forward
+        ours: tuple[bytes, ...] = ()
+        if pinned is not None:
+            # Last, over every field that would be sent (the "_" names kept
+            # above included): no other step may add a client field after
+            # this one.  Inline: no call when the client sent none of them.
+            ours = pinned.lines
+            folded = b"\n" + b"\n".join(forward[0::4]).lower().replace(b"_", b"-") + b"\n"
+            if pinned.present(folded) is None:
+                self.pinned_dropped = 0
+            else:
+                forward, self.pinned_dropped = pinned.strip(forward, folded)
         if self.chunked:
             framing = b"Transfer-Encoding: chunked\r\n\r\n"
         elif self.content_length is not None:
@@ -278,7 +297,8 @@ class RequestHead:
                 b" HTTP/1.1\r\nHost: ",
                 host,
                 b"\r\n",
-                *self.forward,
+                *forward,
+                *ours,
                 b"X-Request-Id: ",
                 self.request_id,
                 b"\r\nX-Forwarded-For: ",

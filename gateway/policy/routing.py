@@ -4,21 +4,34 @@ No decoding, no normalisation, no regex: ``/api/v1/write/../x``,
 ``//api/v1/write``, ``%2e%2e`` or a trailing slash are simply other paths,
 so they can never reach an upstream.  Everything a request needs from its
 route (upstream address, request-target prefix, allowed methods, limits)
-is computed here once per config generation.
+is computed here once per config generation: a ``Target`` is what one
+request sends upstream, the route's own (``Route.default``) or one a
+credential's forward table built (``tenancy.py``).
 
 Must not know: sockets, HTTP framing, credentials' secrets.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import urlsplit
 
 from gateway.config.schema import RouteSpec
 from gateway.policy.errors import Protocol
+from gateway.policy.forward import PinnedHeaders, QueryFilter, arg_names
 
-__all__ = ["HEALTH_PATH", "Route", "RouteTable", "Upstream", "split_target"]
+__all__ = [
+    "HEALTH_PATH",
+    "Route",
+    "RouteTable",
+    "Target",
+    "Upstream",
+    "make_target",
+    "split_target",
+    "upstream_of",
+]
 
 HEALTH_PATH: Final = b"/health"
 
@@ -41,6 +54,74 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
+class Target:
+    """What one request of a route sends upstream, before the client's part.
+
+    ``bare`` is the whole request-target when the client's query adds
+    nothing: the path, then the upstream URL's query (``lead``), then the
+    pinned ``extra_label`` arguments (``tail``, last: VictoriaMetrics keeps
+    the last value of a label).  A ``plain`` target only appends the
+    client's query; the others filter it and may pin header fields.
+    ``tenant`` is what the access line names (values from config).
+    """
+
+    upstream: Upstream
+    bare: bytes = field(repr=False)
+    joiner: bytes = field(repr=False)  # b"?" or b"&": where a plain target's client query goes
+    path: bytes = field(repr=False)
+    lead: bytes = field(repr=False)
+    tail: bytes = field(repr=False)
+    query: QueryFilter | None = None
+    headers: PinnedHeaders | None = None
+    tenant: Mapping[str, Mapping[str, str]] | None = None
+    plain: bool = True
+
+    def render(self, query: bytes) -> bytes:
+        """A plain target's request-target: the client's query as it came."""
+        return self.bare + self.joiner + query if query else self.bare
+
+    def filtered(self, query: bytes) -> tuple[bytes, int, int]:
+        """(request-target, client extra_label arguments dropped, other
+        arguments dropped): the client's kept arguments go between the
+        upstream URL's and the pinned labels."""
+        labels = others = 0
+        if query and self.query is not None:
+            query, labels, others = self.query.apply(query)
+        if not query:
+            return self.bare, labels, others
+        parts = [p for p in (self.lead, query, self.tail) if p]
+        return self.path + b"?" + b"&".join(parts), labels, others
+
+
+def make_target(
+    upstream: Upstream,
+    keep_query: bool,
+    labels: bytes = b"",
+    headers: PinnedHeaders | None = None,
+    tenant: Mapping[str, Mapping[str, str]] | None = None,
+) -> Target:
+    """``labels``: the pinned ``extra_label=…`` arguments, joined by ``&``.
+    A client argument with a name the gateway sends is never passed on."""
+    url_query = upstream.query
+    names = arg_names(url_query + b"&" + labels)
+    query = None if keep_query and not names else QueryFilter(names, keep_query)
+    path = upstream.path
+    given = b"&".join(p for p in (url_query, labels) if p)
+    return Target(
+        upstream,
+        path + b"?" + given if given else path,
+        b"&" if given else b"?",
+        path,
+        url_query,
+        labels,
+        query,
+        headers,
+        tenant,
+        query is None and headers is None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     path: bytes
@@ -49,25 +130,25 @@ class Route:
     allow_line: bytes  # "Allow: POST\r\n", for 405 answers
     upstream: Upstream | None
     max_body_bytes: int
+    # What a credential without a forward table sends (None: /health).
+    default: Target | None = None
+    keep_query: bool = True  # query = "pass"
 
     def target(self, query: bytes) -> bytes:
-        """The request-target sent upstream: its path, then both queries."""
-        up = self.upstream
-        assert up is not None
-        if not query:
-            return up.path + (b"?" + up.query if up.query else b"")
-        if up.query:
-            return up.path + b"?" + up.query + b"&" + query
-        return up.path + b"?" + query
+        """The request-target sent upstream for a credential without a
+        forward table: its path, then both queries."""
+        assert self.default is not None
+        return self.default.filtered(query)[0]
 
 
-def _upstream(url: str) -> Upstream:
+def upstream_of(url: str) -> Upstream:
+    """Where an upstream URL points (the config checked it: config/urls.py)."""
     parts = urlsplit(url)
     scheme = parts.scheme
     host = parts.hostname or ""
-    port = parts.port or (443 if scheme == "https" else 80)  # schema.py refuses port 0
+    port = parts.port or (443 if scheme == "https" else 80)  # the config refuses port 0
     default_port = port == (443 if scheme == "https" else 80)
-    # The name alone goes through IDNA (schema.py checked it can); the port
+    # The name alone goes through IDNA (the config checked it can); the port
     # is never part of a label.
     name = host.encode("ascii") if host.isascii() else host.encode("idna")
     shown = b"[" + name + b"]" if ":" in host else name
@@ -85,14 +166,18 @@ def _upstream(url: str) -> Upstream:
 def _route(spec: RouteSpec) -> Route:
     methods = frozenset(m.encode() for m in spec.methods)
     allow = b"Allow: " + ", ".join(sorted(spec.methods)).encode() + b"\r\n"
+    upstream = upstream_of(spec.upstream)
+    keep = spec.query == "pass"
     return Route(
         spec.name,
         spec.path.encode(),
         Protocol.of(spec.protocol),
         methods,
         allow,
-        _upstream(spec.upstream),
+        upstream,
         spec.max_body_bytes,
+        make_target(upstream, keep),
+        keep,
     )
 
 

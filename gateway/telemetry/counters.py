@@ -17,7 +17,14 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Final
 
-from gateway.telemetry.snapshot import FailureSnap, PairSnap, RouteSnap, Snapshot, TokenSnap
+from gateway.telemetry.snapshot import (
+    FailureSnap,
+    OverrideSnap,
+    PairSnap,
+    RouteSnap,
+    Snapshot,
+    TokenSnap,
+)
 
 __all__ = ["DURATION_BUCKETS", "Stats"]
 
@@ -106,6 +113,7 @@ class Stats:
         "headers_dropped",
         "limit_rejections",
         "open_connections",
+        "overrides",
         "pairs",
         "routes",
         "tokens",
@@ -118,6 +126,8 @@ class Stats:
         self.auth_failures: dict[tuple[str, str, str], int] = {}
         self.limit_rejections: dict[str, int] = {}
         self.headers_dropped: dict[str, int] = {}  # reason → request header fields
+        # (credential, kind) → client arguments / fields a forward table overrode.
+        self.overrides: dict[tuple[str, str], int] = {}
         self.open_connections = 0
 
     def route(self, name: str) -> RouteStats:
@@ -152,6 +162,12 @@ class Stats:
     def header_dropped(self, reason: str, n: int = 1) -> None:
         self.headers_dropped[reason] = self.headers_dropped.get(reason, 0) + n
 
+    def overrides_dropped(self, credential: str, kind: str, n: int) -> None:
+        """What a client sent that its credential's forwarding removed:
+        ``kind`` is extra_label, query_arg (other arguments) or header."""
+        key = (credential, kind)
+        self.overrides[key] = self.overrides.get(key, 0) + n
+
     def upstream_error(self, route: str, kind: str) -> None:
         errors = self.route(route).upstream_errors
         errors[kind] = errors.get(kind, 0) + 1
@@ -182,4 +198,5 @@ class Stats:
             dict(self.limit_rejections),
             self.open_connections,
             headers_dropped=dict(self.headers_dropped),
+            overrides=[OverrideSnap(*key, n) for key, n in self.overrides.items()],
         )

@@ -17,6 +17,7 @@ import msgspec
 __all__ = [
     "FailureSnap",
     "Gauges",
+    "OverrideSnap",
     "PairSnap",
     "ProcessSample",
     "RouteSnap",
@@ -62,6 +63,14 @@ class FailureSnap(_Value):
     count: int
 
 
+class OverrideSnap(_Value):
+    """Client arguments or fields removed because a credential pins them."""
+
+    credential: str
+    kind: str  # extra_label, query_arg, header
+    count: int
+
+
 class ProcessSample(_Value):
     """One worker's CPU seconds and resident bytes."""
 
@@ -79,6 +88,7 @@ class Snapshot(_Value):
     open_connections: int
     processes: list[ProcessSample] = msgspec.field(default_factory=list)
     headers_dropped: dict[str, int] = msgspec.field(default_factory=dict)
+    overrides: list[OverrideSnap] = msgspec.field(default_factory=list)
 
 
 class Gauges(_Value):
@@ -105,6 +115,11 @@ def _add(acc: list[float], more: list[float]) -> list[float]:
     return [a + b for a, b in zip(acc, more, strict=True)]
 
 
+def _sum_into(acc: dict[str, int], more: dict[str, int]) -> None:
+    for key, n in more.items():
+        acc[key] = acc.get(key, 0) + n
+
+
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     """Sum counters and histograms, add gauges, keep the latest last-used;
     ``processes`` is left empty (the caller knows which are alive)."""
@@ -114,6 +129,7 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     failures: dict[tuple[str, str, str], int] = {}
     rejections: dict[str, int] = {}
     dropped: dict[str, int] = {}
+    overrides: dict[tuple[str, str], int] = {}
     open_connections = 0
     for snap in snapshots:
         for name, r in snap.routes.items():
@@ -147,10 +163,11 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
         for f in snap.auth_failures:
             fkey = (f.reason, f.credential, f.token_id)
             failures[fkey] = failures.get(fkey, 0) + f.count
-        for reason, n in snap.limit_rejections.items():
-            rejections[reason] = rejections.get(reason, 0) + n
-        for reason, n in snap.headers_dropped.items():
-            dropped[reason] = dropped.get(reason, 0) + n
+        _sum_into(rejections, snap.limit_rejections)
+        _sum_into(dropped, snap.headers_dropped)
+        for o in snap.overrides:
+            okey = (o.credential, o.kind)
+            overrides[okey] = overrides.get(okey, 0) + o.count
         open_connections += snap.open_connections
     return Snapshot(
         routes,
@@ -160,4 +177,5 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
         rejections,
         open_connections,
         headers_dropped=dropped,
+        overrides=[OverrideSnap(*key, n) for key, n in overrides.items()],
     )

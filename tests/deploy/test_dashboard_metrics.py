@@ -43,9 +43,11 @@ SCRAPER_SERIES = frozenset({"up"})
 
 REVOKED_TOKEN = "test-token-0123456789abcdef-revoked"
 UNKNOWN_TOKEN = "test-token-0123456789abcdef-unknown"
+TENANT_TOKEN = "test-token-0123456789abcdef-tenant"
 
 # "ingest": a token list with a not_after (→ expiry gauge) and a revoked
-# entry (→ reason="revoked"); "other": remote_write only (→ reason="scope").
+# entry (→ reason="revoked"); "other": remote_write only (→ reason="scope");
+# "tenant": a forward table (→ a client's extra_label dropped and counted).
 CREDENTIALS = f"""
 [[credentials]]
 name = "ingest"
@@ -64,6 +66,13 @@ sha256 = "{sha256(REVOKED_TOKEN.encode())}"
 name = "other"
 token_sha256 = "{sha256(OTHER_TOKEN.encode())}"
 routes = ["remote_write"]
+
+[[credentials]]
+name = "tenant"
+token_sha256 = "{sha256(TENANT_TOKEN.encode())}"
+routes = ["remote_write"]
+[credentials.forward]
+extra_labels = {{ tenant = "a" }}
 """
 
 
@@ -156,6 +165,7 @@ async def exported(start_gateway: StartGateway, upstream: RecordingUpstream) -> 
         ("/api/v1/write", REVOKED_TOKEN, 401),  # revoked
         ("/v1/traces", OTHER_TOKEN, 403),  # scope
         ("/v1/traces", TOKEN, 503),  # upstream connect error (503 on OTLP routes)
+        ("/api/v1/write?extra_label=tenant%3Devil", TENANT_TOKEN, 204),  # override dropped
         ("/api/v1/write", UNKNOWN_TOKEN, 429),  # gateway_limit_rejections_total (auth_throttle)
     ]
     async with aiohttp.ClientSession() as session:

@@ -40,6 +40,25 @@ def test_clients_snippets_load(doc: str, snippet: str) -> None:
     assert settings.clients.trusted_proxies
 
 
+TENANT_SNIPPETS = [s for _, s in SNIPPETS if "[credentials.forward" in s]
+
+
+@pytest.mark.parametrize("snippet", TENANT_SNIPPETS, ids=range(len(TENANT_SNIPPETS)))
+def test_multi_tenant_snippets_load(snippet: str, tmp_path: Path) -> None:
+    """§ Multi-tenant: every example is a credential the loader accepts."""
+    from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: PLC0415
+    from jwt.algorithms import RSAAlgorithm  # noqa: PLC0415
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    (tmp_path / "jwks.json").write_text(f'{{"keys": [{RSAAlgorithm.to_jwk(key)}]}}')
+    environ = dict.fromkeys(
+        re.findall(r'"(OBS_\w+)"', snippet), "a-token-of-the-example-0123456789"
+    )
+    settings = loads(config_text(credentials=snippet), environ=environ, base=tmp_path)
+    assert all(c.forward is not None for c in settings.credentials)
+    assert len(TENANT_SNIPPETS) >= 5
+
+
 def cloudflare_ranges(snippet: str) -> set[str]:
     proxies = tomllib.loads(snippet[snippet.index("[clients]") :])["clients"]["trusted_proxies"]
     return {p for p in proxies if not p.startswith(("127.", "172.18."))}

@@ -140,6 +140,46 @@ def test_check_config_ok_prints_the_matrix(tmp_path: Path) -> None:
     assert matrix["other"] == ["yes", "-", "yes"]
 
 
+TENANTS = f"""
+[[credentials]]
+name = "team-a"
+token_sha256 = "{hashlib.sha256(b"team-a-token-0123456789").hexdigest()}"
+routes = ["remote_write", "otlp_traces"]
+[credentials.forward]
+extra_labels = {{ tenant = "a" }}
+headers = {{ "X-Scope-OrgID" = "a" }}
+[credentials.forward.upstreams]
+remote_write = "http://vminsert:8480/insert/42/prometheus/api/v1/write"
+"""
+
+
+def test_check_config_prints_the_forwarding_and_warns_of_mixed_tenancy(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    # "ingest" and "other" share remote_write with nothing pinned; team-a is kept apart.
+    config.write_text(config_text() + TENANTS)
+    result = run_cli("check-config", str(config))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    at = lines.index("forwarding (credential → route: extra labels; headers; backend):")
+    assert lines[at + 1 :] == [
+        "  ingest → remote_write: -; -; the route upstream",
+        "  ingest → otlp_traces: -; -; the route upstream",
+        "  other → remote_write: -; -; the route upstream",
+        '  team-a → remote_write: tenant="a"; X-Scope-OrgID: a; '
+        "http://vminsert:8480/insert/42/prometheus/api/v1/write",
+        "  team-a → otlp_traces: -; X-Scope-OrgID: a; the route upstream",
+    ]
+    [warning] = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert warning == (
+        "obs-gateway: warning: route remote_write: credentials ingest, other share it "
+        "without any [credentials.forward] setting while team-a has one: their data is "
+        "not kept apart"
+    )
+    # otlp_traces: only "ingest" is unpinned there, so no warning; nor without any tenancy.
+    config.write_text(config_text())
+    assert "warning" not in run_cli("check-config", str(config)).stderr
+
+
 @pytest.mark.parametrize(
     ("change", "key"),
     [

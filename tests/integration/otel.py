@@ -7,7 +7,7 @@ export's result for the assertions.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 from opentelemetry.exporter.otlp.proto.http import Compression
@@ -47,11 +47,16 @@ class RecordingExporter(SpanExporter):
 
 
 def exporter(
-    gw: Gateway, token: str, *, gzip: bool = True, timeout: float = 10.0
+    gw: Gateway,
+    token: str,
+    *,
+    gzip: bool = True,
+    timeout: float = 10.0,
+    headers: Mapping[str, str] | None = None,
 ) -> OTLPSpanExporter:
     return OTLPSpanExporter(
         endpoint=gw.traces_url,
-        headers={"Authorization": f"Bearer {token}"},
+        headers={**(headers or {}), "Authorization": f"Bearer {token}"},
         compression=Compression.Gzip if gzip else Compression.NoCompression,
         timeout=timeout,
     )

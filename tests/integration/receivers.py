@@ -45,6 +45,8 @@ class Received:
     body: bytes
     status: int
     response_body: bytes
+    # Every field as it came, in order, repeats and spelling kept.
+    fields: tuple[tuple[str, str], ...] = ()
 
     @property
     def sha256(self) -> str:
@@ -84,7 +86,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         status, reply_headers, reply = answer
-        self.server.owner.record(Received(self.command, self.path, headers, body, status, reply))
+        fields = tuple(self.headers.items())
+        received = Received(self.command, self.path, headers, body, status, reply, fields)
+        self.server.owner.record(received)
         self.send_response(status)
         for name, value in reply_headers.items():
             self.send_header(name, value)

@@ -49,7 +49,8 @@ def _normal(expr: str) -> str:
 def test_config_snippets_load(snippet: str) -> None:
     settings = loads(ROUTES + snippet, environ={})
     [credential] = settings.credentials
-    assert credential.name == "ingest"
+    # The rotation's credential, or the tenant of § Tenants.
+    assert credential.name == ("team-a" if credential.forward else "ingest")
 
 
 def test_promql_names_only_exported_metrics(exported: set[str]) -> None:

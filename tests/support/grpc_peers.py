@@ -50,6 +50,8 @@ class TraceReceiver:
     calls: int = 0
     metrics_calls: int = 0
     metadata: list[dict[str, str]] = field(default_factory=list)
+    # Every call's metadata as it came: repeats and order kept.
+    fields: list[list[tuple[str, str]]] = field(default_factory=list)
     abort: tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]] | None = None
     delay: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -92,6 +94,9 @@ class TraceReceiver:
             self.metadata.append(
                 {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
             )
+            self.fields.append(
+                [(k, v) for k, v in context.invocation_metadata() if isinstance(v, str)]
+            )
         if self.abort is not None:
             code, details, trailers = self.abort
             context.set_trailing_metadata(trailers)
@@ -131,6 +136,7 @@ def call(
     root_cert: bytes | None = None,
     timeout: float = 10.0,
     request: Any = None,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> CallResult:
     """One unary call (blocking: run it in a thread), its status and trailers."""
     if root_cert is not None:
@@ -143,12 +149,13 @@ def call(
         )
     else:
         channel = grpc.insecure_channel(target, compression=compression)
-    metadata = [("authorization", f"Bearer {token}")] if token else []
+    sent = [("authorization", f"Bearer {token}")] if token else []
+    sent += metadata
     body = (request if request is not None else spans_request(n)).SerializeToString()
     rpc = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
     t0 = time.monotonic()
     try:
-        _, state = rpc.with_call(body, metadata=metadata, timeout=timeout)
+        _, state = rpc.with_call(body, metadata=sent, timeout=timeout)
         code, details, trailers = grpc.StatusCode.OK, "", dict(state.trailing_metadata() or ())
     except grpc.RpcError as exc:
         code, details = exc.code(), exc.details() or ""

@@ -8,9 +8,11 @@ still be that rule's, so each rule is proven to come before all later ones.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import jwt
 import pytest
 
 from gateway.config.loader import Settings, loads
@@ -23,6 +25,7 @@ from tests.conftest import sha256
 from tests.support.heads import parse_head
 
 TOKEN = "unit-token-0123456789abcdef-ingest"
+JWT_SECRET = "unit-hmac-secret-0123456789abcdef-0123456789"
 CONFIG = f"""
 [clients]
 deny = ["10.9.9.9/32"]
@@ -52,8 +55,25 @@ client_cert_subjects = ["CN=sender"]
 allow_cidrs = ["10.0.0.0/8"]
 rate_limit_requests_per_second = 1
 rate_limit_bytes_per_second = 1000
+
+# Passes everything "ingest" passes; its tenant comes from a claim.
+[[credentials]]
+name = "tenants"
+routes = ["remote_write"]
+client_cert_subjects = ["CN=sender"]
+allow_cidrs = ["10.0.0.0/8"]
+rate_limit_requests_per_second = 1
+rate_limit_bytes_per_second = 1000
+[credentials.jwt]
+algorithms = ["HS256"]
+issuer = "https://issuer.test"
+audience = "gw"
+hmac_secret_env = "JWT_SECRET"
+scope_claim = ""
+[credentials.forward]
+extra_labels = {{ tenant = "{{claim:tenant}}" }}
 """
-SETTINGS = loads(CONFIG, environ={})
+SETTINGS = loads(CONFIG, environ={"JWT_SECRET": JWT_SECRET})
 GEN = Generation(SETTINGS)
 
 
@@ -98,12 +118,23 @@ class Request:
         )
 
 
+def _jwt(**claims: object) -> str:
+    body = {"iss": "https://issuer.test", "aud": "gw", "exp": int(time.time()) + 600, **claims}
+    return jwt.encode(body, JWT_SECRET, algorithm="HS256")
+
+
+WITH_TENANT = _jwt(tenant="c")
+WITHOUT_TENANT = _jwt(sub="no-tenant")
+
+
 def _empty_request_bucket(admission: Admission, now: float) -> None:
-    assert admission.request_rate["ingest"].take(1.0, now)
+    for credential in ("ingest", "tenants"):
+        assert admission.request_rate[credential].take(1.0, now)
 
 
 def _byte_debt(admission: Admission, now: float) -> None:
-    admission.byte_rate["ingest"].spend(10_000)
+    for credential in ("ingest", "tenants"):
+        admission.byte_rate[credential].spend(10_000)
 
 
 def _missing_token(result: d.Decision) -> bool:
@@ -142,6 +173,11 @@ ORDER: list[tuple[str, Callable[[Request], Request], Callable[[d.Decision], bool
         lambda x: x is d.HEALTH_CHECK,
     ),
     ("scope", lambda r: replace(r, path="/v1/logs"), lambda x: x is d.SCOPE),
+    (
+        "tenant claims",
+        lambda r: replace(r, token=WITHOUT_TENANT),
+        lambda x: x is d.CLAIM_MISSING,
+    ),
     ("draining", lambda r: replace(r, draining=True), lambda x: x is d.DRAINING),
     (
         "framing",
@@ -164,6 +200,13 @@ ORDER: list[tuple[str, Callable[[Request], Request], Callable[[d.Decision], bool
 
 def test_a_passing_request_is_proxied() -> None:
     assert Request().decide() is d.PROXY
+    assert replace(Request(), token=WITH_TENANT).decide() is d.PROXY
+
+
+def test_a_claim_that_fails_its_pattern_is_refused() -> None:
+    result = replace(Request(), token=_jwt(tenant="not a tenant")).decide()
+    assert result is d.CLAIM_INVALID
+    assert (result.kind, result.auth) == (Kind.TENANT, "claim_invalid")
 
 
 @pytest.mark.parametrize("index", range(len(ORDER)), ids=[rule for rule, _, _ in ORDER])
@@ -195,7 +238,7 @@ def test_a_bad_token_is_invalid_not_missing() -> None:
     )
 
 
-FAILURES_MODE = loads(CONFIG.replace('"strict"', '"failures"'), environ={})
+FAILURES_MODE = loads(CONFIG.replace('"strict"', '"failures"'), environ={"JWT_SECRET": JWT_SECRET})
 
 
 def test_a_throttled_address_is_refused_as_overloaded_and_still_counted() -> None:

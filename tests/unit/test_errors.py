@@ -26,6 +26,7 @@ CONTRACT: dict[Kind, tuple[int, int]] = {
     Kind.AUTH_INVALID: (401, 401),
     Kind.SCOPE: (403, 403),
     Kind.FORBIDDEN: (403, 403),  # client address or certificate not allowed
+    Kind.TENANT: (403, 403),  # a JWT's tenant claim is missing or not allowed
     Kind.NOT_FOUND: (404, 404),
     Kind.METHOD: (405, 405),
     Kind.TOO_LARGE: (413, 413),
