@@ -46,7 +46,6 @@ _ANSWERED: Final = int(State.ANSWERED)
 _BODY: Final = int(Deadline.BODY)
 _UPSTREAM: Final = int(Deadline.UPSTREAM)
 _QUEUE: Final = int(Deadline.QUEUE)
-
 _perf: Final = time.perf_counter
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _FAILURES: Final = {
