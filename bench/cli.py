@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -27,9 +28,17 @@ from typing import Any
 from bench import load, report
 from bench.machine import machine, pss_kib
 from bench.payloads import Payload, validate_otlp, write_payload
-from bench.peers import ECHO_MODULE, REPO, TARGETS, Peer, Stack, gateway_supports_workers
+from bench.peers import (
+    ECHO_MODULE,
+    REPO,
+    TARGETS,
+    TLS_TARGETS,
+    Peer,
+    Stack,
+    gateway_supports_workers,
+)
 from bench.procs import Procs, cpu_seconds, reset_peak, rss_kib, tree
-from bench.workloads import RESULTS, WORKLOADS, Workload
+from bench.workloads import OPTIONAL_WORKLOADS, RESULTS, WORKLOADS, Workload
 
 __all__ = ["main"]
 
@@ -44,7 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sizes",
         default=",".join(WORKLOADS),
-        help=f"workloads, comma-separated (default: {','.join(WORKLOADS)})",
+        help=f"workloads, comma-separated (default: {','.join(WORKLOADS)}; also "
+        f"{','.join(OPTIONAL_WORKLOADS)}: a new connection per request)",
+    )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help=f"the targets ({','.join(TLS_TARGETS)} only) terminate TLS; "
+        "no latency or stream test, never recorded",
     )
     p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run (5)")
     p.add_argument("--repeats", type=int, default=3, help="runs per target and workload (3)")
@@ -137,23 +153,36 @@ def _meta(args: argparse.Namespace, workers: int) -> dict[str, Any]:
         "workers": workers,
         "sink_workers": args.sink_workers,
         "access_log": "on for nginx and the gateway" if args.access_log else "off for both",
+        "tls": args.tls,
         "duration_s": args.duration,
         "repeats": args.repeats,
     }
+
+
+# The bench's own self-signed certificate: nothing to verify on loopback.
+_UNVERIFIED = ssl.create_default_context()
+_UNVERIFIED.check_hostname = False
+_UNVERIFIED.verify_mode = ssl.CERT_NONE
+
+
+def _post(url: str, payload: Payload, token: str) -> int:
+    """POST one body to a target on loopback (http or https); its status."""
+    req = urllib.request.Request(  # noqa: S310  (our own loopback URLs)
+        url,
+        data=payload.file.read_bytes(),
+        headers={**payload.headers, "Authorization": f"Bearer {token}"},
+    )
+    with urllib.request.urlopen(req, timeout=30, context=_UNVERIFIED) as resp:  # noqa: S310
+        return int(resp.status)
 
 
 def _check(stack: Stack, peers: dict[str, Peer], payloads: dict[str, Payload]) -> None:
     """Every target answers every body with a 2xx; VM parses the bodies."""
     for peer in peers.values():
         for payload in payloads.values():
-            req = urllib.request.Request(
-                f"http://127.0.0.1:{peer.port}{payload.path}",
-                data=payload.file.read_bytes(),
-                headers={**payload.headers, "Authorization": f"Bearer {stack.token}"},
-            )
-            with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310  (loopback)
-                if not 200 <= resp.status < 300:
-                    raise RuntimeError(f"{peer.name} answered {payload.name} with {resp.status}")
+            status = _post(f"{peer.url}{payload.path}", payload, stack.token)
+            if not 200 <= status < 300:
+                raise RuntimeError(f"{peer.name} answered {payload.name} with {status}")
     for payload in payloads.values():
         if payload.path == "/v1/traces":
             spans = validate_otlp(payload.file.read_bytes())
@@ -166,13 +195,7 @@ def _check(stack: Stack, peers: dict[str, Peer], payloads: dict[str, Payload]) -
         if payload.path != "/api/v1/write":
             continue
         before = stack.vm_rows_inserted()
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{gw.port}/bench/vm/api/v1/write",
-            data=payload.file.read_bytes(),
-            headers={**payload.headers, "Authorization": f"Bearer {stack.token}"},
-        )
-        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310  (loopback)
-            status = resp.status
+        status = _post(f"{gw.url}/bench/vm/api/v1/write", payload, stack.token)
         deadline = time.monotonic() + 5.0  # VM counts after answering: poll a little
         while (got := stack.vm_rows_inserted() - before) < payload.items:
             if time.monotonic() > deadline:
@@ -201,7 +224,13 @@ def _one(
     ptree, stree = tree(peer.pid), tree(sink.pid)
     (u0, k0), s0 = cpu_seconds(ptree), sum(cpu_seconds(stree))
     res: dict[str, Any] = load.wrk(
-        peer.port, payload, token, connections=wl.connections, duration=duration
+        peer.port,
+        payload,
+        token,
+        connections=wl.connections,
+        duration=duration,
+        tls=peer.tls,
+        new_connection=wl.new_connection,
     )
     (u1, k1), s1 = cpu_seconds(ptree), sum(cpu_seconds(stree))
     n = max(1, int(res["requests"]))
@@ -308,15 +337,29 @@ def _preflight() -> None:
         )
 
 
-def run(args: argparse.Namespace) -> int:
-    _preflight()
+def _selection(args: argparse.Namespace) -> tuple[list[str], list[Workload]]:
     targets = [t for t in TARGETS if t in args.only.split(",")]
     unknown = set(args.only.split(",")) - set(TARGETS)
     if unknown:
         raise SystemExit(f"bench: unknown targets {sorted(unknown)}; known: {TARGETS}")
-    workloads = [WORKLOADS[w] for w in args.sizes.split(",")]
+    if args.tls and set(targets) - set(TLS_TARGETS):
+        raise SystemExit(f"bench: --tls runs {list(TLS_TARGETS)} only")
+    known = {**WORKLOADS, **OPTIONAL_WORKLOADS}
+    unknown = set(args.sizes.split(",")) - set(known)
+    if unknown:
+        raise SystemExit(f"bench: unknown workloads {sorted(unknown)}; known: {list(known)}")
+    return targets, [known[w] for w in args.sizes.split(",")]
+
+
+def run(args: argparse.Namespace) -> int:
+    _preflight()
+    targets, workloads = _selection(args)
     workers = _workers(args.workers)
-    full = set(targets) == set(TARGETS) and {w.name for w in workloads} == set(WORKLOADS)
+    full = (
+        set(targets) == set(TARGETS)
+        and {w.name for w in workloads} == set(WORKLOADS)
+        and not args.tls
+    )
     record = full if args.record is None else args.record
     stamp = time.strftime("%Y%m%dT%H%M%S")
     rundir = RESULTS / "tmp" / stamp
@@ -324,7 +367,8 @@ def run(args: argparse.Namespace) -> int:
     token = secrets.token_hex(32)  # 64 hex digits, like the seed's token
     print(
         f"bench: targets {targets}, workloads {[w.name for w in workloads]}, "
-        f"{args.repeats}×{args.duration:g}s, workers {workers}, access log "
+        f"{args.repeats}×{args.duration:g}s, workers {workers}, TLS {'on' if args.tls else 'off'}, "
+        f"access log "
         f"{'on' if args.access_log else 'off'}; logs in {rundir}"
     )
     started = time.monotonic()
@@ -346,6 +390,7 @@ def run(args: argparse.Namespace) -> int:
             workers=workers,
             sink_workers=args.sink_workers,
             access_log=args.access_log,
+            tls=args.tls,
         )
         sink = stack.start_sink()
         vm = stack.start_vm() if "gateway" in targets else None
@@ -359,9 +404,10 @@ def run(args: argparse.Namespace) -> int:
         bench.memory("idle_start")
         bench.throughput()
         bench.peak_memory()
-        if args.latency and "1k" in payloads:
+        # The paced client and the stream upload speak plain HTTP only.
+        if args.latency and "1k" in payloads and not args.tls:
             bench.latency()
-        if args.stream and "gateway" in peers:
+        if args.stream and "gateway" in peers and not args.tls:
             bench.stream()
         time.sleep(1.0)
         bench.memory("idle_after")

@@ -11,7 +11,10 @@ The gateway runs as one process under ``valgrind --tool=callgrind`` in
 front of the nginx sink; one keep-alive connection sends the workload's
 body ``--warmup`` times, then ``--requests`` more in a second run, and the
 difference of the two totals divided by ``--requests`` is the figure, so
-start-up and shutdown cancel out.
+start-up and shutdown cancel out.  ``--tls``: the gateway terminates TLS
+(the bench's self-signed P-256 certificate); ``--new-connection``: every
+request on a new connection (with ``--tls``, a full handshake each: the
+client keeps no session), so the figure is what a connection costs.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import re
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -35,7 +39,7 @@ from bench.peers import REPO, Stack, render
 from bench.procs import Procs, free_port
 from bench.workloads import RESULTS, WORKLOADS
 
-__all__ = ["count", "main"]
+__all__ = ["main"]
 
 _START_TIMEOUT = 180.0  # Python start-up under callgrind is slow
 
@@ -54,11 +58,23 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"gateway did not listen within {_START_TIMEOUT}s")
 
 
-def _send(port: int, payload: Payload, token: str, n: int) -> None:
+def _connection(port: int, tls: bool) -> http.client.HTTPConnection:
+    if not tls:
+        return http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the bench's own self-signed certificate
+    return http.client.HTTPSConnection("127.0.0.1", port, timeout=60, context=ctx)
+
+
+def _send(port: int, payload: Payload, token: str, n: int, *, tls: bool, new: bool) -> None:
     body = payload.file.read_bytes()
     headers = {**payload.headers, "Authorization": f"Bearer {token}"}
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn = _connection(port, tls)
     for _ in range(n):
+        if new:
+            conn.close()
+            conn = _connection(port, tls)
         conn.request("POST", payload.path, body, headers)
         resp = conn.getresponse()
         resp.read()
@@ -75,6 +91,9 @@ def count(
     sends: list[tuple[str, int]],
     out: Path,
     repo: Path,
+    *,
+    tls: bool = False,
+    new: bool = False,
 ) -> int:
     """Total instructions of one gateway process (config ``conf``, public
     ``port``) that served ``n`` requests with each (token, n) in order."""
@@ -96,7 +115,7 @@ def count(
     try:
         _wait_port(port, proc)
         for token, n in sends:
-            _send(port, payload, token, n)
+            _send(port, payload, token, n, tls=tls, new=new)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(_START_TIMEOUT)
@@ -106,7 +125,15 @@ def count(
     return int(m.group(1))
 
 
-def _run(stack: Stack, rundir: Path, payload: Payload, requests: int, tag: str, repo: Path) -> int:
+def _run(
+    stack: Stack,
+    rundir: Path,
+    payload: Payload,
+    requests: int,
+    tag: str,
+    repo: Path,
+    new: bool,
+) -> int:
     """Total instructions of one gateway process that served ``requests``."""
     assert stack.sink is not None
     port, admin = free_port(), free_port()
@@ -120,9 +147,11 @@ def _run(stack: Stack, rundir: Path, payload: Payload, requests: int, tag: str, 
         vm=9,
         access="false",
         token_sha256=hashlib.sha256(stack.token.encode()).hexdigest(),
+        tls=stack.tls_block(),
     )
     out = rundir / f"callgrind-{tag}.out"
-    return count(stack.procs, conf, port, payload, [(stack.token, requests)], out, repo)
+    sends = [(stack.token, requests)]
+    return count(stack.procs, conf, port, payload, sends, out, repo, tls=stack.tls, new=new)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         default=REPO,
         help="run the gateway from this checkout (e.g. a worktree of another commit)",
     )
+    p.add_argument("--tls", action="store_true", help="the gateway terminates TLS")
+    p.add_argument(
+        "--new-connection", action="store_true", help="a new connection for every request"
+    )
     args = p.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("bench instructions: valgrind is not installed (Debian: apt-get install valgrind)")
@@ -147,12 +180,18 @@ def main(argv: list[str] | None = None) -> int:
     payload = write_payload(wl.name, wl.kind, wl.max_bytes, rundir)
     token = secrets.token_urlsafe(32)
     with Procs(rundir) as procs:
-        stack = Stack(procs, rundir, token, workers=1, sink_workers=1, access_log=False)
+        stack = Stack(
+            procs, rundir, token, workers=1, sink_workers=1, access_log=False, tls=args.tls
+        )
         stack.start_sink()
         repo = args.gateway_repo.resolve()
-        base = _run(stack, rundir, payload, args.warmup, "base", repo)
-        more = _run(stack, rundir, payload, args.warmup + args.requests, "more", repo)
+        new = args.new_connection
+        base = _run(stack, rundir, payload, args.warmup, "base", repo, new)
+        more = _run(stack, rundir, payload, args.warmup + args.requests, "more", repo, new)
     per_request = (more - base) / args.requests
+    how = "".join(
+        (", TLS" if args.tls else "", ", a new connection each" if new else ", keep-alive")
+    )
     host = machine(repo)
     (rundir / "result.json").write_text(
         json.dumps(
@@ -162,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 "instructions_per_request": per_request,
                 "requests": args.requests,
                 "warmup": args.warmup,
+                "how": how.lstrip(", "),
                 "gateway_repo": str(repo),
                 "host": host,
             },
@@ -169,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print(
-        f"{args.size} ({payload.size:,} B): {per_request:,.0f} instructions per request "
+        f"{args.size} ({payload.size:,} B{how}): {per_request:,.0f} instructions per request "
         f"(callgrind, user space, {args.requests} requests after {args.warmup}; "
         f"gateway from {repo}, build {host['gateway_build']}; {host['cpu_model']}; {rundir})"
     )

@@ -33,10 +33,13 @@ def wrk(
     connections: int,
     duration: float,
     threads: int = 2,
+    tls: bool = False,
+    new_connection: bool = False,
 ) -> Result:
     """One wrk run; raises if wrk fails or prints no result."""
     env = {
         **os.environ,
+        "BENCH_CLOSE": "1" if new_connection else "",
         "BENCH_BODY": str(payload.file),
         "BENCH_PATH": payload.path,
         "BENCH_TOKEN": token,
@@ -51,7 +54,7 @@ def wrk(
         "10s",
         "-s",
         str(TEMPLATES / "post.lua"),
-        f"http://127.0.0.1:{port}",
+        f"{'https' if tls else 'http'}://127.0.0.1:{port}",
     ]
     proc = subprocess.run(
         argv, env=env, capture_output=True, text=True, timeout=duration + 60, check=False

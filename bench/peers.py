@@ -5,7 +5,9 @@ it.  Targets: obs-gateway, nginx as the seed configured it, nginx tuned for
 streaming, vmauth.  Helpers: the Python stream sink (1 GiB test) and
 VictoriaMetrics (checks that the remote-write bodies are valid).  Configs
 are rendered from ``templates/`` into the run directory; ``@name@`` marks a
-value (nginx already uses ``$``).
+value (nginx already uses ``$``).  With ``tls``, the gateway and tuned nginx
+terminate TLS with the same self-signed EC P-256 certificate (made with the
+openssl CLI in the run directory).
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from pathlib import Path
 
 from bench.procs import Procs, free_port
 
-__all__ = ["TARGETS", "Peer", "Stack", "gateway_supports_workers"]
+__all__ = ["TARGETS", "TLS_TARGETS", "Peer", "Stack", "gateway_supports_workers"]
 
 TEMPLATES = Path(__file__).parent / "templates"
 REPO = Path(__file__).resolve().parent.parent
 ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")  # libnginx-mod-http-echo
 TARGETS = ("direct", "gateway", "nginx-tuned", "nginx-seed", "vmauth")
+TLS_TARGETS = ("gateway", "nginx-tuned")
 
 
 @dataclass
@@ -36,6 +39,11 @@ class Peer:
     proc: subprocess.Popen[bytes]
     workers: int = 1
     info: dict[str, str] = field(default_factory=dict)
+    tls: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -76,8 +84,11 @@ class Stack:
         workers: int,
         sink_workers: int,
         access_log: bool,
+        tls: bool = False,
     ) -> None:
         self.procs = procs
+        self.tls = tls
+        self.cert: tuple[Path, Path] | None = None
         self.rundir = rundir
         self.token = token
         self.workers = workers
@@ -91,6 +102,32 @@ class Stack:
         d = self.rundir / name
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+    def _certificate(self) -> tuple[Path, Path]:
+        """One self-signed certificate for 127.0.0.1, shared by every TLS target."""
+        if self.cert is None:
+            d = self._dir("tls")
+            cert, key = d / "server.crt", d / "server.key"
+            subprocess.run(
+                [
+                    *("openssl", "req", "-x509", "-newkey", "ec"),
+                    *("-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"),
+                    *("-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"),
+                    *("-keyout", str(key), "-out", str(cert)),
+                ],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+            self.cert = cert, key
+        return self.cert
+
+    def tls_block(self) -> str:
+        """The gateway's [server.tls] section ("" without TLS)."""
+        if not self.tls:
+            return ""
+        cert, key = self._certificate()
+        return f'[server.tls]\ncert_file = "{cert}"\nkey_file = "{key}"'
 
     def _nginx(self, name: str, template: str, workers: int, **values: object) -> Peer:
         d = self._dir(name)
@@ -164,7 +201,19 @@ class Stack:
         if name == "gateway":
             return self.start_gateway()
         if name in ("nginx-tuned", "nginx-seed"):
-            return self._nginx(name, f"{name}.conf", self.workers, sink=self.sink.port)
+            ssl, ssl_files = "", ""
+            if self.tls:
+                cert, key = self._certificate()
+                ssl = "ssl "
+                # The gateway's protocol floor; everything else nginx's defaults.
+                ssl_files = (
+                    f"ssl_certificate {cert}; ssl_certificate_key {key}; "
+                    "ssl_protocols TLSv1.2 TLSv1.3;"
+                )
+            values = {"sink": self.sink.port, "ssl": ssl, "ssl_files": ssl_files}
+            peer = self._nginx(name, f"{name}.conf", self.workers, **values)
+            peer.tls = self.tls
+            return peer
         if name == "vmauth":
             return self.start_vmauth()
         raise ValueError(f"unknown target {name!r}")
@@ -183,6 +232,7 @@ class Stack:
             vm=self.vm.port if self.vm else 9,
             access="true" if self.access_log else "false",
             token_sha256=hashlib.sha256(self.token.encode()).hexdigest(),
+            tls=self.tls_block(),
         )
         argv = [sys.executable, "-m", "gateway", "run", "--config", str(conf)]
         if gateway_supports_workers():
@@ -190,7 +240,7 @@ class Stack:
         elif self.workers != 1:
             raise RuntimeError("this gateway has no --workers: run with --workers 1")
         proc = self.procs.start("gateway", argv, port=port, cwd=REPO)
-        return Peer("gateway", port, proc, self.workers, {"admin_port": str(admin)})
+        return Peer("gateway", port, proc, self.workers, {"admin_port": str(admin)}, self.tls)
 
     def start_vmauth(self) -> Peer:
         assert self.sink is not None

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from bench.peers import REPO
 
-__all__ = ["RESULTS", "WORKLOADS", "Workload"]
+__all__ = ["OPTIONAL_WORKLOADS", "RESULTS", "WORKLOADS", "Workload"]
 
 RESULTS = REPO / "bench" / "results"
 
@@ -20,6 +20,9 @@ class Workload:
     kind: str  # "remote-write" | "otlp"
     max_bytes: int
     connections: int
+    # A new connection per request (``Connection: close``): what accepting
+    # (and with ``--tls``, handshaking) a connection costs.
+    new_connection: bool = False
 
 
 WORKLOADS = {
@@ -27,4 +30,8 @@ WORKLOADS = {
     "64k": Workload("64k", "remote-write", 64 * 1024, 32),
     "1m": Workload("1m", "remote-write", 1024 * 1024, 16),
     "otlp": Workload("otlp", "otlp", 16 * 1024, 64),
+}
+# Selectable with --sizes, never part of the default (recorded) run.
+OPTIONAL_WORKLOADS = {
+    "1k-close": Workload("1k-close", "remote-write", 1024, 64, new_connection=True),
 }

@@ -1,12 +1,16 @@
 -- wrk script: POST one body file on every request, report as one JSON line.
 -- Environment (set by bench/load.py): BENCH_BODY (file), BENCH_PATH,
--- BENCH_TOKEN, BENCH_HEADERS ("Name: value" lines).
+-- BENCH_TOKEN, BENCH_HEADERS ("Name: value" lines), BENCH_CLOSE ("1": a new
+-- connection per request).
 local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
 wrk.body = f:read("*a")
 f:close()
 wrk.method = "POST"
 wrk.path = os.getenv("BENCH_PATH")
 wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_TOKEN")
+if os.getenv("BENCH_CLOSE") == "1" then
+   wrk.headers["Connection"] = "close"
+end
 for name, value in string.gmatch(os.getenv("BENCH_HEADERS") or "", "([^:\n]+): ([^\n]*)") do
    wrk.headers[name] = value
 end

@@ -20,6 +20,7 @@ from gateway.datapath.accounting import record_rejected
 from gateway.datapath.client_state import LINGER_SECONDS, ClientState
 from gateway.datapath.exchange import Exchange
 from gateway.datapath.h2switch import alpn_h2, h2c, hand_over
+from gateway.datapath.handshake import start_tls
 from gateway.datapath.ports import PAUSE_PIPELINE, Deadline
 from gateway.policy.clients import cert_subject
 from gateway.policy.errors import Kind, Protocol
@@ -105,22 +106,34 @@ class ClientConnection(ClientState):
         self.peer = str(peer[0]) if peer else ""
         self.peer_bytes = self.peer.encode()
         shared = self.shared
+        tls = shared.tls  # the context in force now serves this whole connection
         if len(shared.connections) >= shared.gen.max_connections:
             shared.stats.limit_rejection("connections")
             self._lingering = True
-            self.transport.write(_OVERLOADED)
+            if tls is None:  # over TLS, an answer would cost the handshake it refuses
+                self.transport.write(_OVERLOADED)
             self.transport.close()
             return
+        # Counted from accept, TLS or not: a handshake holds a connection too.
         shared.connections.add(self)
         shared.stats.open_connections += 1
-        if shared.tls:
-            cert = transport.get_extra_info("peercert")
-            if cert:
-                self.cert_subject = cert_subject(cert)
-            if alpn_h2(transport):  # HTTP/2 from here on (h2switch.py)
-                hand_over(shared, self, self.transport, b"")
-                return
         self.set_deadline(_IDLE, shared.gen.header_timeout)
+        if tls is not None:
+            self.scheme = b"https"
+            start_tls(self, self.transport, tls, shared.gen.header_timeout, shared.loop)
+        else:
+            self.scheme = b"http"
+
+    def tls_established(self, transport: asyncio.Transport) -> None:
+        """The handshake finished: from here on, bytes pass through TLS."""
+        self.transport = transport
+        cert = transport.get_extra_info("peercert")
+        if cert:
+            self.cert_subject = cert_subject(cert)
+        if alpn_h2(transport):  # HTTP/2 from here on (h2switch.py)
+            hand_over(self.shared, self, transport, b"")
+            return
+        self.set_deadline(_IDLE, self.shared.gen.header_timeout)
 
     # One branch per state of the connection, on every read: a helper call
     # per read would cost more than the branches it hides.

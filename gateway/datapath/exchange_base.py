@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Final
 from gateway.datapath.accounting import account
 from gateway.datapath.health import (
     DEEP_TIMEOUT_SECONDS,
-    check_upstreams,
     health_answer,
     upstreams_of,
     wants_deep,
@@ -229,7 +228,7 @@ class ExchangeBase:
         timeout = min(self.gen.connect_timeout, DEEP_TIMEOUT_SECONDS)
         try:
             probed = upstreams_of(principal, self.gen.routes.routes)
-            upstreams = await check_upstreams(probed, timeout)
+            upstreams = await self.shared.probe.check(probed, timeout)
         finally:
             self.conn.resume(PAUSE_CONNECT)
         if self.state == _PROBING:

@@ -104,7 +104,8 @@ class H2ServerConnection:
         self.peer = peer
         self.peer_bytes = peer.encode()
         self.cert_subject = cert_subject
-        self.scheme = b"https" if shared.tls else b"http"
+        # This connection's own: a reload may have turned TLS on or off since.
+        self.scheme = b"https" if transport.get_extra_info("ssl_object") is not None else b"http"
         # Inbound fields are validated (they are the client's); outbound ones
         # are ours or were validated on the way in, so h2 does not redo it.
         config = h2.config.H2Configuration(

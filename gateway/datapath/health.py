@@ -5,11 +5,17 @@ forward table replaces a route's.
 The body names the credential, token id, scopes and seconds to expiry, and
 for a deep check each route's reachability by route name: never a secret,
 never an upstream address.
+
+A deep check is not a lever on the upstreams: ``UpstreamProbe`` runs one
+probe at a time per process, shared by every caller that asks meanwhile,
+and reuses its result for ``PROBE_REUSE_SECONDS``, so however fast clients
+ask, each upstream sees at most about one connect per second per worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Iterable
 
 import orjson
@@ -19,6 +25,8 @@ from gateway.policy.routing import Route, Upstream
 
 __all__ = [
     "DEEP_TIMEOUT_SECONDS",
+    "PROBE_REUSE_SECONDS",
+    "UpstreamProbe",
     "check_upstreams",
     "health_answer",
     "health_response",
@@ -28,13 +36,19 @@ __all__ = [
 
 # A deep probe answers quickly even when an upstream black-holes SYNs.
 DEEP_TIMEOUT_SECONDS = 2.0
+# How long a probe's result answers later deep checks.
+PROBE_REUSE_SECONDS = 1.0
+Probed = tuple[tuple[str, Upstream], ...]  # (route name, upstream) in route order
+# Sets of upstreams remembered at once (one per credential with backends of
+# its own, plus the routes'); reloads make new ones, so the table starts over.
+_MAX_PROBED_SETS = 256
 
 
 def wants_deep(query: bytes) -> bool:
     return b"deep=1" in query.split(b"&")
 
 
-def upstreams_of(principal: Principal, routes: Iterable[Route]) -> list[tuple[str, Upstream]]:
+def upstreams_of(principal: Principal, routes: Iterable[Route]) -> Probed:
     """(route name, the upstream this principal's requests go to)."""
     targets = principal.targets or {}
     out = []
@@ -42,7 +56,7 @@ def upstreams_of(principal: Principal, routes: Iterable[Route]) -> list[tuple[st
         if route.upstream is not None:
             target = targets.get(route.name)
             out.append((route.name, target.upstream if target is not None else route.upstream))
-    return out
+    return tuple(out)
 
 
 async def check_upstreams(
@@ -63,6 +77,45 @@ async def check_upstreams(
     listed = list(upstreams)
     results = await asyncio.gather(*(reachable(up) for _, up in listed))
     return {name: ok for (name, _), ok in zip(listed, results, strict=True)}
+
+
+class UpstreamProbe:
+    """One deep probe in flight per set of upstreams, its result reused for
+    ``PROBE_REUSE_SECONDS``.
+
+    A credential with its own backends (``[credentials.forward.upstreams]``)
+    probes its own set, so results are kept per set: at most one per
+    credential, plus the routes' own.  Callers wait on the probe shielded:
+    one that goes away does not cancel it for the others.
+    """
+
+    __slots__ = ("_probes",)
+
+    def __init__(self) -> None:
+        # set → (loop time of the result, result, the probe running or None)
+        self._probes: dict[
+            Probed, tuple[float, dict[str, bool], asyncio.Task[dict[str, bool]] | None]
+        ] = {}
+
+    async def check(self, upstreams: Probed, timeout: float) -> dict[str, bool]:
+        loop = asyncio.get_running_loop()
+        at, result, running = self._probes.get(upstreams, (float("-inf"), {}, None))
+        if loop.time() - at < PROBE_REUSE_SECONDS:
+            return result
+        if running is None:
+            if len(self._probes) >= _MAX_PROBED_SETS:
+                self._probes.clear()  # a reload made new sets: start over
+            running = loop.create_task(check_upstreams(upstreams, timeout))
+            running.add_done_callback(functools.partial(self._finished, upstreams))
+            self._probes[upstreams] = (at, result, running)
+        return await asyncio.shield(running)
+
+    def _finished(self, upstreams: Probed, task: asyncio.Task[dict[str, bool]]) -> None:
+        # Here, not in a caller: the caller that started it may be gone.
+        at, result, _ = self._probes.get(upstreams, (float("-inf"), {}, None))
+        if not task.cancelled() and task.exception() is None:
+            at, result = task.get_loop().time(), task.result()
+        self._probes[upstreams] = (at, result, None)
 
 
 def health_response(

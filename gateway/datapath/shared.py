@@ -1,6 +1,6 @@
 """Per-process state shared by every connection: the config generation in
 force, counters, admission state, upstream pools, the open connections,
-the clock line and the request-id source.  One instance per process.
+the deep-health probe, the clock line and the request-id source.  One instance per process.
 """
 
 from __future__ import annotations
@@ -10,9 +10,12 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Final
 
+from gateway.datapath.health import UpstreamProbe
 from gateway.policy.limits import Admission
 
 if TYPE_CHECKING:
+    import ssl
+
     from gateway.datapath.h2upstream import H2Pool, H2Pools
     from gateway.datapath.ports import Tracked, UpstreamPools
     from gateway.policy.generation import Generation
@@ -70,6 +73,7 @@ class Shared:
         "log",
         "loop",
         "pools",
+        "probe",
         "stats",
         "tls",
     )
@@ -83,7 +87,7 @@ class Shared:
         access: Any,
         log: Any,
         *,
-        tls: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.loop = loop
         self.gen = gen
@@ -92,11 +96,14 @@ class Shared:
         self.h2pools: H2Pools | None = None  # made with the first gRPC call
         self.access = access  # a structlog logger, or None when access logs are off
         self.log = log
+        # The server context for new connections (None: plain HTTP); replaced
+        # on reload, so each handshake takes the newest config's settings.
         self.tls = tls
         self.draining = False
         self.admission = Admission()
         self.admission.configure(gen.settings.limits, gen.settings.credentials, loop.time())
         self.connections: set[Tracked] = set()
+        self.probe = UpstreamProbe()  # deep /health, shared by every caller
         self.date_line = b""
         self.tick_date()
         # Request ids: a random per-process prefix and a counter, unique

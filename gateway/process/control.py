@@ -3,8 +3,15 @@ Structs, a tagged union) framed by a length prefix over a Unix socket pair,
 msgpack on the wire.  Off the data path: config pushes, stats requests,
 readiness and reload results only.
 
-    supervisor → worker:  Configure (first message, and every reload), StatsRequest
-    worker → supervisor:  Ready, Failed (first config refused), Reloaded, StatsReply
+    supervisor → worker:  Configure (first message, and every reload), Commit, StatsRequest
+    worker → supervisor:  Ready, Failed (first config refused), Reloaded, Committed, StatsReply
+
+A reload is two-phase, so that every worker serves one config: each worker
+builds the pushed config and answers ``Reloaded`` (ok or why not) without
+serving it; only when every worker said ok does the supervisor send
+``Commit(apply=True)``, else ``Commit(apply=False)`` and the prepared
+config is dropped.  Answers carry the push's ``generation``: a late answer
+to an earlier push is recognised and ignored.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from gateway.telemetry.snapshot import ProcessSample, Snapshot
 
 __all__ = [
     "ChannelClosed",
+    "Commit",
+    "Committed",
     "Configure",
     "Failed",
     "Message",
@@ -35,7 +44,8 @@ class _Message(msgspec.Struct, tag_field="op", frozen=True):
 
 
 class Configure(_Message, tag="config", frozen=True):
-    """Serve this config text (exactly what the supervisor validated)."""
+    """This config text (exactly what the supervisor validated): served at
+    once as the first message; later, prepared for a ``Commit``."""
 
     text: str
     source: str  # the config file's path: relative file keys resolve beside it
@@ -63,13 +73,26 @@ class Reloaded(_Message, tag="reloaded", frozen=True):
     generation: int = 0
 
 
+class Commit(_Message, tag="commit", frozen=True):
+    """Serve (``apply``) or drop the config prepared under ``generation``."""
+
+    generation: int
+    apply: bool
+
+
+class Committed(_Message, tag="committed", frozen=True):
+    """The config of ``generation`` is now served."""
+
+    generation: int
+
+
 class StatsReply(_Message, tag="stats", frozen=True):
     id: int
     snapshot: Snapshot
     process: ProcessSample
 
 
-Message = Configure | StatsRequest | Ready | Failed | Reloaded | StatsReply
+Message = Configure | Commit | StatsRequest | Ready | Failed | Reloaded | Committed | StatsReply
 
 _LEN = struct.Struct("!I")
 # A stats snapshot of a large config stays far below this.

@@ -17,7 +17,6 @@ import time
 from typing import Any, cast
 
 from gateway.config.loader import Settings
-from gateway.config.tls import TlsTerminator
 from gateway.datapath.connection import ClientConnection
 from gateway.datapath.shared import Shared
 from gateway.datapath.upstream import Pools
@@ -57,7 +56,6 @@ class Gateway:
         self.last_reload_attempt = 0.0
         self._server: asyncio.Server | None = None
         self._admin: Any = None
-        self._tls: TlsTerminator | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._claim: socket.socket | None = None
         self._ready = False
@@ -88,18 +86,15 @@ class Gateway:
             except OSError:
                 sock.close()
                 raise
-        ssl_ctx = None
-        if s.tls_context is not None:
-            self._tls = TlsTerminator(s.tls_context)
-            ssl_ctx = self._tls.listener
-            shared.tls = True
+        # No ssl= on the listener: connections are counted from accept and
+        # each one handshakes with the context in force then
+        # (datapath/handshake.py).
+        shared.tls = s.tls_context
         server = await loop.create_server(
             # A protocol by shape, not by base class (see ClientConnection).
             lambda: cast(asyncio.Protocol, ClientConnection(shared)),
             sock=sock,
             backlog=2048,
-            ssl=ssl_ctx,
-            ssl_handshake_timeout=s.server.header_timeout_seconds if ssl_ctx else None,
         )
         self._server = server
         self.port = server.sockets[0].getsockname()[1]
@@ -166,11 +161,19 @@ class Gateway:
 
     def reload(self, settings: Settings) -> None:
         """Swap in a validated config; exchanges in flight keep theirs."""
+        self.commit(settings, self.prepare(settings))
+
+    @staticmethod
+    def prepare(settings: Settings) -> Generation:
+        """Everything a config needs to be served, built without serving it:
+        may raise, and then nothing has changed."""
+        return Generation.build(settings)
+
+    def commit(self, settings: Settings, gen: Generation) -> None:
+        """Serve a prepared config; cannot fail."""
         shared = self.shared
         assert shared is not None
-        gen = Generation.build(settings)  # may raise: then nothing has changed
-        if self._tls is not None and settings.tls_context is not None:
-            self._tls.swap(settings.tls_context)
+        shared.tls = settings.tls_context  # new handshakes only; open connections keep theirs
         shared.admission.configure(settings.limits, settings.credentials, shared.loop.time())
         shared.gen = gen
         self.settings = settings

@@ -8,6 +8,13 @@ die, pushes config on SIGHUP (validated here first), serves the admin
 listener with metrics summed across workers (counters of a worker that
 died are kept, so sums never go backwards), and on SIGTERM drains every
 worker before exiting.
+
+A reload is all or nothing: every running worker prepares the pushed
+config (``control``'s two phases) and only when all of them said ok within
+``RELOAD_TIMEOUT`` is it committed everywhere and adopted here (gauges,
+watched files, the config a restarted worker gets).  Otherwise it is
+dropped everywhere and the reload fails: every worker keeps serving the
+previous config.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from gateway.admin.server import AdminServer
 from gateway.config.loader import ConfigError, Settings, load
 from gateway.process.control import (
     ChannelClosed,
+    Commit,
+    Committed,
     Configure,
     Failed,
     Ready,
@@ -46,6 +55,9 @@ __all__ = ["Supervisor"]
 _START_TIMEOUT = 30.0
 _STATS_TIMEOUT = 2.0
 _RESTART_MAX_BACKOFF = 30.0
+# How long every worker has to prepare a pushed config, and to confirm it
+# serves it once committed.
+RELOAD_TIMEOUT = 5.0
 
 
 @dataclass
@@ -55,7 +67,9 @@ class _Worker:
     writer: asyncio.StreamWriter | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     waiters: dict[int, asyncio.Future[StatsReply]] = field(default_factory=dict)
-    reload_acks: asyncio.Queue[Reloaded] = field(default_factory=asyncio.Queue)
+    # Answers to config pushes, by generation: whatever else arrives is late.
+    prepared: dict[int, asyncio.Future[Reloaded]] = field(default_factory=dict)
+    committed: dict[int, asyncio.Future[Committed]] = field(default_factory=dict)
     last_snapshot: Snapshot | None = None
     last_process: ProcessSample | None = None
     started_at: float = 0.0
@@ -83,6 +97,10 @@ class Supervisor:
         self._latest: Snapshot = merge([])
         self._admin: AdminServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._generation = 0  # of the last config push
+        # Held by a reload from push to commit: a worker started meanwhile
+        # gets the config that is in force when the reload is settled.
+        self._configuring = asyncio.Lock()
 
     # -- start ----------------------------------------------------------------
     async def start(self) -> None:
@@ -112,16 +130,18 @@ class Supervisor:
         finally:
             child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent)
-        worker.writer = writer
-        worker.ready.clear()
-        worker.started_at = time.monotonic()
-        write_message(writer, self._configure())
-        await writer.drain()
+        async with self._configuring:
+            worker.writer = writer
+            worker.ready.clear()
+            worker.started_at = time.monotonic()
+            write_message(writer, self._configure())
+            await writer.drain()
         self._task(self._read(worker, reader))
         self._task(self._watch(worker, worker.process))
 
-    def _configure(self) -> Configure:
-        return Configure(self.settings.text, str(self.path), self.port)
+    def _configure(self, settings: Settings | None = None, generation: int = 0) -> Configure:
+        settings = settings or self.settings
+        return Configure(settings.text, str(self.path), self.port, generation)
 
     def _task(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -129,19 +149,26 @@ class Supervisor:
         task.add_done_callback(self._tasks.discard)
 
     async def _read(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
-        with contextlib.suppress(ChannelClosed, ConnectionError):
+        try:
             while True:
                 message = await read_message(reader)
                 if isinstance(message, Ready):
                     worker.ready.set()
                 elif isinstance(message, StatsReply):
-                    future = worker.waiters.pop(message.id, None)
-                    if future is not None and not future.done():
-                        future.set_result(message)
+                    _answer(worker.waiters, message.id, message)
                 elif isinstance(message, Reloaded):
-                    worker.reload_acks.put_nowait(message)
+                    _answer(worker.prepared, message.generation, message)
+                elif isinstance(message, Committed):
+                    _answer(worker.committed, message.generation, message)
                 elif isinstance(message, Failed):
                     self.log.error("worker_config_failed", worker=worker.index, error=message.error)
+        except (ChannelClosed, ConnectionError):
+            # Gone: a reload waiting on this worker need not wait for the deadline.
+            for pending in (worker.prepared, worker.committed):
+                for future in pending.values():
+                    if not future.done():
+                        future.set_exception(ChannelClosed("worker exited"))
+                pending.clear()
 
     async def _watch(self, worker: _Worker, process: ForkedProcess) -> None:
         code = await process.wait()
@@ -227,36 +254,84 @@ class Supervisor:
         try:
             settings = load(self.path)  # reads the file once: settings.text is what we push
         except ConfigError as exc:
-            self.reloads["failure"] += 1
-            self.last_reload_ok = False
+            self._reload_failed()
             self.log.error("config_reload_failed", error=str(exc))
             return False
         if settings.server.listen != self.settings.server.listen:
             self.log.warning("config_reload_listen_ignored", reason="listen changes need a restart")
-        self.settings = settings
-        errors = []
-        for worker in self.workers:
-            if worker.writer is None:
-                continue
-            write_message(worker.writer, self._configure())
-            try:
-                async with asyncio.timeout(5.0):
-                    ack = await worker.reload_acks.get()
-            except TimeoutError:
-                errors.append(f"worker {worker.index}: no answer")
-                continue
-            if not ack.ok:
-                errors.append(f"worker {worker.index}: {ack.error}")
-        if errors:
-            self.reloads["failure"] += 1
-            self.last_reload_ok = False
-            self.log.error("config_reload_partial", errors=errors)
-            return False
+        async with self._configuring:
+            self._generation += 1
+            generation = self._generation
+            # A worker between exit and restart is left out: it starts with
+            # whatever config this reload leaves in force.
+            workers = [
+                w
+                for w in self.workers
+                if w.writer is not None and w.process is not None and w.process.returncode is None
+            ]
+            push = self._configure(settings, generation)
+            answers = await asyncio.gather(
+                *(self._ask(w, w.prepared, push, generation) for w in workers)
+            )
+            errors = [
+                f"worker {w.index}: {error}"
+                for w, error in zip(workers, answers, strict=True)
+                if error is not None
+            ]
+            if errors:
+                for worker in workers:  # the prepared config is dropped everywhere
+                    assert worker.writer is not None
+                    write_message(worker.writer, Commit(generation, apply=False))
+                self._reload_failed()
+                self.log.error(
+                    "config_reload_failed", errors=errors, kept="the previous config, everywhere"
+                )
+                return False
+            self.settings = settings
+            commit = Commit(generation, apply=True)
+            answers = await asyncio.gather(
+                *(self._ask(w, w.committed, commit, generation) for w in workers)
+            )
+        unconfirmed = [w.index for w, error in zip(workers, answers, strict=True) if error]
+        if unconfirmed:
+            # Prepared fine: the commit waits in its channel and is served as
+            # soon as the worker runs again.
+            self.log.warning("config_commit_unconfirmed", workers=unconfirmed)
         self.reloads["success"] += 1
         self.last_reload_ok = True
         self.last_reload_success = time.time()
-        self.log.info("config_reloaded", source=str(self.path), workers=len(self.workers))
+        self.log.info("config_reloaded", source=str(self.path), workers=len(workers))
         return True
+
+    async def _ask(
+        self,
+        worker: _Worker,
+        pending: dict[int, asyncio.Future[Any]],
+        message: Configure | Commit,
+        generation: int,
+    ) -> str | None:
+        """Send ``message``, wait for the answer of its generation: the
+        reason it is not ok, or None."""
+        assert worker.writer is not None
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        pending[generation] = future
+        write_message(worker.writer, message)
+        try:
+            async with asyncio.timeout(RELOAD_TIMEOUT):
+                answer = await future
+        except TimeoutError:
+            return f"no answer within {RELOAD_TIMEOUT:g} s"
+        except ChannelClosed:
+            return "exited"
+        finally:
+            pending.pop(generation, None)
+        if isinstance(answer, Reloaded) and not answer.ok:
+            return answer.error
+        return None
+
+    def _reload_failed(self) -> None:
+        self.reloads["failure"] += 1
+        self.last_reload_ok = False
 
     # -- stop ---------------------------------------------------------------------
     async def stop(self) -> None:
@@ -286,3 +361,10 @@ class Supervisor:
         if self._claim is not None:
             self._claim.close()
         log.flush()
+
+
+def _answer(pending: dict[int, asyncio.Future[Any]], key: int, message: object) -> None:
+    """Hand an answer to whoever waits for it; a late one (nobody waits) is dropped."""
+    future = pending.pop(key, None)
+    if future is not None and not future.done():
+        future.set_result(message)

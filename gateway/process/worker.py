@@ -3,8 +3,10 @@
 Started by the supervisor as ``python -m gateway _worker --fd N --index I``
 with one end of a Unix socket pair.  It receives its config text over that
 channel (so every worker serves exactly what the supervisor validated),
-binds the public port with SO_REUSEPORT, answers stats and reload requests,
-and drains on SIGTERM/SIGINT or when the supervisor goes away.
+binds the public port with SO_REUSEPORT, answers stats and reload requests
+(a pushed config is prepared, then served or dropped as the supervisor's
+``Commit`` says: see ``control``), and drains on SIGTERM/SIGINT or when the
+supervisor goes away.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from pathlib import Path
 import structlog
 
 from gateway.config.loader import ConfigError, Settings, loads
+from gateway.policy.generation import Generation
 from gateway.process.control import (
     ChannelClosed,
+    Commit,
+    Committed,
     Configure,
     Failed,
     Ready,
@@ -79,15 +84,31 @@ async def serve_worker(fd: int, index: int) -> int:
     return 0
 
 
-def _reload(gateway: Gateway, message: Configure) -> Reloaded:
+class _Prepared:
+    """The pushed config, built and waiting for its Commit (at most one)."""
+
+    __slots__ = ("gen", "generation", "settings")
+
+    def __init__(self, generation: int, settings: Settings, gen: Generation) -> None:
+        self.generation = generation
+        self.settings = settings
+        self.gen = gen
+
+
+def _matches(prepared: _Prepared | None, commit: Commit) -> bool:
+    return prepared is not None and prepared.generation == commit.generation
+
+
+def _prepare(message: Configure) -> tuple[Reloaded, _Prepared | None]:
     try:
-        gateway.reload(_settings(message))
+        settings = _settings(message)
+        prepared = _Prepared(message.generation, settings, Gateway.prepare(settings))
     except ConfigError as exc:
-        return Reloaded(ok=False, error=str(exc), generation=message.generation)
+        return Reloaded(ok=False, error=str(exc), generation=message.generation), None
     except Exception as exc:  # noqa: BLE001  (the channel must outlive a bad config)
         error = f"config not servable: {type(exc).__name__}"
-        return Reloaded(ok=False, error=error, generation=message.generation)
-    return Reloaded(ok=True, generation=message.generation)
+        return Reloaded(ok=False, error=error, generation=message.generation), None
+    return Reloaded(ok=True, generation=message.generation), prepared
 
 
 async def _control(
@@ -97,6 +118,7 @@ async def _control(
     stop: asyncio.Event,
     index: int,
 ) -> None:
+    prepared: _Prepared | None = None
     try:
         while True:
             message = await read_message(reader)
@@ -104,7 +126,16 @@ async def _control(
                 reply = StatsReply(message.id, gateway.stats.snapshot(), process_sample(index))
                 write_message(writer, reply)
             elif isinstance(message, Configure):
-                write_message(writer, _reload(gateway, message))
+                answer, prepared = _prepare(message)
+                write_message(writer, answer)
+            # A Commit for another generation (a push this worker never
+            # prepared: it started since) changes nothing.
+            elif isinstance(message, Commit) and _matches(prepared, message):
+                assert prepared is not None
+                if message.apply:
+                    gateway.commit(prepared.settings, prepared.gen)
+                    write_message(writer, Committed(message.generation))
+                prepared = None
             await writer.drain()
     except (ChannelClosed, ConnectionError):
         stop.set()  # the supervisor is gone: finish what is in flight and exit

@@ -442,3 +442,44 @@ async def test_refusals_are_counted_by_reason_on_the_admin_listener(
     for reason, n in {"client_denied": 1, "auth_throttle": 1, "rate": 1, "connections": 1}.items():
         assert metrics.sum("gateway_limit_rejections_total", reason=reason) == n, reason
     assert metrics.sum("gateway_limit_rejections_total", reason="concurrency") == 0
+
+
+# /health?deep=1 results are shared by concurrent callers and reused for
+# this long (README, /health): the upstreams' connects are bounded by it.
+PROBE_REUSE = 1.0
+
+
+async def _deep(port: int, requests: int = 1) -> list[int]:
+    """``requests`` pipelined deep checks on one connection; their statuses."""
+    async with raw_client(port) as conn:
+        await conn.send(request("GET", "/health?deep=1", token=TOKEN) * requests)
+        return [(await conn.response()).status for _ in range(requests)]
+
+
+async def test_deep_health_checks_cost_the_upstreams_a_bounded_number_of_connects(
+    start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    """A credential asking for deep checks as fast as it can (60 callers at
+    once, then 200 pipelined on one connection, then 30 in a row) makes the
+    gateway connect to each upstream at most once per PROBE_REUSE (plus one
+    probe in flight), not once per check; and the answer is fresh enough to
+    see an upstream go away."""
+    gw = await start_gateway(hostile_config(strict_upstream))
+    routes = 2  # both routes point at strict_upstream
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    concurrent = await asyncio.gather(*(_deep(gw.port) for _ in range(60)))
+    pipelined = await _deep(gw.port, 200)
+    in_a_row = [status for _ in range(30) for status in await _deep(gw.port)]
+    elapsed = loop.time() - started
+    connects = len(strict_upstream.conns)
+    print(f"290 deep checks in {elapsed:.2f} s: {connects} upstream connects")
+    assert [s for batch in concurrent for s in batch] == [200] * 60
+    assert pipelined == [200] * 200
+    assert in_a_row == [200] * 30
+    assert connects <= routes * (elapsed / PROBE_REUSE + 2), connects
+    assert strict_upstream.requests == []  # a probe connects, it never sends
+    # The upstream goes away: a deep check soon says so.
+    await strict_upstream.stop()
+    await asyncio.sleep(PROBE_REUSE + 0.1)
+    assert await _deep(gw.port) == [503]

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TOKEN
+from tests.conftest import TOKEN, sha256
 from tests.hostile.conftest import hostile_config
 from tests.support.client import raw_client
-from tests.support.process import GatewayProcess
+from tests.support.process import RELOAD_EVENTS, GatewayProcess
 from tests.support.upstreams import RawUpstream
 from tests.support.wire import request
 
@@ -93,3 +93,126 @@ async def test_unservable_config_is_a_failed_reload_and_later_reloads_work(
     # Grouped by upstream connection (one pool per worker), so compare as a set.
     bodies = sorted(r.body for r in strict_upstream.requests)
     assert bodies == sorted([b"first", b"old-config", b"new-config"])
+
+
+# -- a worker that does not answer a reload in time -------------------------------------
+OLD_TOKEN = "reload-token-old-0123456789abcdef"
+NEW_TOKEN = "reload-token-new-0123456789abcdef"
+
+
+def _credentials(*tokens: tuple[str, str]) -> str:
+    blocks = "".join(
+        f'[[credentials.tokens]]\nid = "{tid}"\nsha256 = "{sha256(tok.encode())}"\n'
+        for tid, tok in tokens
+    )
+    return f'[[credentials]]\nname = "ingest"\nroutes = ["remote_write", "otlp_traces"]\n{blocks}'
+
+
+def _worker_pids(supervisor: int) -> dict[int, int]:
+    """worker index → pid, from the children's command lines."""
+    out: dict[int, int] = {}
+    for task in Path(f"/proc/{supervisor}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            if b"_worker" in argv:
+                out[int(argv[argv.index(b"--index") + 1])] = int(child)
+    return out
+
+
+async def _statuses_on_every_worker(
+    proc: GatewayProcess, token: str, tag: str
+) -> dict[int, set[int]]:
+    """Fresh connections with ``token`` until both workers answered one:
+    worker index → the statuses it gave (matched by X-Request-Id)."""
+    sent: dict[str, int] = {}
+    seen: dict[int, set[int]] = {}
+    for i in range(60):
+        rid = f"{tag}-{i}"
+        async with raw_client(proc.port) as conn:
+            await conn.send(
+                request("POST", "/api/v1/write", b"x", token=token, headers=[("X-Request-Id", rid)])
+            )
+            sent[rid] = (await conn.response()).status
+        await asyncio.sleep(0.25)  # access lines are flushed a few times a second
+        seen = {}
+        for line in proc.find("request"):
+            if line.get("request_id") in sent:
+                seen.setdefault(int(line["worker"]), set()).add(int(line["status"]))
+        if len(seen) == 2:
+            break
+    return seen
+
+
+async def _metrics(port: int) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    data = await reader.read(-1)
+    writer.close()
+    return data.decode()
+
+
+async def test_a_worker_that_misses_the_reload_deadline_fails_it_everywhere(
+    tmp_path: Path, strict_upstream: RawUpstream
+) -> None:
+    """Worker 1 is stopped (SIGSTOP: swapped out, starved) while a reload
+    adds a token.  The reload must fail after the ack deadline and leave
+    every worker and the supervisor's metrics on the old config, also once
+    worker 1 runs again and answers late.  That late answer must not be
+    taken for the answer to the next reload (while worker 1 is stopped
+    again): that one fails too.  With every worker running, the same
+    config then reloads."""
+    config = tmp_path / "gateway.toml"
+    old = hostile_config(strict_upstream, credentials=_credentials(("old", OLD_TOKEN)))
+    new = hostile_config(
+        strict_upstream, credentials=_credentials(("old", OLD_TOKEN), ("new", NEW_TOKEN))
+    )
+    config.write_text(old)
+    proc = GatewayProcess(config, args=("--workers", "2"))
+    stopped: int | None = None
+    try:
+        await proc.start()
+        assert proc.proc is not None
+        workers = _worker_pids(proc.proc.pid)
+        assert sorted(workers) == [0, 1]
+        config.write_text(new)
+        os.kill(workers[1], signal.SIGSTOP)
+        stopped = workers[1]
+        since = proc.mark()
+        os.kill(proc.proc.pid, signal.SIGHUP)
+        outcome = await proc.wait_event(RELOAD_EVENTS, since, timeout=15.0)
+        assert outcome["event"] == "config_reload_failed", (
+            "a stopped worker cannot have acknowledged"
+        )
+        # The supervisor's metrics still describe the config in force.
+        metrics = await _metrics(proc.admin_port)
+        assert 'token_id="old"' in metrics
+        assert 'token_id="new"' not in metrics
+        os.kill(workers[1], signal.SIGCONT)
+        stopped = None
+        await asyncio.sleep(1.0)  # worker 1 handles what was queued for it
+        # One config on every worker: the old one.
+        assert await _statuses_on_every_worker(proc, NEW_TOKEN, "a") == {0: {401}, 1: {401}}
+        assert await _statuses_on_every_worker(proc, OLD_TOKEN, "b") == {0: {204}, 1: {204}}
+        # Worker 1 stalls again: its late answer to the first reload must
+        # not pass for an answer to this one.
+        os.kill(workers[1], signal.SIGSTOP)
+        stopped = workers[1]
+        since = proc.mark()
+        os.kill(proc.proc.pid, signal.SIGHUP)
+        outcome = await proc.wait_event(RELOAD_EVENTS, since, timeout=15.0)
+        assert outcome["event"] == "config_reload_failed", (
+            "worker 1 is stopped: nothing acknowledged"
+        )
+        os.kill(workers[1], signal.SIGCONT)
+        stopped = None
+        await asyncio.sleep(1.0)
+        # Everyone running: the same config reloads, on every worker.
+        since = proc.mark()
+        os.kill(proc.proc.pid, signal.SIGHUP)
+        await proc.wait_event("config_reloaded", since, timeout=15.0)
+        assert await _statuses_on_every_worker(proc, NEW_TOKEN, "c") == {0: {204}, 1: {204}}
+        assert 'token_id="new"' in await _metrics(proc.admin_port)
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+        await proc.stop()

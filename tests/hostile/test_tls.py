@@ -5,6 +5,7 @@ client-certificate subject condition."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -335,3 +336,119 @@ async def test_sighup_swaps_certificates_in_every_worker(
     finally:
         await proc.stop()
     assert [r.body for r in strict_upstream.requests] == [b"before", b"after", b"still"]
+
+
+# -- client_auth across reloads ------------------------------------------------------
+# Each handshake takes the context of the config in force at accept, with its
+# verify mode: OpenSSL copies a context's verify mode into a connection when
+# the connection is created, so switching contexts later (SNI) changes the
+# certificate but never what is asked of the client.
+
+_MODES = [("none", "required"), ("optional", "required"), ("required", "none")]
+
+
+@pytest.mark.parametrize(("before", "after"), _MODES, ids=[f"{a}-{b}" for a, b in _MODES])
+async def test_client_auth_change_applies_to_new_handshakes_after_reload(
+    before: str, after: str, pki: Pki, start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    server = pki.server("gw")
+    good = pki.client("origin-pull", "Cloudflare")
+
+    def text(mode: str) -> str:
+        return hostile_config(
+            strict_upstream,
+            server=_tls(server, mode, pki.client_ca_file).replace(
+                "keepalive_timeout_seconds = 2.0", "keepalive_timeout_seconds = 30"
+            ),
+        )
+
+    gw = await start_gateway(text(before))
+    assert await _refused(gw.port, pki.client_context()) == (before == "required")
+    async with _tls_conn(gw.port, pki.client_context(good)) as old:
+        assert (await _post(old, b"before")).status == 204
+        gw.reload(loads(text(after)))
+        # Every new handshake: with no certificate, refused exactly when required.
+        for _ in range(3):
+            assert await _refused(gw.port, pki.client_context()) == (after == "required")
+        async with _tls_conn(gw.port, pki.client_context(good)) as new:
+            assert (await _post(new, b"with-cert")).status == 204
+        # The connection from before keeps its session.
+        assert (await _post(old, b"old-session")).status == 204
+    # _refused sends b"sneak" without a certificate: it passed only when allowed.
+    sneaked = [r.body for r in strict_upstream.requests].count(b"sneak")
+    assert sneaked == (before != "required") + 3 * (after != "required")
+
+
+async def test_client_auth_none_asks_for_no_certificate_even_with_a_ca_file(
+    pki: Pki, start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    """A client holding a certificate from another CA is not asked for it."""
+    server = _tls(pki.server("gw"), "none", pki.client_ca_file)
+    gw = await start_gateway(hostile_config(strict_upstream, server=server))
+    foreign = pki.client("someone", "Elsewhere", foreign=True)
+    async with _tls_conn(gw.port, pki.client_context(foreign)) as conn:
+        assert (await _post(conn, b"foreign")).status == 204
+        assert conn.writer.get_extra_info("ssl_object").getpeercert() is not None
+
+
+async def test_tls_turned_on_and_off_by_reload(
+    pki: Pki, start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    """New connections follow [server.tls] of the config in force, both ways."""
+    plain = hostile_config(strict_upstream)
+    tls = hostile_config(strict_upstream, server=_tls(pki.server("gw")))
+    gw = await start_gateway(plain)
+    async with raw_client(gw.port) as conn:
+        assert (await _post(conn, b"plain")).status == 204
+    gw.reload(loads(tls))
+    async with _tls_conn(gw.port, pki.client_context()) as conn:
+        assert (await _post(conn, b"tls")).status == 204
+    gw.reload(loads(plain))
+    async with raw_client(gw.port) as conn:
+        assert (await _post(conn, b"plain-again")).status == 204
+    requests = strict_upstream.requests
+    assert [r.body for r in requests] == [b"plain", b"tls", b"plain-again"]
+    assert [r.header("X-Forwarded-Proto") for r in requests] == ["http", "https", "http"]
+
+
+async def test_sighup_to_client_auth_required_is_enforced_by_every_worker(
+    pki: Pki, tmp_path: Path, strict_upstream: RawUpstream
+) -> None:
+    """The real CLI with 2 workers: none → required by SIGHUP.  Afterwards
+    no new connection without a certificate gets in, on any worker (the
+    kernel spreads connections by their ports: a dozen reach both), and
+    clients with one are served by both workers."""
+    config = tmp_path / "gateway.toml"
+    server = pki.server("gw")
+
+    def write(mode: str) -> None:
+        config.write_text(
+            hostile_config(strict_upstream, server=_tls(server, mode, pki.client_ca_file))
+        )
+
+    write("none")
+    good = pki.client("origin-pull", "Cloudflare")
+    proc = GatewayProcess(config, args=("--workers", "2"))
+    try:
+        await proc.start()
+        assert proc.proc is not None
+        assert not await _refused(proc.port, pki.client_context())
+        write("required")
+        since = proc.mark()
+        os.kill(proc.proc.pid, signal.SIGHUP)
+        await proc.wait_event("config_reloaded", since)
+        for _ in range(12):
+            assert await _refused(proc.port, pki.client_context())
+        workers: set[object] = set()
+        for _ in range(40):
+            async with _tls_conn(proc.port, pki.client_context(good)) as conn:
+                assert (await _post(conn, b"with-cert")).status == 204
+            await asyncio.sleep(0.3)  # access lines are flushed a few times a second
+            workers = {e.get("worker") for e in proc.find("request", status=204)}
+            if len(workers) == 2:
+                break
+        assert workers == {0, 1}
+    finally:
+        await proc.stop()
+    # Only the probe before the reload got in without a certificate.
+    assert [r.body for r in strict_upstream.requests].count(b"sneak") == 1

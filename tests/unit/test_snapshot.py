@@ -77,6 +77,9 @@ def test_every_control_message_round_trips() -> None:
         control.Ready(1234),
         control.Failed("routes: at least one route is required"),
         control.Reloaded(ok=False, error="x", generation=3),
+        control.Commit(3, apply=True),
+        control.Commit(4, apply=False),
+        control.Committed(3),
     ]
     for message in messages:
         assert control._decoder.decode(control._encode(message)) == message
