@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import os
 import signal
@@ -39,10 +40,14 @@ import uvloop
 
 from gateway.process.worker import serve_worker
 
-__all__ = ["ForkedProcess", "fork_worker"]
+__all__ = ["WORKER_NAME", "ForkedProcess", "fork_worker"]
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _FAILED = 70  # EX_SOFTWARE: the worker could not run
+_PR_SET_NAME = 15
+# A forked worker's command line is the supervisor's: its name (ps -o comm,
+# top, /proc/PID/comm) tells it apart.  15 bytes at most.
+WORKER_NAME = "obsgw-worker-%d"
 
 
 class ForkedProcess:
@@ -111,6 +116,7 @@ def _child(fd: int, index: int, mask: set[int | signal.Signals]) -> None:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _neutralise_inherited(keep={0, 1, 2, fd})
+        _name(WORKER_NAME % index)
         asyncio.events._set_running_loop(None)  # the supervisor's, not ours
         code = uvloop.run(serve_worker(fd, index))
     except BaseException:  # noqa: BLE001  (a child must never return into the parent's stack)
@@ -121,6 +127,11 @@ def _child(fd: int, index: int, mask: set[int | signal.Signals]) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+def _name(name: str) -> None:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux / not glibc: unnamed
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def _neutralise_inherited(keep: set[int]) -> None:

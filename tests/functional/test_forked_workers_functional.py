@@ -30,6 +30,10 @@ def _rollup(pid: int) -> dict[str, int]:
     return out
 
 
+def _comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
 def _sockets(pid: int) -> dict[int, str]:
     """Descriptor → socket inode ("socket:[123]") of a process."""
     out = {}
@@ -60,6 +64,9 @@ async def _start(tmp_path: Path) -> GatewayProcess:
 async def test_workers_share_the_supervisors_memory(tmp_path: Path) -> None:
     gw = await _start(tmp_path)
     try:
+        # Same command line as the supervisor; named by index.
+        names = {_comm(pid) for pid in gw.pids()[1:]}
+        assert names == {"obsgw-worker-0", "obsgw-worker-1"}
         for pid in gw.pids()[1:]:
             rollup = _rollup(pid)
             # Anonymous pages mapped by more than this process: the heap it
