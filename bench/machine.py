@@ -18,12 +18,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["gateway_build", "machine", "machine_key", "pss_kib"]
+__all__ = ["cpu_model", "gateway_build", "machine", "machine_key", "pss_kib"]
 
 _PROBE = "import json, gateway.build as b; print(json.dumps(b.running()))"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -52,7 +52,7 @@ def gateway_build(repo: Path) -> str:
 
 def machine(repo: Path) -> dict[str, Any]:
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
         "python": platform.python_version(),

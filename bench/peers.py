@@ -23,12 +23,33 @@ from pathlib import Path
 
 from bench.procs import Procs, free_port
 
-__all__ = ["TARGETS", "TLS_TARGETS", "Peer", "Stack", "gateway_supports_workers"]
+__all__ = [
+    "GATEWAY_TEMPLATES",
+    "TARGETS",
+    "TLS_TARGETS",
+    "Peer",
+    "Stack",
+    "gateway_supports_workers",
+]
 
 TEMPLATES = Path(__file__).parent / "templates"
 REPO = Path(__file__).resolve().parent.parent
 ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")  # libnginx-mod-http-echo
-TARGETS = ("direct", "gateway", "nginx-tuned", "nginx-seed", "vmauth")
+TARGETS = (
+    "direct",
+    "gateway",
+    "gateway-2b",
+    "gateway-2b-nocopy",
+    "nginx-tuned",
+    "nginx-seed",
+    "vmauth",
+)
+# Two backends per route (issue 12), replay copies kept or not: config values.
+GATEWAY_TEMPLATES = {
+    "gateway": ("gateway.toml", {}),
+    "gateway-2b": ("gateway-2b.toml", {"replay": 8 * 1024 * 1024}),
+    "gateway-2b-nocopy": ("gateway-2b.toml", {"replay": 0}),
+}
 TLS_TARGETS = ("gateway", "nginx-tuned")
 
 
@@ -95,6 +116,7 @@ class Stack:
         self.sink_workers = sink_workers
         self.access_log = access_log
         self.sink: Peer | None = None
+        self.sink_port2 = 0  # the sink's second port: the second backend of gateway-2b
         self.stream_sink_port = 0
         self.vm: Peer | None = None
 
@@ -152,11 +174,13 @@ class Stack:
     def start_sink(self) -> Peer:
         d = self._dir("sink")
         port = free_port()
+        self.sink_port2 = free_port()
         conf = render(
             "sink.conf",
             d / "nginx.conf",
             dir=d,
             port=port,
+            port2=self.sink_port2,
             workers=self.sink_workers,
             echo_module=ECHO_MODULE,
         )
@@ -198,8 +222,8 @@ class Stack:
         assert self.sink is not None
         if name == "direct":
             return self.sink
-        if name == "gateway":
-            return self.start_gateway()
+        if name in GATEWAY_TEMPLATES:
+            return self.start_gateway(name)
         if name in ("nginx-tuned", "nginx-seed"):
             ssl, ssl_files = "", ""
             if self.tls:
@@ -218,16 +242,19 @@ class Stack:
             return self.start_vmauth()
         raise ValueError(f"unknown target {name!r}")
 
-    def start_gateway(self) -> Peer:
+    def start_gateway(self, name: str = "gateway") -> Peer:
         assert self.sink is not None
-        d = self._dir("gateway")
+        d = self._dir(name)
         port, admin = free_port(), free_port()
+        template, extra = GATEWAY_TEMPLATES[name]
         conf = render(
-            "gateway.toml",
+            template,
             d / "gateway.toml",
             port=port,
             admin=admin,
             sink=self.sink.port,
+            sink2=self.sink_port2,
+            **extra,
             stream_sink=self.stream_sink_port,
             vm=self.vm.port if self.vm else 9,
             access="true" if self.access_log else "false",
@@ -239,8 +266,8 @@ class Stack:
             argv += ["--workers", str(self.workers)]
         elif self.workers != 1:
             raise RuntimeError("this gateway has no --workers: run with --workers 1")
-        proc = self.procs.start("gateway", argv, port=port, cwd=REPO)
-        return Peer("gateway", port, proc, self.workers, {"admin_port": str(admin)}, self.tls)
+        proc = self.procs.start(name, argv, port=port, cwd=REPO)
+        return Peer(name, port, proc, self.workers, {"admin_port": str(admin)}, self.tls)
 
     def start_vmauth(self) -> Peer:
         assert self.sink is not None

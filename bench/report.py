@@ -150,6 +150,20 @@ def _targets(
     out.append(
         _target("1 GiB streamed body: gateway RSS growth < 32 MiB", growth, 32.0, True, "MiB")
     )
+    stream_2b = result.get("stream_2b")
+    if stream_2b:
+        growth_2b = max(stream_2b["growth_mib"], stream_2b["hwm_growth_mib"])
+        if stream_2b["status"] != 204 or stream_2b["bytes"] < 1 << 30:
+            growth_2b = None
+        out.append(
+            _target(
+                "1 GiB streamed body, two backends (copy dropped at 8 MiB): RSS growth < 32 MiB",
+                growth_2b,
+                32.0,
+                True,
+                "MiB",
+            )
+        )
     mem = result["memory"].get(gw)
     idle = None
     if mem:
@@ -173,6 +187,36 @@ def _targets(
         )
     )
     return out
+
+
+TWO_BACKENDS = ("gateway", "gateway-2b-nocopy", "gateway-2b")
+
+
+def backends_table(result: dict[str, Any]) -> list[str]:
+    """Issue 12: two backends against one in the same run, per workload: the
+    CPU per request and peak RSS of balancing alone (no copy) and of
+    balancing with the replay copy of every body."""
+    thr = result["summary"]["throughput"]
+    if "gateway" not in thr or not any(t in thr for t in TWO_BACKENDS[1:]):
+        return []
+    lines = [
+        "",
+        "| workload | target | CPU µs/req | Δ µs/req vs one backend | Δ % | peak RSS MiB |",
+        "|---|---|--:|--:|--:|--:|",
+    ]
+    for wl in result["payloads"]:
+        one = _get(thr, "gateway", wl, "cpu_us_per_req")
+        for target in TWO_BACKENDS:
+            cpu = _get(thr, target, wl, "cpu_us_per_req")
+            if cpu is None:
+                continue
+            delta = cpu - one if one is not None else None
+            pct = delta / one * 100 if delta is not None and one else None
+            peak = result["memory"].get(target, {}).get("peak_mib")
+            lines.append(
+                f"| {wl} | {target} | {_fmt(cpu)} | {_fmt(delta)} | {_fmt(pct)} | {_fmt(peak)} |"
+            )
+    return lines
 
 
 def _fmt(v: float | None, digits: int = 1) -> str:
@@ -216,6 +260,7 @@ def table(result: dict[str, Any]) -> str:
             f"| {_fmt(mem.get('idle_after', {}).get('rss_mib'))} | {_fmt(mem.get('peak_mib'))} "
             f"| {len(start['per_process_mib'])} |"
         )
+    lines += backends_table(result)
     if s["latency"]:
         lines += [
             "",
@@ -270,7 +315,8 @@ def chart(result: dict[str, Any], path: Path) -> Path:
     axes.flat[0].legend(fontsize=8)
     meta = result["meta"]
     fig.suptitle(
-        f"obs-gateway bench {meta['timestamp']} — {meta['host']['cpus']} CPUs, "
+        f"obs-gateway bench {meta['timestamp']} — {meta['host'].get('cpu_model', '?')}, "
+        f"{meta['host']['cpus']} CPUs, "
         f"{meta['workers']} worker(s), access log {meta['access_log']}, medians of "
         f"{meta['repeats']}×{meta['duration_s']:g}s"
     )
@@ -302,6 +348,14 @@ def markdown(result: dict[str, Any], json_path: Path, png: Path) -> str:
         else "1 GiB stream: not run."
     )
     host = meta["host"]
+    stream_2b = result.get("stream_2b")
+    if stream_2b:
+        stream_line += (
+            f" Through two backends (gateway-2b): {stream_2b['mb_s']:.0f} MB/s, status "
+            f"{stream_2b['status']}, growth {stream_2b['growth_mib']:.1f} MiB sampled / "
+            f"{stream_2b['hwm_growth_mib']:.1f} MiB by VmHWM; copies given up for being "
+            f"too large: {stream_2b.get('replay_skipped')}."
+        )
     return "\n".join(
         [
             _begin(machine_key(host)),

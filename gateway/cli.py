@@ -26,6 +26,7 @@ import uvloop
 from gateway import __version__, build
 from gateway.config.credentials import token_digest
 from gateway.config.loader import ConfigError, Settings, expiry_warnings, load
+from gateway.config.routes import RouteSpec
 from gateway.config.tenants import forwarding_lines, tenancy_warnings
 from gateway.policy.auth import MAX_AUTHORIZATION_BYTES
 from gateway.process.memory import tune_malloc
@@ -237,8 +238,36 @@ def _matrix(settings: Settings) -> str:
                     f"  {cred.name}/{k.kid or 'jwt'}: JWT {','.join(jwt.algorithms)} "
                     f"iss={jwt.issuer} aud={jwt.audience} (validity from each token's exp)"
                 )
+    lines += ["", "routes (backends in order: label, weight, URL):"]
+    for route in settings.routes:
+        lines += _backends(route)
     lines += ["", *forwarding_lines(settings)]
     return "\n".join(lines)
+
+
+def _backends(route: RouteSpec) -> list[str]:
+    backends = route.backends()
+    several = len(backends) > 1
+    policy = (
+        f"balance {route.balance}, attempts {min(route.attempts, len(backends))}, "
+        f"retry on {', '.join(map(str, route.retry_statuses)) or 'no status'}, "
+        f"replay up to {route.replay_buffer_bytes:,} B"
+        if several
+        else "one backend: no balancing, no retry"
+    )
+    check = route.health_check
+    probe = (
+        f"health check GET {check.path} every {check.interval_seconds:g} s "
+        f"(timeout {check.timeout_seconds:g} s, up after {check.healthy_threshold}, "
+        f"down after {check.unhealthy_threshold})"
+        if check is not None
+        else "no health check (passive only)"
+    )
+    lines = [f"  {route.name} {route.path}: {policy}; {probe}"]
+    width = max(len(label) for label, _ in backends)
+    for i, (label, spec) in enumerate(backends):
+        lines.append(f"    {i}  {label.ljust(width)}  weight {spec.weight}  {spec.url}")
+    return lines
 
 
 def _listening(settings: Settings, port: int, admin_port: int, workers: int) -> None:

@@ -47,6 +47,7 @@ class GatewayCollector(Collector):
         gauges = self._config_gauges()
         yield from self._requests(snap)
         yield from self._routes(snap)
+        yield from self._backends(snap)
         yield from self._tokens(snap, gauges)
         yield from self._config(gauges)
 
@@ -147,6 +148,80 @@ class GatewayCollector(Collector):
             for kind, n in sorted(r.upstream_errors.items()):
                 errors.add_metric([name, kind], n)
         yield from (duration, upstream, added, resp_bytes, in_flight, errors)
+
+    @staticmethod
+    def _backends(snap: Snapshot) -> Iterator[Metric]:
+        labels = ["route", "backend"]
+        requests = CounterMetricFamily(
+            "gateway_upstream_requests",
+            "Attempts sent to each backend (a retried request counts on each).",
+            labels=labels,
+        )
+        failures = CounterMetricFamily(
+            "gateway_upstream_failures",
+            "Failed attempts per backend: connect, timeout, reset, protocol, status (a 5xx "
+            "or a retry status).",
+            labels=[*labels, "kind"],
+        )
+        ejections = CounterMetricFamily(
+            "gateway_upstream_ejections",
+            "Backends taken out of rotation: after failures in a row, or by the active probe.",
+            labels=[*labels, "cause"],
+        )
+        probes = CounterMetricFamily(
+            "gateway_upstream_probes",
+            "Active health probes per backend, by result (ok, failed).",
+            labels=[*labels, "result"],
+        )
+        for b in sorted(snap.backends, key=lambda b: (b.route, b.backend)):
+            requests.add_metric([b.route, b.backend], b.requests)
+            for kind, n in sorted(b.failures.items()):
+                failures.add_metric([b.route, b.backend, kind], n)
+            for cause, n in sorted(b.ejections.items()):
+                ejections.add_metric([b.route, b.backend, cause], n)
+            for result, n in sorted(b.probes.items()):
+                probes.add_metric([b.route, b.backend, result], n)
+        healthy = GaugeMetricFamily(
+            "gateway_upstream_healthy",
+            "1 if every worker sends the backend new requests (not ejected, probe passing), "
+            "else 0; backends of the config in force.",
+            labels=labels,
+        )
+        outstanding = GaugeMetricFamily(
+            "gateway_upstream_outstanding", "Attempts in flight per backend.", labels=labels
+        )
+        for h in sorted(snap.health, key=lambda h: (h.route, h.index)):
+            if h.reporting:
+                healthy.add_metric([h.route, h.backend], 1 if h.healthy == h.reporting else 0)
+                outstanding.add_metric([h.route, h.backend], h.outstanding)
+        retries = CounterMetricFamily(
+            "gateway_upstream_retries",
+            "Requests sent to another backend, by the failure that caused it.",
+            labels=["route", "reason"],
+        )
+        replayed = CounterMetricFamily(
+            "gateway_upstream_replayed_bytes",
+            "Body bytes sent again to another backend from the replay copy.",
+            labels=["route"],
+        )
+        skipped = CounterMetricFamily(
+            "gateway_replay_skipped",
+            "Requests of routes with several backends that streamed without a replay "
+            "copy: too_large (over replay_buffer_bytes), memory (replay_memory_bytes in use).",
+            labels=["route", "reason"],
+        )
+        for name, r in sorted(snap.routes.items()):
+            for reason, n in sorted(r.retries.items()):
+                retries.add_metric([name, reason], n)
+            replayed.add_metric([name], r.replayed_bytes)
+            for reason, n in sorted(r.replay_skipped.items()):
+                skipped.add_metric([name, reason], n)
+        in_use = GaugeMetricFamily(
+            "gateway_replay_buffer_bytes", "Bytes held by replay copies of request bodies now."
+        )
+        in_use.add_metric([], snap.replay_bytes)
+        yield from (requests, failures, ejections, probes, healthy, outstanding)
+        yield from (retries, replayed, skipped, in_use)
 
     @staticmethod
     def _tokens(snap: Snapshot, gauges: Gauges) -> Iterator[Metric]:

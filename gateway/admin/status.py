@@ -3,7 +3,9 @@ returns, and what ``obs-gateway status`` prints (``status_cli.py``).
 
 Names, ids and figures only: credential and route names and token ids from
 config, counts, seconds, bytes.  Never a token, a digest, a client address
-or an upstream URL.  Counters are cumulative since start; ``last_minute``
+or an upstream address: a backend is its position in the route's list and,
+if the config gives one, its name (the metrics' default label, host:port,
+stays out).  Counters are cumulative since start; ``last_minute``
 figures come from samples the admin listener keeps every few seconds
 (``History``), so the answer to "is this token still used?" needs no second
 request.  Rates over a few seconds need two samples: the CLI takes them.
@@ -124,10 +126,48 @@ def _routes(snap: Snapshot, gauges: Gauges, then: Snapshot | None) -> list[dict[
                 "response_bytes": r.response_bytes,
                 "answers": _classes(now_codes),
                 "upstream_errors": dict(r.upstream_errors),
+                "retries": dict(r.retries),
+                "replayed_bytes": r.replayed_bytes,
+                "replay_skipped": dict(r.replay_skipped),
+                "backends": _backends(snap, then, name),
                 "last_minute": {
                     "answers": _classes(minute_codes),
                     "added_p50_seconds": quantile(0.5, added) if added else None,
                     "added_p99_seconds": quantile(0.99, added) if added else None,
+                },
+            }
+        )
+    return out
+
+
+def _backends(snap: Snapshot, then: Snapshot | None, route: str) -> list[dict[str, Any]]:
+    """The route's backends of the config in force, in order: health as the
+    workers see it (``healthy`` only if every worker would use it), load,
+    and counters with their last minute.  Named ``#index`` unless the
+    config names them."""
+    counters = {b.backend: b for b in snap.backends if b.route == route}
+    old = {b.backend: b for b in then.backends if b.route == route} if then else {}
+    out = []
+    for h in sorted((h for h in snap.health if h.route == route), key=lambda h: h.index):
+        b, o = counters.get(h.backend), old.get(h.backend)
+        requests = b.requests if b else 0
+        failures = sum(b.failures.values()) if b else 0
+        out.append(
+            {
+                "name": h.backend if h.named else f"#{h.index}",
+                "index": h.index,
+                "healthy": h.reporting > 0 and h.healthy == h.reporting,
+                "healthy_workers": h.healthy,
+                "workers": h.reporting,
+                "ejected_workers": h.ejected,
+                "probe_down_workers": h.probe_down,
+                "outstanding": h.outstanding,
+                "requests": requests,
+                "failures": dict(b.failures) if b else {},
+                "ejections": dict(b.ejections) if b else {},
+                "last_minute": {
+                    "requests": requests - (o.requests if o else 0),
+                    "failures": failures - (sum(o.failures.values()) if o else 0),
                 },
             }
         )

@@ -111,6 +111,33 @@ def _failures(counts: dict[str, int]) -> str:
     return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items())) or "-"
 
 
+def _backend_rows(view: dict[str, Any], colour: bool) -> list[str]:
+    """Routes with several backends: each backend's health, load and the
+    last minute's attempts and failures (a route of one backend says no more
+    than its row above)."""
+    rows = [["ROUTE", "BACKEND", "HEALTH", "IN FLIGHT", "REQ 1 MIN", "FAILED 1 MIN", "RETRIES"]]
+    for r in view["routes"]:
+        backends = r.get("backends", [])
+        if len(backends) < 2:
+            continue
+        for i, b in enumerate(backends):
+            health = "ok" if b["healthy"] else f"OUT {b['healthy_workers']}/{b['workers']} workers"
+            if colour and not b["healthy"]:
+                health = f"{_RED}{health}{_RESET}"
+            rows.append(
+                [
+                    r["name"] if i == 0 else "",
+                    b["name"],
+                    health,
+                    str(b["outstanding"]),
+                    str(b["last_minute"]["requests"]),
+                    str(b["last_minute"]["failures"]),
+                    _failures(r["retries"]) if i == 0 else "",
+                ]
+            )
+    return ["", *_table(rows, {3, 4, 5})] if len(rows) > 1 else []
+
+
 def render(view: dict[str, Any], *, colour: bool = False) -> str:
     now = view["now"]
     cfg = view["config"]
@@ -170,6 +197,7 @@ def render(view: dict[str, Any], *, colour: bool = False) -> str:
             ]
         )
     lines += _table(rows, {1, 2, 3, 4, 5, 6, 7})
+    lines += _backend_rows(view, colour)
     lines.append("")
     rows = [["WORKER", "RSS", "CPU", "RESTARTS"]]
     for w in view["workers"]:

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import msgspec
 
+from gateway.config.routes import BackendSpec, Entry, check_backend_list, labelled
 from gateway.config.urls import check_upstream_url
 
 __all__ = [
@@ -142,8 +143,10 @@ class ForwardSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     extra_labels: dict[str, str] = {}
     # Set on the upstream request of every route; the client's copies go.
     headers: dict[str, str] = {}
-    # route name → URL (or a list of one URL) replacing the route's upstream.
-    upstreams: dict[str, str | tuple[str, ...]] = {}
+    # route name → a URL, or a list of backends (URLs or {url, weight, name}
+    # tables, as a route's upstreams), replacing the route's backends; the
+    # route's balance, failover and health check apply to them.
+    upstreams: dict[str, str | tuple[Entry, ...]] = {}
     # What a claim value must match (besides: visible ASCII, ≤ 128 characters).
     claim_pattern: str = DEFAULT_CLAIM_PATTERN
 
@@ -154,12 +157,10 @@ class ForwardSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
         _check_headers(self.headers)
         for route, urls in self.upstreams.items():
             key = f"upstreams.{route}"
-            listed = (urls,) if isinstance(urls, str) else urls
-            if len(listed) != 1:
-                # One backend per route until routes have backend sets.
-                raise ValueError(f"{key}: give exactly one URL")
-            for url in listed:
-                check_upstream_url(url, key)
+            if isinstance(urls, str):
+                check_upstream_url(urls, key)
+            else:
+                check_backend_list(urls, key)
         try:
             pattern = re.compile(self.claim_pattern)
         except re.error as exc:
@@ -173,8 +174,13 @@ class ForwardSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
         values = [*self.extra_labels.values(), *self.headers.values()]
         return frozenset(c for v in values for c in claims_in(v))
 
-    def upstream_url(self, route: str) -> str | None:
+    def backends(self, route: str) -> tuple[tuple[str, BackendSpec], ...] | None:
+        """The labelled backends replacing ``route``'s, if this table has some."""
         urls = self.upstreams.get(route)
         if urls is None:
             return None
-        return urls if isinstance(urls, str) else urls[0]
+        return labelled((urls,) if isinstance(urls, str) else urls)
+
+    def upstream_urls(self, route: str) -> tuple[str, ...]:
+        """The URLs replacing ``route``'s backends (empty if none do)."""
+        return tuple(spec.url for _, spec in self.backends(route) or ())

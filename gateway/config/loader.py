@@ -76,9 +76,13 @@ class Settings:
 
 
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
-# A field, or a key inside a table field (``extra_labels.tenant``).
+# A rule's own message names its field, a key inside a table field
+# (``extra_labels.tenant``) or an item of a list field (``upstreams[1]``,
+# ``upstreams[1].name``, ``upstreams.remote_write[1]``).
 _FIELD_MSG = re.compile(
-    r"^(?P<field>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_.-]+)?): (?P<msg>.*)$", re.DOTALL
+    r"^(?P<field>[A-Za-z_][A-Za-z0-9_]*(?:\[\d+\])?(?:\.[A-Za-z0-9_.-]+)?(?:\[\d+\])?"
+    r"(?:\.[A-Za-z_][A-Za-z0-9_]*)?): (?P<msg>.*)$",
+    re.DOTALL,
 )
 _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
 
@@ -169,8 +173,13 @@ def _check_forward(key: str, spec: SettingsSpec, fwd: ForwardSpec, cred: Credent
     for name in fwd.upstreams:
         if name not in routes:
             raise ConfigError(f"{key}.upstreams.{name}: not one of this credential's routes")
-        parts = urlsplit(fwd.upstream_url(name) or "")
-        if routes[name].protocol == "otlp-grpc" and (parts.path not in ("", "/") or parts.query):
+        urls = fwd.upstream_urls(name)
+        if routes[name].protocol != "otlp-grpc":
+            continue
+        if len(urls) > 1:
+            raise ConfigError(f"{key}.upstreams.{name}: an otlp-grpc route takes one backend")
+        parts = urlsplit(urls[0])
+        if parts.path not in ("", "/") or parts.query:
             raise ConfigError(
                 f"{key}.upstreams.{name}: an otlp-grpc upstream is scheme, host and port only"
             )
@@ -180,14 +189,17 @@ def _check_forward(key: str, spec: SettingsSpec, fwd: ForwardSpec, cred: Credent
             f"{key}.extra_labels: none of this credential's routes is prometheus-remote-write"
         )
     for route in written:
-        url = fwd.upstream_url(route.name) or route.upstream
+        urls = fwd.upstream_urls(route.name) or tuple(b.url for _, b in route.backends())
         pinned = {
-            v.partition("=")[0] for k, v in parse_qsl(urlsplit(url).query) if k == "extra_label"
+            v.partition("=")[0]
+            for url in urls
+            for k, v in parse_qsl(urlsplit(url).query)
+            if k == "extra_label"
         }
         for label in fwd.extra_labels:
             if label in pinned:
                 raise ConfigError(
-                    f"{key}.extra_labels.{label}: the upstream URL of route {route.name!r} "
+                    f"{key}.extra_labels.{label}: an upstream URL of route {route.name!r} "
                     "already sets this label"
                 )
     if fwd.claims and (cred.jwt is None or cred.tokens):

@@ -1,5 +1,6 @@
 """The config schema: msgspec Structs for every TOML key, with types,
-defaults, per-field rules and unknown-key rejection.
+defaults, per-field rules and unknown-key rejection (routes and their
+backends in ``routes.py``, what both share in ``fields.py``).
 
 Field rules raised from ``__post_init__`` start with the field name
 (``"upstream: not an http(s) URL"``); ``config.py`` turns msgspec's error
@@ -12,20 +13,29 @@ import ipaddress
 import re
 from datetime import datetime
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
 
 import msgspec
 
+from gateway.config.fields import (
+    NAME,
+    RESERVED_NAMES,
+    RESERVED_PATHS,
+    ConfigError,
+    Positive,
+    PositiveInt,
+)
 from gateway.config.forward import ForwardSpec
-from gateway.config.urls import check_upstream_url
+from gateway.config.routes import BackendSpec, HealthCheckSpec, RouteSpec
 
 __all__ = [
     "RESERVED_PATHS",
     "AuthSpec",
+    "BackendSpec",
     "ClientsSpec",
     "ConfigError",
     "CredentialSpec",
     "ForwardSpec",
+    "HealthCheckSpec",
     "JwtSpec",
     "LimitsSpec",
     "LogSpec",
@@ -39,14 +49,8 @@ __all__ = [
     "UpstreamSpec",
 ]
 
-# Paths the gateway answers itself; a route may not shadow them.
-RESERVED_PATHS = frozenset({"/health"})
-# Label values come from these names, so keep them short and printable.
-NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-_METHODS = frozenset({"POST", "PUT", "PATCH", "GET", "DELETE"})
-# Label values the gateway uses for requests that match nothing.
-_RESERVED_NAMES = frozenset({"none", "unmatched", "health"})
+_RESERVED_NAMES = RESERVED_NAMES
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS = frozenset(
     {
@@ -63,16 +67,10 @@ ASYMMETRIC_ALGORITHMS = frozenset(
     }
 )
 
-Positive = Annotated[float, msgspec.Meta(gt=0)]
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
-
-
-class ConfigError(Exception):
-    """A config that must not be served; ``str()`` names the key path."""
-
 
 class _Spec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Base of the TOML schema: immutable, unknown keys are errors."""
+    """Base of the TOML schema (as ``fields.Spec``; declared here so that
+    linters see the msgspec Struct whose defaults are never shared)."""
 
 
 def _check_listen(value: str, key: str) -> None:
@@ -148,6 +146,19 @@ class UpstreamSpec(_Spec, frozen=True):
     # timeout (Go servers: 1m-3m) so a reused socket is rarely already dead.
     pool_idle_timeout_seconds: Positive = 30.0
     pool_max_idle: PositiveInt = 64
+    # Replay copies of request bodies (routes' replay_buffer_bytes) held at
+    # once by one worker; beyond, requests stream without a copy (counted).
+    replay_memory_bytes: Annotated[int, msgspec.Meta(ge=0)] = 64 * 1024 * 1024
+    # Passive health: this many failures in a row (connect, reset, timeout,
+    # a 5xx) eject a backend of a route with several; each ejection in a row
+    # lasts twice the one before, from base to max.
+    eject_after_failures: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+    eject_base_seconds: Positive = 1.0
+    eject_max_seconds: Positive = 10.0
+
+    def __post_init__(self) -> None:
+        if self.eject_max_seconds < self.eject_base_seconds:
+            raise ValueError("eject_max_seconds: must not be below eject_base_seconds")
 
 
 class LogSpec(_Spec, frozen=True):
@@ -212,43 +223,6 @@ class ReloadSpec(_Spec, frozen=True):
     # works for Kubernetes Secret symlink swaps).
     watch: bool = False
     watch_interval_seconds: Positive = 2.0
-
-
-class RouteSpec(_Spec, frozen=True):
-    name: str
-    path: str
-    protocol: Literal["prometheus-remote-write", "otlp-http", "otlp-grpc"]
-    upstream: str
-    methods: tuple[str, ...] = ("POST",)
-    # The client's query string: "pass" appends it to the upstream's (minus
-    # any argument the gateway sets itself), "drop" sends none of it.
-    query: Literal["pass", "drop"] = "pass"
-    # vmagent retries a 413 forever (head-of-line blocking), so the default
-    # sits far above its largest block; OTLP recommends 64 MiB too.
-    max_body_bytes: PositiveInt = 64 * 1024 * 1024
-
-    def __post_init__(self) -> None:
-        if not NAME.match(self.name) or self.name in _RESERVED_NAMES:
-            raise ValueError(
-                f"name: {self.name!r} must match [A-Za-z0-9_.-]{{1,64}} "
-                f"and not be one of {sorted(_RESERVED_NAMES)}"
-            )
-        if not self.path.startswith("/") or any(c in self.path for c in "?# \t%"):
-            raise ValueError(f"path: {self.path!r} must be an absolute path without query")
-        if self.path in RESERVED_PATHS:
-            raise ValueError(f"path: {self.path!r} is answered by the gateway itself")
-        if not self.methods:
-            raise ValueError("methods: at least one method")
-        for method in self.methods:
-            if method not in _METHODS:
-                raise ValueError(f"methods: {method!r} is not one of {sorted(_METHODS)}")
-        check_upstream_url(self.upstream, "upstream")
-        parts = urlsplit(self.upstream)
-        if self.protocol == "otlp-grpc" and (parts.path not in ("", "/") or parts.query):
-            raise ValueError(
-                f"upstream: an otlp-grpc upstream is scheme, host and port only (the gRPC "
-                f"method path is forwarded as it is): {self.upstream!r}"
-            )
 
 
 class TokenSpec(_Spec, frozen=True):

@@ -14,7 +14,7 @@ __all__ = ["forwarding_lines", "tenancy_warnings"]
 
 
 def _pinned(cred: Credential, route: str, protocol: str) -> tuple[list[str], list[str], str | None]:
-    """(labels, headers, backend URL) the credential forwards with on a route."""
+    """(labels, headers, backend URLs) the credential forwards with on a route."""
     fwd = cred.forward
     if fwd is None:
         return [], [], None
@@ -22,7 +22,7 @@ def _pinned(cred: Credential, route: str, protocol: str) -> tuple[list[str], lis
     if protocol == "prometheus-remote-write":
         labels = [f'{n}="{v}"' for n, v in fwd.extra_labels.items()]
     headers = [f"{n}: {v}" for n, v in fwd.headers.items()]
-    return labels, headers, fwd.upstream_url(route)
+    return labels, headers, ", ".join(fwd.upstream_urls(route)) or None
 
 
 def forwarding_lines(settings: Settings) -> list[str]:

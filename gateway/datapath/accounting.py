@@ -1,11 +1,11 @@
 """Accounting: the metrics and the one access-log line of a finished request.
 
 Called exactly once per request, after its response ended or its client
-went away.  Everything logged is a name from config, a number, the client
-address or the request path (truncated; never the query string): never a
-header value, so never a token.  ``tenant`` is the labels and headers the
-credential forwarded with, as the config writes them (a claim's value
-stays ``{claim:…}``).
+went away.  Everything logged is a name from config (routes, credentials,
+backend labels), a number, a fixed word, the client address or the request
+path (truncated; never the query string): never a header value, so never
+a token.  ``tenant`` is the labels and headers the credential forwarded
+with, as the config writes them (a claim's value stays ``{claim:…}``).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def account(shared: Shared, ex: Finished, grpc_status: str | None = None) -> Non
     access = shared.access
     if access is not None:
         head = ex.head
+        label = ex.label
         target = ex.target
         access.info(
             "request",
@@ -68,6 +69,9 @@ def account(shared: Shared, ex: Finished, grpc_status: str | None = None) -> Non
             bytes_out=ex.bytes_out,
             duration_ms=round(duration * 1000, 3),
             upstream_ms=round(ex.upstream_seconds * 1000, 3) if ex.upstream_seconds >= 0 else None,
+            # The backends tried, in order, and why each but the last was left.
+            backends=ex.history or ([label] if label else None),
+            retried=ex.retried,
             client=ex.client,
             error=ex.error or None,
             grpc_status=grpc_status,

@@ -15,8 +15,9 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Final
 
-from gateway.datapath.exchange_base import DISCARD_LIMIT, ExchangeBase, State
-from gateway.datapath.ports import PAUSE_CONNECT, PAUSE_QUEUE, PAUSE_UPSTREAM, Deadline
+from gateway.datapath.exchange_base import DISCARD_LIMIT, State
+from gateway.datapath.failover import Failover
+from gateway.datapath.ports import PAUSE_QUEUE, PAUSE_UPSTREAM, Deadline
 from gateway.policy.auth import Failure, Principal
 from gateway.policy.decide import (
     HEALTH_CHECK,
@@ -29,9 +30,8 @@ from gateway.policy.decide import (
 from gateway.policy.errors import Kind
 
 if TYPE_CHECKING:
-    from gateway.datapath.ports import UpstreamPool, UpstreamPort
     from gateway.policy.limits import Slots
-    from gateway.policy.routing import Route, Target
+    from gateway.policy.routing import Route
 
 __all__ = ["DISCARD_LIMIT", "Exchange", "State"]
 
@@ -48,19 +48,9 @@ _UPSTREAM: Final = int(Deadline.UPSTREAM)
 _QUEUE: Final = int(Deadline.QUEUE)
 _perf: Final = time.perf_counter
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-_FAILURES: Final = {
-    "connect": Kind.UPSTREAM_CONNECT,
-    "connect_timeout": Kind.UPSTREAM_CONNECT,  # unreachable: nothing was sent
-    "timeout": Kind.UPSTREAM_TIMEOUT,
-    "reset": Kind.UPSTREAM_RESET,
-    "protocol": Kind.UPSTREAM_PROTOCOL,
-    "internal": Kind.INTERNAL,
-}
-# upstream_errors_total{kind} values: connect, timeout, reset, protocol.
-_ERROR_LABEL: Final = {"connect_timeout": "connect", "internal": "internal"}
 
 
-class Exchange(ExchangeBase):
+class Exchange(Failover):
     """An exchange that decides, and proxies what it does not answer itself."""
 
     __slots__ = ()
@@ -149,13 +139,18 @@ class Exchange(ExchangeBase):
         self.body_in += n
         if not _QUEUED <= state <= _RESPONDING:
             return  # answered already: the body is read and dropped
-        if self.body_in > self.limit:
-            self._abort(Kind.TOO_LARGE, "body_too_large")
+        if self.body_in > self.limit and self._over_limit():
             return
+        replay = self.replay  # the copy for a replay on another backend, if kept
         if self.head.chunked:
-            self.up_buf += (b"%x\r\n" % n, data, b"\r\n")
+            pieces = (b"%x\r\n" % n, data, b"\r\n")
+            self.up_buf += pieces
+            if replay is not None:
+                replay += pieces
         else:
             self.up_buf.append(data)
+            if replay is not None:
+                replay.append(data)
 
     def too_slow(self, now: float, n: int) -> bool:
         """Minimum body rate, checked as body bytes arrive (slow-body defence)."""
@@ -175,6 +170,8 @@ class Exchange(ExchangeBase):
         if _QUEUED <= state <= _RESPONDING:
             if self.head.chunked:
                 self.up_buf.append(b"0\r\n\r\n")
+                if self.replay is not None:
+                    self.replay.append(b"0\r\n\r\n")
             if state >= _SENT:
                 self.conn.set_deadline(_UPSTREAM, self.gen.response_timeout)
             elif self._queued_on is not None:
@@ -182,12 +179,6 @@ class Exchange(ExchangeBase):
             # CONNECTING: connect_timeout bounds the connect; the response
             # deadline starts when the request can be sent (_attach).
         self._maybe_finish()
-
-    def flush_upstream(self) -> None:
-        up = self.upstream
-        if up is not None and self.up_buf:
-            up.send(self.up_buf)
-            self.up_buf = []
 
     # ------------------------------------------------------------------
     # Admission.
@@ -200,39 +191,15 @@ class Exchange(ExchangeBase):
             self.limit = route.max_body_bytes
             principal = self.principal
             assert principal is not None
-            assert route.default is not None
-            # The credential's own target for this route (tenancy), else the route's.
+            assert route.plan is not None
+            # The credential's own plan for this route (tenancy: its pinned
+            # labels and headers, maybe its own backends), else the route's.
             targets = principal.targets
-            target = route.default if targets is None else targets.get(route.name, route.default)
-            self.target = target
-            head = self.head
-            conn = self.conn
-            gen = self.gen
-            client = self.client
-            query = head.query
-            # A filtered query costs a parse only when the client sent one.
-            if query and target.query is not None:
-                request_target = self._filter_query(target, query)
-            else:
-                request_target = target.render(query)
-            pinned = target.headers
-            # Body bytes parsed while queued land after the head, in order.
-            self.up_buf.append(
-                head.upstream_head(
-                    request_target,
-                    target.upstream.host_header,
-                    conn.peer_bytes,
-                    gen.clients.proxied and gen.clients.trusted(conn.peer),
-                    conn.scheme,
-                    conn.peer_bytes if client is conn.peer else client.encode(),
-                    gen.underscores_in_headers,
-                    pinned,
-                )
-            )
-            if head.underscored:
-                self.shared.stats.header_dropped("underscore", len(head.underscored) // 2)
-            if pinned is not None and head.pinned_dropped:
-                self.shared.stats.overrides_dropped(self.credential, "header", head.pinned_dropped)
+            self.plan = route.plan if targets is None else targets.get(route.name, route.plan)
+            # The request head for the backend chosen once admitted
+            # (failover.py's _send_to); body bytes parsed while queued
+            # land after it, in order.
+            self.up_buf.append(b"")
         admission = self.shared.admission
         own = admission.credential_slots.get(self.credential)
         for slots in (own, admission.slots):
@@ -246,16 +213,6 @@ class Exchange(ExchangeBase):
             self._queued_on = None
             self.conn.resume(PAUSE_QUEUE)
         self._proxy(route)
-
-    def _filter_query(self, target: Target, query: bytes) -> bytes:
-        """The request-target with what the client may not set removed, counted."""
-        request_target, labels, others = target.filtered(query)
-        stats = self.shared.stats
-        if labels:
-            stats.overrides_dropped(self.credential, "extra_label", labels)
-        if others:
-            stats.overrides_dropped(self.credential, "query_arg", others)
-        return request_target
 
     def _queue(self, slots: Slots) -> None:
         if self._queued_on is slots or slots.enqueue(self):
@@ -296,59 +253,20 @@ class Exchange(ExchangeBase):
 
     def _proxy(self, route: Route) -> None:
         head = self.head
-        rstats = self.rstats = self.shared.stats.route(route.name)
+        plan = self.plan
+        assert plan is not None
+        bal = self.balancer = plan.balancer
+        rstats = self.rstats = bal.rstats
         rstats.in_flight += 1
-        target = self.target
-        assert target is not None
-        up = target.upstream
         if head.expect_continue and head.has_body and not self.request_done:
             self.conn.out.append(_CONTINUE)
-        pool = self.pool = self.shared.pools.get(up)
-        conn = pool.acquire()
-        if conn is not None:
-            self._attach(conn)
-        else:
-            # Reading waits for the connection (bounded by connect_timeout),
-            # so no body-idle deadline may blame the client meanwhile.
-            self.state = _CONNECTING
-            self.conn.pause(PAUSE_CONNECT)
-            self.conn.clear_deadline()
-            self._task = self.shared.loop.create_task(self._connect(pool))
-
-    async def _connect(self, pool: UpstreamPool) -> None:
-        try:
-            conn = await pool.connect(self.gen.connect_timeout)
-        except TimeoutError:
-            self.upstream_failed("connect_timeout")
-        except OSError:
-            self.upstream_failed("connect")
-        except Exception as exc:  # noqa: BLE001  (resolver and ssl errors are not OSErrors)
-            self.shared.log.warning(
-                "upstream_connect_error", route=self.route_name, error=type(exc).__name__
-            )
-            self.upstream_failed("connect")
-        else:
-            if self.state != _CONNECTING:
-                pool.release(conn, self.shared.loop.time() + self.gen.pool_idle_timeout)
-            else:
-                self._attach(conn)
-                self.flush_upstream()
-                self.conn.resume(PAUSE_CONNECT)
-        finally:
-            self.conn.flush()
-
-    def _attach(self, conn: UpstreamPort) -> None:
-        conn.attach(self)
-        self.upstream = conn
-        self.state = _SENT
-        self.t_sent = _perf()
-        # Whatever deadline waited before (the queue's, none while
-        # connecting) ends here: now the body must flow, or the upstream answer.
-        if not self.request_done:
-            if self.head.has_body:
-                self.conn.set_deadline(_BODY, self.gen.body_idle_timeout)
-        else:
-            self.conn.set_deadline(_UPSTREAM, self.gen.response_timeout)
+        if bal.single:
+            self._send_to(bal.first)
+            return
+        lane = bal.pick(self.shared.loop.time(), 0)
+        assert lane is not None  # nothing tried yet: some backend is left
+        self._keep_copy(bal)
+        self._send_to(lane)
 
     def client_write_paused(self, paused: bool) -> None:
         """The client stopped (or resumed) reading: so does the upstream."""
@@ -374,6 +292,15 @@ class Exchange(ExchangeBase):
         length: int | None,
     ) -> None:
         """``headers``: the upstream's end-to-end fields, already filtered."""
+        if status >= 400:
+            if self._answer_failed(status):
+                return  # retried on another backend: none of this answer goes out
+        else:
+            lane = self.lane
+            if lane is not None and (lane.state.fails or lane.state.ejections):
+                self._recovered(lane)
+        if self.replay is not None:
+            self.drop_copy()  # an answer has started: never replayed from here
         self.upstream_seconds = _perf() - self.t_sent
         self.status = status
         self.state = _RESPONDING
@@ -408,6 +335,10 @@ class Exchange(ExchangeBase):
         if self.chunked_out:
             self.conn.out.append(b"0\r\n\r\n")
         self.state = _ANSWERED
+        lane = self.lane
+        if lane is not None:
+            self.lane = None
+            lane.state.outstanding -= 1
         up, self.upstream = self.upstream, None
         pool, self.pool = self.pool, None
         if up is not None and pool is not None:
@@ -416,25 +347,6 @@ class Exchange(ExchangeBase):
             else:
                 up.abort()  # it answered early; the rest of our body is not wanted
         self._maybe_finish()
-
-    def upstream_failed(self, kind: str) -> None:
-        if self.state > _RESPONDING:
-            return
-        self.shared.stats.upstream_error(self.route_name, _ERROR_LABEL.get(kind, kind))
-        self.error = "upstream_" + kind
-        self._drop_upstream()
-        if self.state < _RESPONDING:
-            self.answer(_FAILURES[kind])
-        else:
-            # Status already sent: cut the connection so the client sees a
-            # truncated response and retries, rather than a short success.
-            self.state = _ANSWERED
-            self.close = True
-            self.conn.close_now()
-            self._maybe_finish()
-
-    def upstream_timeout(self) -> None:
-        self.upstream_failed("timeout")
 
     def upstream_paused(self, paused: bool) -> None:
         conn = self.conn

@@ -35,10 +35,11 @@ if TYPE_CHECKING:
     from gateway.datapath.ports import UpstreamPool, UpstreamPort
     from gateway.datapath.shared import Shared
     from gateway.policy.auth import Failure, Principal
+    from gateway.policy.balance import Balancer, Lane
     from gateway.policy.decide import Refuse
     from gateway.policy.limits import Slots
     from gateway.policy.request import RequestHead
-    from gateway.policy.routing import Route, Target
+    from gateway.policy.routing import Plan, Route, Target
     from gateway.telemetry.counters import RouteStats
 
 __all__ = ["DISCARD_LIMIT", "ExchangeBase", "State"]
@@ -83,6 +84,7 @@ class ExchangeBase:
         "_held",
         "_queued_on",
         "_task",
+        "balancer",
         "body_in",
         "bytes_out",
         "chunked_out",
@@ -93,11 +95,18 @@ class ExchangeBase:
         "error",
         "gen",
         "head",
+        "history",
+        "label",
+        "lane",
         "limit",
+        "plan",
         "pool",
         "principal",
         "protocol",
+        "replay",
+        "replay_held",
         "request_done",
+        "retried",
         "route",
         "route_name",
         "rstats",
@@ -107,6 +116,7 @@ class ExchangeBase:
         "t_sent",
         "target",
         "token_id",
+        "tried",
         "up_buf",
         "upstream",
         "upstream_seconds",
@@ -140,6 +150,20 @@ class ExchangeBase:
         self.up_buf: list[bytes] = []
         self.t_sent = 0.0
         self.upstream_seconds = -1.0
+        # Backends (failover.py): the set, the lane of the attempt in flight,
+        # the label of the last one tried, the lanes tried (a bit each).
+        self.plan: Plan | None = None  # the route's or the credential's, once admitted
+        self.balancer: Balancer | None = None
+        self.lane: Lane | None = None
+        self.label = ""
+        self.tried = 0
+        # The body's copy for a replay (None: none kept) and the bytes it
+        # holds of the worker's replay memory.
+        self.replay: list[bytes] | None = None
+        self.replay_held = 0
+        # Only once a request is retried: labels tried, failures retried.
+        self.history: list[str] | None = None
+        self.retried: list[str] | None = None
         # The event loop keeps only a weak reference to tasks: hold ours so a
         # pending connect or deep probe cannot be collected mid-flight.
         self._task: object = None
@@ -235,7 +259,7 @@ class ExchangeBase:
             self._health_answer(principal, upstreams)
             self.conn.flush()
 
-    def _health_answer(self, principal: Principal, upstreams: dict[str, bool] | None) -> None:
+    def _health_answer(self, principal: Principal, upstreams: dict[str, list[bool]] | None) -> None:
         head = self.head
         self._close_if_body_left()
         status, data, body_len = health_answer(
@@ -279,6 +303,11 @@ class ExchangeBase:
 
     def _drop_upstream(self) -> None:
         """Abort the upstream request: it must never see a complete body."""
+        lane, self.lane = self.lane, None
+        if lane is not None:
+            lane.state.outstanding -= 1
+        if self.replay is not None:
+            self.drop_copy()
         self.up_buf = []
         up, self.upstream = self.upstream, None
         self.pool = None
@@ -307,6 +336,8 @@ class ExchangeBase:
 
     def _finish(self) -> None:
         self.state = _FINISHED
+        if self.replay is not None:
+            self.drop_copy()
         if self.rstats is not None:
             self.rstats.in_flight -= 1
         body_bytes = (
@@ -324,6 +355,12 @@ class ExchangeBase:
         held, self._held = self._held, []
         for slots in held:
             slots.release()
+
+    def drop_copy(self) -> None:
+        """Let go of the body's replay copy and the memory it held."""
+        self.replay = None
+        self.shared.stats.replay_bytes -= self.replay_held
+        self.replay_held = 0
 
     def admitted(self) -> None:
         """A slot freed up for this queued exchange (called by ``Slots``)."""

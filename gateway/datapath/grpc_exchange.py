@@ -22,17 +22,9 @@ import time
 from typing import TYPE_CHECKING
 
 from gateway.datapath.exchange_base import State
-from gateway.datapath.grpc_stream import (
-    D_BODY,
-    D_NONE,
-    D_QUEUE,
-    D_UPSTREAM,
-    D_WRITE,
-    GrpcStream,
-    Headers,
-)
-from gateway.policy.auth import Failure
-from gateway.policy.decide import PROXY, Refuse, decide
+from gateway.datapath.grpc_stream import GrpcStream
+from gateway.datapath.h2stream import D_BODY, D_NONE, D_QUEUE, D_UPSTREAM, D_WRITE, Headers
+from gateway.policy.decide import PROXY, Refuse
 from gateway.policy.errors import Kind
 
 if TYPE_CHECKING:
@@ -61,35 +53,11 @@ class GrpcExchange(GrpcStream):
     __slots__ = ()
 
     # ------------------------------------------------------------------
-    # Deciding: the one policy both protocols share.
+    # Deciding: the one policy both protocols share (h2stream.py).
 
     def start(self) -> None:
-        head, gen, shared = self.head, self.gen, self.shared
-        route = gen.routes.get_grpc(head.path)
-        if route is not None:
-            self.route = route
-            self.route_name = route.name
-        if gen.clients.proxied:
-            self.client = gen.clients.resolve(self.conn.peer, head.client_ip)
-        who = gen.auth.authenticate(head.authorization, time.time())
-        d = decide(
-            head,
-            route,
-            self.client,
-            who,
-            self.conn.cert_subject,
-            gen,
-            shared.admission,
-            shared.loop.time(),
-            shared.draining,
-        )
-        if not d.anonymous:
-            if isinstance(who, Failure):
-                self.token_id = who.token_id
-            else:
-                self.principal = who
-                self.credential = who.credential
-                self.token_id = who.token_id
+        route = self.gen.routes.get_grpc(self.head.path)
+        d = self.decide(route)
         if d is PROXY:
             assert route is not None
             self.limit = route.max_body_bytes
@@ -98,38 +66,7 @@ class GrpcExchange(GrpcStream):
         # /health is not a gRPC method, and HEALTH_CHECK needs a route that
         # get_grpc never returns: anything else is a refusal.
         assert isinstance(d, Refuse)
-        stats = shared.stats
-        if d.limit:
-            stats.limit_rejection(d.limit)
-        if d.auth:
-            stats.auth_failure(d.auth, who.credential, who.token_id)
-        self.error = d.error
         self.answer(d.kind)
-
-    # ------------------------------------------------------------------
-    # Admission: the HTTP/1.1 exchange's slots and queue.
-
-    def admit(self, route: Route) -> None:
-        self.state = _QUEUED
-        admission = self.shared.admission
-        own = admission.credential_slots.get(self.credential)
-        for slots in (own, admission.slots):
-            if slots is None or not slots.limit or slots in self._held:
-                continue
-            if not slots.try_acquire():
-                if self._queued_on is slots or slots.enqueue(self):
-                    self._queued_on = slots
-                    self._set_deadline(D_QUEUE, admission.queue_timeout)
-                    return
-                self._overloaded("concurrency")
-                return
-            self._held.append(slots)
-        self._queued_on = None
-        self._proxy(route)
-
-    def admitted(self) -> None:
-        if self.state == _QUEUED and self.route is not None:
-            self.admit(self.route)
 
     # ------------------------------------------------------------------
     # Proxying.
@@ -139,11 +76,13 @@ class GrpcExchange(GrpcStream):
         rstats.in_flight += 1
         principal = self.principal
         assert principal is not None
-        assert route.default is not None
-        # The credential's own target for this route (tenancy), else the route's.
+        assert route.plan is not None
+        # The credential's own plan for this route (tenancy), else the route's;
+        # a gRPC route has one backend (config/routes.py).
         targets = principal.targets
-        target = route.default if targets is None else targets.get(route.name, route.default)
-        self.target = target
+        plan = route.plan if targets is None else targets.get(route.name, route.plan)
+        target = self.target = plan.targets[0]
+        self.label = plan.balancer.first.backend.label
         pool = self.shared.h2pool(target.upstream)
         conn = pool.acquire()
         if conn is not None:

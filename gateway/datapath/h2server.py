@@ -4,7 +4,9 @@ that negotiated ``h2`` in TLS ALPN or opened with the HTTP/2 preface (h2c).
 ``h2`` (python-hyper, sans-IO) does the framing, HPACK and the flow-control
 arithmetic; this module owns everything a hostile peer could use to make
 the gateway spend memory or time, and turns each complete request head
-into a ``GrpcExchange``:
+into a stream: a ``GrpcExchange`` for a gRPC call (an ``otlp-grpc`` route's
+method, or any ``application/grpc`` request), else an ``H2Relay`` for the
+HTTP/1.1 routes and ``/health``:
 
 - at most ``MAX_STREAMS`` concurrent streams (SETTINGS, enforced by h2);
 - a header list of at most ``server.max_header_bytes`` decoded bytes (the
@@ -17,7 +19,8 @@ into a ``GrpcExchange``:
   unknown types) and client-side stream resets (the 2023 "rapid reset")
   are budgeted per second; past the budget: GOAWAY ENHANCE_YOUR_CALM and
   close (``gateway_limit_rejections_total{reason="h2_flood"}``);
-- when the client stops reading, reading stops too (no ACK piles up);
+- when the client stops reading, reading stops too (no ACK piles up) and
+  no stream sends DATA until it reads again;
 - every stream has a deadline (body idle, queue, upstream, write), and an
   idle connection a keep-alive one, checked by the process's sweeper.
 
@@ -38,12 +41,13 @@ import h2.exceptions
 import h2.settings
 
 from gateway.datapath.grpc_exchange import GrpcExchange
+from gateway.datapath.h2relay import H2Relay
 from gateway.datapath.ports import Deadline
 from gateway.policy.errors import Kind
 from gateway.policy.request import RequestHead
 
 if TYPE_CHECKING:
-    from gateway.datapath.h2upstream import H2Upstream
+    from gateway.datapath.h2stream import Flushable, H2Stream
     from gateway.datapath.shared import Shared
 
 __all__ = ["MAX_STREAMS", "H2ServerConnection"]
@@ -79,6 +83,7 @@ class H2ServerConnection:
         "_resets",
         "_touched",
         "_window_start",
+        "_write_paused",
         "cert_subject",
         "deadline",
         "deadline_kind",
@@ -115,8 +120,9 @@ class H2ServerConnection:
             normalize_outbound_headers=False,
         )
         self.h2 = h2.connection.H2Connection(config)
-        self.streams: dict[int, GrpcExchange] = {}
-        self._touched: list[H2Upstream] = []
+        self.streams: dict[int, H2Stream] = {}
+        self._touched: list[Flushable] = []
+        self._write_paused = False
         self._goaway = False
         self._control = 0
         self._resets = 0
@@ -190,11 +196,16 @@ class H2ServerConnection:
         self._flush_upstreams()
 
     def pause_writing(self) -> None:
+        self._write_paused = True  # window() is 0 until the socket drains
         self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._write_paused = False
         if not self.transport.is_closing():
             self.transport.resume_reading()
+            for ex in list(self.streams.values()):
+                ex.client_window()
+            self.flush()
 
     # -- events -------------------------------------------------------------
     def _event(self, ev: h2.events.Event) -> None:  # noqa: PLR0912
@@ -254,7 +265,11 @@ class H2ServerConnection:
             count += 1
             head.header(name, value)
         head.finish_h2(method, target, shared.next_request_id(), gen.clients.header, not ended)
-        ex = GrpcExchange(self, shared, sid, head)
+        ex: H2Stream
+        if gen.routes.get_grpc(head.path) is not None or _grpc(headers):
+            ex = GrpcExchange(self, shared, sid, head)
+        else:
+            ex = H2Relay(self, shared, sid, head)
         self.streams[sid] = ex
         if size > gen.max_header_bytes or count > gen.max_header_count:
             ex.answer(Kind.HEADERS_TOO_LARGE)
@@ -315,6 +330,8 @@ class H2ServerConnection:
             pass
 
     def window(self, sid: int) -> int:
+        if self._write_paused:
+            return 0
         try:
             return self.h2.local_flow_control_window(sid)
         except h2.exceptions.ProtocolError:
@@ -328,7 +345,7 @@ class H2ServerConnection:
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self.h2.reset_stream(sid, code)
 
-    def touched(self, up: H2Upstream) -> None:
+    def touched(self, up: Flushable) -> None:
         if up not in self._touched:
             self._touched.append(up)
 
@@ -389,6 +406,15 @@ class H2ServerConnection:
             self.transport.write(data)
         self._flush_upstreams()
         self.transport.close()
+
+
+def _grpc(headers: Headers) -> bool:
+    """A gRPC request for a method no route has: answered UNIMPLEMENTED in
+    gRPC's terms rather than as an HTTP 404 its client cannot read."""
+    for name, value in headers:
+        if name == b"content-type":
+            return value[:16] == b"application/grpc"
+    return False
 
 
 class _Closed(Exception):

@@ -3,8 +3,9 @@ upstream accepts connections (``?deep=1``): the principal's own where its
 forward table replaces a route's.
 
 The body names the credential, token id, scopes and seconds to expiry, and
-for a deep check each route's reachability by route name: never a secret,
-never an upstream address.
+for a deep check each route's reachability by route name and each of its
+backends' by position in its list: never a secret, never an upstream
+address (nor a backend label, which may be one).
 
 A deep check is not a lever on the upstreams: ``UpstreamProbe`` runs one
 probe at a time per process, shared by every caller that asks meanwhile,
@@ -38,7 +39,8 @@ __all__ = [
 DEEP_TIMEOUT_SECONDS = 2.0
 # How long a probe's result answers later deep checks.
 PROBE_REUSE_SECONDS = 1.0
-Probed = tuple[tuple[str, Upstream], ...]  # (route name, upstream) in route order
+# (route name, its backends in order), in route order
+Probed = tuple[tuple[str, tuple[Upstream, ...]], ...]
 # Sets of upstreams remembered at once (one per credential with backends of
 # its own, plus the routes'); reloads make new ones, so the table starts over.
 _MAX_PROBED_SETS = 256
@@ -49,20 +51,18 @@ def wants_deep(query: bytes) -> bool:
 
 
 def upstreams_of(principal: Principal, routes: Iterable[Route]) -> Probed:
-    """(route name, the upstream this principal's requests go to)."""
-    targets = principal.targets or {}
+    """(route name, the backends this principal's requests go to), in order."""
+    plans = principal.targets or {}
     out = []
     for route in routes:
-        if route.upstream is not None:
-            target = targets.get(route.name)
-            out.append((route.name, target.upstream if target is not None else route.upstream))
+        plan = plans.get(route.name, route.plan)
+        if plan is not None:
+            out.append((route.name, tuple(t.upstream for t in plan.targets)))
     return tuple(out)
 
 
-async def check_upstreams(
-    upstreams: Iterable[tuple[str, Upstream]], timeout: float
-) -> dict[str, bool]:
-    """route name → whether its upstream accepted a TCP connection."""
+async def check_upstreams(upstreams: Probed, timeout: float) -> dict[str, list[bool]]:
+    """route name → whether each of its backends accepted a TCP connection."""
     loop = asyncio.get_running_loop()
 
     async def reachable(up: Upstream) -> bool:
@@ -74,9 +74,19 @@ async def check_upstreams(
         transport.close()
         return True
 
-    listed = list(upstreams)
-    results = await asyncio.gather(*(reachable(up) for _, up in listed))
-    return {name: ok for (name, _), ok in zip(listed, results, strict=True)}
+    results = await asyncio.gather(*(reachable(up) for _, ups in upstreams for up in ups))
+    out: dict[str, list[bool]] = {}
+    at = 0
+    for name, ups in upstreams:
+        out[name] = list(results[at : at + len(ups)])
+        at += len(ups)
+    return out
+
+
+def _route_status(oks: list[bool]) -> str:
+    if all(oks):
+        return "ok"
+    return "degraded" if any(oks) else "unreachable"
 
 
 class UpstreamProbe:
@@ -94,10 +104,10 @@ class UpstreamProbe:
     def __init__(self) -> None:
         # set → (loop time of the result, result, the probe running or None)
         self._probes: dict[
-            Probed, tuple[float, dict[str, bool], asyncio.Task[dict[str, bool]] | None]
+            Probed, tuple[float, dict[str, list[bool]], asyncio.Task[dict[str, list[bool]]] | None]
         ] = {}
 
-    async def check(self, upstreams: Probed, timeout: float) -> dict[str, bool]:
+    async def check(self, upstreams: Probed, timeout: float) -> dict[str, list[bool]]:
         loop = asyncio.get_running_loop()
         at, result, running = self._probes.get(upstreams, (float("-inf"), {}, None))
         if loop.time() - at < PROBE_REUSE_SECONDS:
@@ -110,7 +120,7 @@ class UpstreamProbe:
             self._probes[upstreams] = (at, result, running)
         return await asyncio.shield(running)
 
-    def _finished(self, upstreams: Probed, task: asyncio.Task[dict[str, bool]]) -> None:
+    def _finished(self, upstreams: Probed, task: asyncio.Task[dict[str, list[bool]]]) -> None:
         # Here, not in a caller: the caller that started it may be gone.
         at, result, _ = self._probes.get(upstreams, (float("-inf"), {}, None))
         if not task.cancelled() and task.exception() is None:
@@ -119,7 +129,7 @@ class UpstreamProbe:
 
 
 def health_response(
-    principal: Principal, now: float, upstreams: dict[str, bool] | None
+    principal: Principal, now: float, upstreams: dict[str, list[bool]] | None
 ) -> tuple[int, bytes]:
     expires_in = None
     if principal.not_after is not None:
@@ -133,9 +143,15 @@ def health_response(
     }
     status = 200
     if upstreams is not None:
-        doc["upstreams"] = {name: "ok" if ok else "unreachable" for name, ok in upstreams.items()}
-        if not all(upstreams.values()):
+        # A route is served while one backend is reachable: 503 only when
+        # some route has none; "degraded" whenever any backend is down.
+        doc["upstreams"] = {name: _route_status(oks) for name, oks in upstreams.items()}
+        doc["backends"] = {
+            name: ["ok" if ok else "unreachable" for ok in oks] for name, oks in upstreams.items()
+        }
+        if not all(all(oks) for oks in upstreams.values()):
             doc["status"] = "degraded"
+        if not all(any(oks) for oks in upstreams.values()):
             status = 503
     return status, orjson.dumps(doc)
 
@@ -143,7 +159,7 @@ def health_response(
 def health_answer(
     principal: Principal,
     now: float,
-    upstreams: dict[str, bool] | None,
+    upstreams: dict[str, list[bool]] | None,
     date_line: bytes,
     close: bool,
     head_only: bool,

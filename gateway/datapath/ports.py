@@ -175,3 +175,9 @@ class Finished(Protocol):
     def bytes_out(self) -> int: ...
     @property
     def upstream_seconds(self) -> float: ...
+    @property
+    def label(self) -> str: ...  # the backend tried last ("" if none)
+    @property
+    def history(self) -> list[str] | None: ...  # every backend tried, once retried
+    @property
+    def retried(self) -> list[str] | None: ...  # the failures that caused the retries

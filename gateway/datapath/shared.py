@@ -1,6 +1,7 @@
 """Per-process state shared by every connection: the config generation in
-force, counters, admission state, upstream pools, the open connections,
-the deep-health probe, the clock line and the request-id source.  One instance per process.
+force, counters, admission state, upstream pools, the backends' health
+(``BackendRegistry``), the open connections, the deep-health probe, the
+clock line and the request-id source.  One instance per process.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import time
 from typing import TYPE_CHECKING, Any, Final
 
 from gateway.datapath.health import UpstreamProbe
+from gateway.policy.balance import BackendRegistry
 from gateway.policy.limits import Admission
+from gateway.telemetry.snapshot import HealthSnap
 
 if TYPE_CHECKING:
     import ssl
@@ -65,6 +68,7 @@ class Shared:
         "_id_prefix",
         "access",
         "admission",
+        "backends",
         "connections",
         "date_line",
         "draining",
@@ -88,11 +92,15 @@ class Shared:
         log: Any,
         *,
         tls: ssl.SSLContext | None = None,
+        backends: BackendRegistry | None = None,
     ) -> None:
         self.loop = loop
-        self.gen = gen
         self.stats = stats
         self.pools = pools
+        # The registry ``gen`` was built with (its balancers' states).
+        self.backends = backends if backends is not None else BackendRegistry()
+        self.gen = gen
+        self.install(gen)
         self.h2pools: H2Pools | None = None  # made with the first gRPC call
         self.access = access  # a structlog logger, or None when access logs are off
         self.log = log
@@ -110,6 +118,45 @@ class Shared:
         # across workers and restarts without a syscall per request.
         self._id_prefix = os.urandom(6).hex().encode()
         self._id_counter = 0
+
+    def install(self, gen: Generation) -> None:
+        """Bind a generation's balancers to this process's pools and
+        counters (once, so a request reads them from its lane), and forget
+        the health of backends it no longer has.  Then it may serve."""
+        stats = self.stats
+        balancers = gen.balancers
+        for bal in balancers:
+            bal.rstats = stats.route(bal.route)
+            for lane in bal.lanes:
+                lane.pool = self.pools.get(lane.backend.upstream)
+                lane.stats = stats.backend(bal.route, lane.backend.label)
+        self.backends.keep(balancers)
+        self.gen = gen
+
+    def backend_health(self) -> list[HealthSnap]:
+        """Each backend of the config in force as this worker sees it now
+        (once per route and label: a credential's backends may repeat the
+        route's)."""
+        now = self.loop.time()
+        out: dict[tuple[str, str], HealthSnap] = {}
+        for bal in self.gen.balancers:
+            for lane in bal.lanes:
+                key = (bal.route, lane.backend.label)
+                if key in out:
+                    continue
+                state = lane.state
+                out[key] = HealthSnap(
+                    bal.route,
+                    lane.backend.label,
+                    lane.backend.index,
+                    int(state.healthy(now)),
+                    1,
+                    int(state.ejected_until > now),
+                    int(not state.probe_ok),
+                    state.outstanding,
+                    lane.backend.named,
+                )
+        return list(out.values())
 
     def h2pool(self, upstream: Upstream) -> H2Pool:
         pools = self.h2pools

@@ -27,7 +27,7 @@ from gateway.config.credentials import JwtKey
 from gateway.config.loader import Credential, JwtConfig
 
 if TYPE_CHECKING:
-    from gateway.policy.routing import Target
+    from gateway.policy.routing import Plan
     from gateway.policy.tenancy import Tenancy
 
 __all__ = [
@@ -60,7 +60,7 @@ class Principal:
     # Route name → what this principal sends upstream (tenancy.py); None:
     # every route's default.  ``refused``: route → why its claims cannot
     # be forwarded (decide answers 403).
-    targets: Mapping[str, Target] | None = None
+    targets: Mapping[str, Plan] | None = None
     refused: Mapping[str, str] | None = None
     ok: bool = field(default=True, init=False)
 
@@ -205,7 +205,7 @@ class Authenticator:
         expires = float(claims["exp"])
         routes = _scoped(config, cred.routes, claims)
         own = self._tenancy.get(cred.name)
-        targets: Mapping[str, Target] | None = None
+        targets: Mapping[str, Plan] | None = None
         refused = None
         if own is not None:
             targets, refused = own.for_claims(claims) if own.claims else (own.static, None)

@@ -204,6 +204,9 @@ def _grpc_answer(kind: Kind) -> list[tuple[bytes, bytes]]:
 _GRPC_ANSWERS: Final = {kind: _grpc_answer(kind) for kind in Kind}
 
 
+_Fields = list[tuple[bytes, bytes]]
+
+
 def rpc_status_protobuf(code: int, message: str) -> bytes:
     """google.rpc.Status{code=1 (int32), message=2 (string)} in wire format."""
     msg = message.encode()
@@ -213,26 +216,34 @@ def rpc_status_protobuf(code: int, message: str) -> bytes:
 class ErrorRenderer:
     """Pre-rendered error responses for one config generation.
 
-    ``render`` returns the complete response; only the Date line, the
-    Connection line and an optional extra header (``Allow``) vary.
+    ``render`` returns the complete HTTP/1.1 response; only the Date line,
+    the Connection line and an optional extra header (``Allow``) vary.
+    ``render_h2`` gives the same answer as HTTP/2 fields and a body: one
+    table, two framings.
     """
 
-    __slots__ = ("_cache",)
+    __slots__ = ("_cache", "_h2", "_realm")
 
     def __init__(self, realm: str) -> None:
+        self._realm = realm
         # (kind, protocol, json) → (status, head without Date/Connection, body)
         self._cache: dict[tuple[Kind, Protocol, bool], tuple[int, bytes, bytes]] = {}
+        # (kind, protocol, json) → (status, fields without date, body); built
+        # on first use: a worker that never speaks HTTP/2 keeps none of it.
+        self._h2: dict[tuple[Kind, Protocol, bool], tuple[int, _Fields, bytes]] = {}
         for kind in Kind:
             for protocol in Protocol:
                 for as_json in (False, True):
-                    self._cache[kind, protocol, as_json] = self._build(
-                        kind, protocol, as_json, realm
-                    )
+                    status, fields, body = self._build(kind, protocol, as_json, realm)
+                    lines = [f"HTTP/1.1 {status} {_REASONS[status]}"]
+                    lines += (f"{name}: {value}" for name, value in fields)
+                    head = ("\r\n".join(lines) + "\r\n").encode()
+                    self._cache[kind, protocol, as_json] = (status, head, body)
 
     @staticmethod
     def _build(
         kind: Kind, protocol: Protocol, as_json: bool, realm: str
-    ) -> tuple[int, bytes, bytes]:
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
         status = status_of(kind, protocol)
         _, _, rpc_code, _, message = _TABLE[kind]
         if protocol >= Protocol.OTLP:
@@ -245,23 +256,23 @@ class ErrorRenderer:
                 body, ctype = rpc_status_protobuf(rpc_code, message), "application/x-protobuf"
         else:
             body, ctype = (message + "\n").encode(), "text/plain; charset=utf-8"
-        lines = [
-            f"HTTP/1.1 {status} {_REASONS[status]}",
-            f"Content-Type: {ctype}",
-            f"Content-Length: {len(body)}",
-            "Cache-Control: no-store",
+        fields = [
+            ("Content-Type", ctype),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
         ]
         if kind is Kind.AUTH_MISSING:
             # RFC 6750 §3.1: no error code when no credentials were presented.
-            lines.append(f'WWW-Authenticate: Bearer realm="{realm}"')
+            fields.append(("WWW-Authenticate", f'Bearer realm="{realm}"'))
         elif kind is Kind.AUTH_INVALID:
-            lines.append(f'WWW-Authenticate: Bearer realm="{realm}", error="invalid_token"')
+            fields.append(("WWW-Authenticate", f'Bearer realm="{realm}", error="invalid_token"'))
         elif kind is Kind.SCOPE:
-            lines.append(f'WWW-Authenticate: Bearer realm="{realm}", error="insufficient_scope"')
+            fields.append(
+                ("WWW-Authenticate", f'Bearer realm="{realm}", error="insufficient_scope"')
+            )
         if status in (429, 503) and kind not in _UPSTREAM:
-            lines.append(f"Retry-After: {RETRY_AFTER_SECONDS}")
-        head = ("\r\n".join(lines) + "\r\n").encode()
-        return status, head, body
+            fields.append(("Retry-After", str(RETRY_AFTER_SECONDS)))
+        return status, fields, body
 
     def render(
         self,
@@ -279,3 +290,18 @@ class ErrorRenderer:
         if head_only:
             body = b""
         return status, b"".join((head, date_line, conn, extra, b"\r\n", body)), len(body)
+
+    def render_h2(
+        self, kind: Kind, protocol: Protocol, as_json: bool, date: bytes
+    ) -> tuple[int, _Fields, bytes]:
+        """(status, HTTP/2 fields with ``date``, body): a new list, so the
+        caller may append (``allow``)."""
+        key = (kind, protocol, as_json)
+        entry = self._h2.get(key)
+        if entry is None:
+            status, named, body = self._build(kind, protocol, as_json, self._realm)
+            h2 = [(b":status", b"%d" % status)]
+            h2 += ((name.lower().encode(), value.encode()) for name, value in named)
+            entry = self._h2[key] = (status, h2, body)
+        status, fields, body = entry
+        return status, [*fields, (b"date", date)], body

@@ -3,7 +3,10 @@ needs (route table, authenticator, rendered errors, client policy,
 per-credential rules and forwarding, the limits as plain attributes).
 
 Immutable and replaced as a whole on reload, so an exchange that captured
-one at its start finishes on it.  Built from validated ``Settings``; no I/O.
+one at its start finishes on it.  The one exception is by design: each
+route's balancer points at the worker's backend states, which outlive
+generations (a reload keeps what the worker knows of a backend's health).
+Built from validated ``Settings``; no I/O.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from gateway.policy.auth import Authenticator
+from gateway.policy.balance import BackendRegistry, Balancer
 from gateway.policy.clients import ClientPolicy, networks, within
 from gateway.policy.errors import ErrorRenderer
 from gateway.policy.routing import RouteTable
@@ -56,6 +60,7 @@ class Generation:
         "min_body_grace",
         "min_body_rate",
         "pool_idle_timeout",
+        "replay_memory_bytes",
         "response_timeout",
         "routes",
         "settings",
@@ -64,12 +69,19 @@ class Generation:
         "underscores_in_headers",
     )
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, backends: BackendRegistry | None = None) -> None:
         self.settings = settings
-        self.routes = RouteTable(settings.routes)
-        # Per credential with a forward table: its targets, pre-rendered.
+        # Balancers bound to the worker's backend states (a fresh registry
+        # when none is given: a generation that serves nothing, e.g. a test's).
+        registry = backends if backends is not None else BackendRegistry()
+        self.routes = RouteTable(settings.routes, settings.upstream, registry)
+        # Per credential with a forward table: its plans, pre-rendered (its
+        # own backends, if it has some, share the registry's states).
+        specs = {r.name: r for r in settings.routes}
         self.tenancy = {
-            c.name: Tenancy(c, self.routes) for c in settings.credentials if c.forward is not None
+            c.name: Tenancy(c, self.routes, specs, settings.upstream, registry)
+            for c in settings.credentials
+            if c.forward is not None
         }
         self.auth = Authenticator(settings.credentials, self.tenancy)
         self.errors = ErrorRenderer(settings.server.realm)
@@ -83,6 +95,7 @@ class Generation:
         self.connect_timeout = u.connect_timeout_seconds
         self.response_timeout = u.response_timeout_seconds
         self.pool_idle_timeout = u.pool_idle_timeout_seconds
+        self.replay_memory_bytes = u.replay_memory_bytes
         self.max_connections = lim.max_connections
         self.max_header_bytes = s.max_header_bytes
         self.max_header_count = s.max_header_count
@@ -96,6 +109,15 @@ class Generation:
         # The exchange skips authentication for a throttled address (decide.py).
         self.throttle_strict = lim.auth_throttle_mode == "strict"
 
+    @property
+    def balancers(self) -> list[Balancer]:
+        """Every balancer the HTTP/1.1 data path may use: the routes' own and
+        those of credentials with backends of their own."""
+        out = self.routes.balancers
+        for tenancy in self.tenancy.values():
+            out += tenancy.balancers
+        return out
+
     @classmethod
-    def build(cls, settings: Settings) -> Generation:
-        return cls(settings)
+    def build(cls, settings: Settings, backends: BackendRegistry | None = None) -> Generation:
+        return cls(settings, backends)

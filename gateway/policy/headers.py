@@ -9,6 +9,7 @@ an upstream must never see it.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "RESPONSE_DROP",
     "connection_tokens",
     "drop_listed",
+    "h1_safe",
     "strip_listed",
 ]
 
@@ -93,3 +95,23 @@ def strip_listed(parts: list[bytes], listed: list[bytes]) -> list[bytes]:
     pairs = [(parts[i], parts[i + 2]) for i in range(0, len(parts), 4)]
     kept = drop_listed(pairs, connection_tokens(listed))
     return [piece for name, value in kept for piece in (name, b": ", value, b"\r\n")]
+
+
+# HTTP/2 forbids only NUL, CR and LF in values and controls, spaces, colons
+# and upper case in names (RFC 9113 §8.2.1, checked by h2); an HTTP/1.1
+# field is stricter (RFC 9110 §5.1, §5.5): a name is a token, a value has
+# no control character but HTAB, a request target is visible ASCII (RFC 3986).
+_NOT_TOKEN = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_NOT_TARGET = re.compile(rb"[^\x21-\x7e]")
+
+
+def h1_safe(target: bytes, parts: list[bytes]) -> bool:
+    """Whether an HTTP/2 request's target and fields (flat wire pieces,
+    name, b": ", value, b"\\r\\n", ...) can be written as HTTP/1.1 as they are."""
+    if _NOT_TARGET.search(target):
+        return False
+    for i in range(0, len(parts), 4):
+        if _NOT_TOKEN.search(parts[i]) or _CONTROL.search(parts[i + 2]):
+            return False
+    return True

@@ -233,7 +233,7 @@ class RequestHead:
         rid = self._rid
         if rid is None or len(rid) > 128 or not rid.isascii():
             rid = request_id
-        self.request_id = rid
+        self.request_id = rid  # sent by upstream_head, or by the gRPC exchange
         if client_header == b"x-forwarded-for":
             self.client_ip = self.xff
         else:
@@ -241,8 +241,11 @@ class RequestHead:
             self.client_ip = ips.get(client_header) if ips else None
         self.has_body = has_body
         # HTTP/2 framing is the frames': a declared length is only a claim
-        # (checked against the cap while streaming), Host is :authority.
+        # (h2 holds the DATA to it), Host is :authority.
         self.malformed = self._hosts > 1 or self.chunked
+        # Relayed to an HTTP/1.1 upstream, a body of no declared length goes
+        # chunked (RFC 9112 §7): HTTP/2 delimits it by END_STREAM alone.
+        self.chunked = has_body and self.content_length is None
 
     def h2_fields(self) -> list[tuple[bytes, bytes]]:
         """The end-to-end fields as (name, value) pairs, names lowercase

@@ -3,10 +3,12 @@
 No decoding, no normalisation, no regex: ``/api/v1/write/../x``,
 ``//api/v1/write``, ``%2e%2e`` or a trailing slash are simply other paths,
 so they can never reach an upstream.  Everything a request needs from its
-route (upstream address, request-target prefix, allowed methods, limits)
-is computed here once per config generation: a ``Target`` is what one
-request sends upstream, the route's own (``Route.default``) or one a
-credential's forward table built (``tenancy.py``).
+route (its backends, allowed methods, limits) is computed here once per
+config generation.  A ``Target`` is what one request sends to one backend;
+a ``Plan`` is where a request goes: a balancer over backends and a target
+for each, the route's own (``Route.plan``) or one a credential's forward
+table built (``tenancy.py``).  The backends' health lives in the worker's
+``BackendRegistry`` (``balance.py``), which outlives generations.
 
 Must not know: sockets, HTTP framing, credentials' secrets.
 """
@@ -16,41 +18,27 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
-from urllib.parse import urlsplit
 
-from gateway.config.schema import RouteSpec
+from gateway.config.schema import RouteSpec, UpstreamSpec
+from gateway.policy.backends import BackendSet, Upstream, route_backends, upstream_of
+from gateway.policy.balance import BackendRegistry, Balancer
 from gateway.policy.errors import Protocol
 from gateway.policy.forward import PinnedHeaders, QueryFilter, arg_names
 
 __all__ = [
     "HEALTH_PATH",
+    "Plan",
     "Route",
     "RouteTable",
     "Target",
     "Upstream",
+    "make_plan",
     "make_target",
     "split_target",
     "upstream_of",
 ]
 
 HEALTH_PATH: Final = b"/health"
-
-
-@dataclass(frozen=True, slots=True)
-class Upstream:
-    """Where a route's requests go.  Logged never: addresses stay internal."""
-
-    scheme: str
-    host: str
-    port: int
-    # Bytes sent as the Host header and as the start of the request target.
-    host_header: bytes = field(repr=False)
-    path: bytes = field(repr=False)
-    query: bytes = field(repr=False)
-
-    @property
-    def key(self) -> tuple[str, str, int]:
-        return (self.scheme, self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,17 +110,48 @@ def make_target(
 
 
 @dataclass(frozen=True, slots=True)
+class Plan:
+    """Where one request goes: a balancer over backends, and for each
+    backend (by its position) the target sent to it."""
+
+    balancer: Balancer = field(compare=False, repr=False)
+    targets: tuple[Target, ...] = field(repr=False)
+
+
+def make_plan(
+    balancer: Balancer,
+    keep_query: bool,
+    labels: bytes = b"",
+    headers: PinnedHeaders | None = None,
+    tenant: Mapping[str, Mapping[str, str]] | None = None,
+) -> Plan:
+    """The same labels, headers and tenant, on every backend of ``balancer``."""
+    return Plan(
+        balancer,
+        tuple(
+            make_target(lane.backend.upstream, keep_query, labels, headers, tenant)
+            for lane in balancer.lanes
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     path: bytes
     protocol: Protocol
     methods: frozenset[bytes]
     allow_line: bytes  # "Allow: POST\r\n", for 405 answers
+    # The first backend (what a code path that knows one backend uses).
     upstream: Upstream | None
     max_body_bytes: int
-    # What a credential without a forward table sends (None: /health).
+    # What a credential without a forward table sends to the first backend
+    # (None: /health); ``plan`` has one for every backend.
     default: Target | None = None
     keep_query: bool = True  # query = "pass"
+    backends: BackendSet | None = None
+    # The route's own plan, its balancer bound to this worker's backend states.
+    plan: Plan | None = field(default=None, compare=False, repr=False)
 
     def target(self, query: bytes) -> bytes:
         """The request-target sent upstream for a credential without a
@@ -141,43 +160,24 @@ class Route:
         return self.default.filtered(query)[0]
 
 
-def upstream_of(url: str) -> Upstream:
-    """Where an upstream URL points (the config checked it: config/urls.py)."""
-    parts = urlsplit(url)
-    scheme = parts.scheme
-    host = parts.hostname or ""
-    port = parts.port or (443 if scheme == "https" else 80)  # the config refuses port 0
-    default_port = port == (443 if scheme == "https" else 80)
-    # The name alone goes through IDNA (the config checked it can); the port
-    # is never part of a label.
-    name = host.encode("ascii") if host.isascii() else host.encode("idna")
-    shown = b"[" + name + b"]" if ":" in host else name
-    host_header = shown if default_port else shown + b":%d" % port
-    return Upstream(
-        scheme,
-        host,
-        port,
-        host_header,
-        (parts.path or "/").encode(),
-        parts.query.encode(),
-    )
-
-
-def _route(spec: RouteSpec) -> Route:
+def _route(spec: RouteSpec, upstream: UpstreamSpec, registry: BackendRegistry) -> Route:
     methods = frozenset(m.encode() for m in spec.methods)
     allow = b"Allow: " + ", ".join(sorted(spec.methods)).encode() + b"\r\n"
-    upstream = upstream_of(spec.upstream)
     keep = spec.query == "pass"
+    bset = route_backends(spec, upstream)
+    plan = make_plan(registry.balancer(spec.name, bset), keep)
     return Route(
         spec.name,
         spec.path.encode(),
         Protocol.of(spec.protocol),
         methods,
         allow,
-        upstream,
+        bset.backends[0].upstream,
         spec.max_body_bytes,
-        make_target(upstream, keep),
+        plan.targets[0],
         keep,
+        bset,
+        plan,
     )
 
 
@@ -227,8 +227,15 @@ class RouteTable:
 
     __slots__ = ("_by_path", "_grpc", "grpc", "routes")
 
-    def __init__(self, specs: tuple[RouteSpec, ...]) -> None:
-        self.routes: tuple[Route, ...] = tuple(_route(s) for s in specs)
+    def __init__(
+        self,
+        specs: tuple[RouteSpec, ...],
+        upstream: UpstreamSpec | None = None,
+        registry: BackendRegistry | None = None,
+    ) -> None:
+        up = upstream if upstream is not None else UpstreamSpec()
+        reg = registry if registry is not None else BackendRegistry()
+        self.routes: tuple[Route, ...] = tuple(_route(s, up, reg) for s in specs)
         self._by_path: dict[bytes, Route] = {
             r.path: r for r in self.routes if r.protocol is not Protocol.GRPC
         }
@@ -238,6 +245,17 @@ class RouteTable:
         }
         # Whether HTTP/2 is offered in TLS ALPN at all (see datapath/h2switch.py).
         self.grpc = bool(self._grpc)
+
+    @property
+    def balancers(self) -> list[Balancer]:
+        """The balancers of the routes' own plans that the HTTP/1.1 data path
+        uses (a gRPC route's one backend is the HTTP/2 upstream's:
+        datapath/h2upstream.py)."""
+        return [
+            r.plan.balancer
+            for r in self.routes
+            if r.plan is not None and r.protocol is not Protocol.GRPC
+        ]
 
     def get(self, path: bytes) -> Route | None:
         return self._by_path.get(path)

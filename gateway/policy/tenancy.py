@@ -1,5 +1,9 @@
-"""Tenancy: the ``Target`` each route of a credential sends upstream with,
-built from its ``[credentials.forward]`` table.
+"""Tenancy: the ``Plan`` each route of a credential sends upstream with,
+built from its ``[credentials.forward]`` table: the route's backends or
+the credential's own (``forward.upstreams``, a ``BackendSet`` under the
+route's balance, failover and health check, whose states the worker's
+registry shares with the route's wherever a URL is the same), and on each
+the pinned labels and headers.
 
 Values from config are rendered once per generation (``Tenancy.static``);
 values a JWT claim supplies are rendered once per verified token (the
@@ -21,13 +25,17 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from gateway.config.forward import CLAIM_VALUE, Part, parse_template
+from gateway.policy.backends import backend_set
 from gateway.policy.errors import Protocol
 from gateway.policy.forward import PinnedHeaders, label_arg
-from gateway.policy.routing import Route, Target, make_target, upstream_of
+from gateway.policy.routing import Plan, Route, make_plan
 
 if TYPE_CHECKING:
     from gateway.config.credentials import Credential
     from gateway.config.forward import ForwardSpec
+    from gateway.config.routes import RouteSpec
+    from gateway.config.schema import UpstreamSpec
+    from gateway.policy.balance import BackendRegistry, Balancer
     from gateway.policy.routing import RouteTable
 
 __all__ = ["CLAIM_INVALID", "CLAIM_MISSING", "Tenancy"]
@@ -44,13 +52,13 @@ Refused = Mapping[str, str]
 class _RoutePlan:
     """One route of a credential: where it goes and what it pins."""
 
-    __slots__ = ("claims", "headers", "keep_query", "labels", "upstream")
+    __slots__ = ("balancer", "claims", "headers", "keep_query", "labels", "own")
 
-    def __init__(self, route: Route, fwd: ForwardSpec) -> None:
-        url = fwd.upstream_url(route.name)
-        upstream = route.upstream if url is None else upstream_of(url)
-        assert upstream is not None
-        self.upstream = upstream
+    def __init__(self, route: Route, fwd: ForwardSpec, balancer: Balancer, own: bool) -> None:
+        self.balancer = balancer
+        # Backends of the credential's own, used by the HTTP/1.1 data path
+        # (a gRPC route's go to the HTTP/2 upstream).
+        self.own = own and route.protocol is not Protocol.GRPC
         self.keep_query = route.keep_query
         self.labels: list[tuple[str, Template]] = []
         if route.protocol is Protocol.REMOTE_WRITE:
@@ -60,7 +68,7 @@ class _RoutePlan:
             p.text for _, t in (*self.labels, *self.headers) for p in t if p.claim
         )
 
-    def target(self, claims: Mapping[str, str]) -> Target:
+    def plan(self, claims: Mapping[str, str]) -> Plan:
         def value(template: Template) -> str:
             return "".join(claims[p.text] if p.claim else p.text for p in template)
 
@@ -74,7 +82,7 @@ class _RoutePlan:
             "headers": {n: shown(t) for n, t in self.headers},
         }
         shown_tenant = {k: v for k, v in tenant.items() if v} or None
-        return make_target(self.upstream, self.keep_query, labels, pinned, shown_tenant)
+        return make_plan(self.balancer, self.keep_query, labels, pinned, shown_tenant)
 
 
 class Tenancy:
@@ -82,23 +90,41 @@ class Tenancy:
 
     __slots__ = ("_memo", "_pattern", "_plans", "claims", "static")
 
-    def __init__(self, cred: Credential, routes: RouteTable) -> None:
+    def __init__(
+        self,
+        cred: Credential,
+        routes: RouteTable,
+        specs: Mapping[str, RouteSpec],
+        upstream: UpstreamSpec,
+        registry: BackendRegistry,
+    ) -> None:
         fwd = cred.forward
         assert fwd is not None
         self._pattern = re.compile(fwd.claim_pattern)
-        self._plans = {
-            r.name: _RoutePlan(r, fwd)
-            for r in routes.routes
-            if r.name in cred.routes and r.upstream is not None
-        }
+        self._plans: dict[str, _RoutePlan] = {}
+        for r in routes.routes:
+            if r.name not in cred.routes or r.plan is None:
+                continue
+            entries = fwd.backends(r.name)
+            if entries is None:
+                balancer = r.plan.balancer
+            else:
+                bset = backend_set(entries, specs[r.name], upstream)
+                balancer = registry.balancer(r.name, bset)
+            self._plans[r.name] = _RoutePlan(r, fwd, balancer, entries is not None)
         self.claims = frozenset(c for p in self._plans.values() for c in p.claims)
         # Routes whose target needs no claim; the others wait for a token.
-        self.static: dict[str, Target] = {
-            name: plan.target({}) for name, plan in self._plans.items() if not plan.claims
+        self.static: dict[str, Plan] = {
+            name: plan.plan({}) for name, plan in self._plans.items() if not plan.claims
         }
-        self._memo: dict[tuple[str, ...], tuple[dict[str, Target], Refused | None]] = {}
+        self._memo: dict[tuple[str, ...], tuple[dict[str, Plan], Refused | None]] = {}
 
-    def for_claims(self, claims: Mapping[str, Any]) -> tuple[dict[str, Target], Refused | None]:
+    @property
+    def balancers(self) -> list[Balancer]:
+        """The balancers over this credential's own backends (HTTP/1.1 routes)."""
+        return [p.balancer for p in self._plans.values() if p.own]
+
+    def for_claims(self, claims: Mapping[str, Any]) -> tuple[dict[str, Plan], Refused | None]:
         """The targets of a verified token with these claims, and the routes
         it is refused on (route → CLAIM_MISSING / CLAIM_INVALID), if any."""
         names = sorted(self.claims)
@@ -124,7 +150,7 @@ class Tenancy:
             if missing:
                 refused[route] = CLAIM_MISSING if CLAIM_MISSING in missing else CLAIM_INVALID
             else:
-                targets[route] = plan.target(values)
+                targets[route] = plan.plan(values)
         result = (targets, refused or None)
         if len(self._memo) >= _MEMO_SIZE:
             self._memo.clear()

@@ -18,14 +18,16 @@ from typing import Any, cast
 
 from gateway.config.loader import Settings
 from gateway.datapath.connection import ClientConnection
+from gateway.datapath.probes import Prober
 from gateway.datapath.shared import Shared
 from gateway.datapath.upstream import Pools
+from gateway.policy.balance import BackendRegistry
 from gateway.policy.generation import Generation
 from gateway.process.gauges import config_gauges, process_sample
 from gateway.process.sockets import claim_port, listen_socket, split_hostport
 from gateway.telemetry import log
 from gateway.telemetry.counters import Stats
-from gateway.telemetry.snapshot import Gauges
+from gateway.telemetry.snapshot import Gauges, Snapshot
 
 __all__ = ["Gateway"]
 
@@ -50,6 +52,9 @@ class Gateway:
         self._sock = sock
         self.shared: Shared | None = None
         self.stats = Stats()
+        # What this process knows of each backend's health: kept across reloads.
+        self.backends = BackendRegistry()
+        self._prober: Prober | None = None
         self.reloads = {"success": 0, "failure": 0}
         self.last_reload_success = self.started_at = time.time()
         self.last_reload_ok = True
@@ -70,12 +75,14 @@ class Gateway:
         access = log.access_logger().bind() if s.log.access else None
         self.shared = shared = Shared(
             loop,
-            Generation.build(s),
+            Generation.build(s, self.backends),
             self.stats,
             Pools(loop, s.upstream.pool_max_idle),
             access,
             self.log,
+            backends=self.backends,
         )
+        self._prober = Prober(shared)
         # Workers hand in their own SO_REUSEPORT socket (the supervisor holds
         # the claim); a single process binds here, exclusively.
         sock = self._sock
@@ -108,9 +115,17 @@ class Gateway:
         # prometheus-client (about 25 MB of resident memory each).
         from gateway.admin.server import AdminServer  # noqa: PLC0415
 
-        admin = AdminServer(self.stats.snapshot, self._gauges, lambda: self._ready)
+        admin = AdminServer(self.snapshot, self._gauges, lambda: self._ready)
         self.admin_port = await admin.start(*split_hostport(self.settings.server.admin_listen))
         self._admin = admin
+
+    def snapshot(self) -> Snapshot:
+        """This process's counters, with the health of each backend of the
+        config in force (what /metrics and the supervisor read)."""
+        snap = self.stats.snapshot()
+        if self.shared is not None:
+            snap.health = self.shared.backend_health()
+        return snap
 
     def _gauges(self) -> Gauges:
         return config_gauges(
@@ -153,6 +168,8 @@ class Gateway:
             shared.pools.expire(now)
             if shared.h2pools is not None:
                 shared.h2pools.expire(now, self.settings.upstream.pool_idle_timeout_seconds)
+            if self._prober is not None:
+                self._prober.tick(now)
             second = int(time.time())
             if second != last_second:
                 last_second = second
@@ -163,11 +180,11 @@ class Gateway:
         """Swap in a validated config; exchanges in flight keep theirs."""
         self.commit(settings, self.prepare(settings))
 
-    @staticmethod
-    def prepare(settings: Settings) -> Generation:
+    def prepare(self, settings: Settings) -> Generation:
         """Everything a config needs to be served, built without serving it:
-        may raise, and then nothing has changed."""
-        return Generation.build(settings)
+        may raise, and then nothing is served differently (states it made
+        for new backends are forgotten by the next commit that lacks them)."""
+        return Generation.build(settings, self.backends)
 
     def commit(self, settings: Settings, gen: Generation) -> None:
         """Serve a prepared config; cannot fail."""
@@ -175,7 +192,7 @@ class Gateway:
         assert shared is not None
         shared.tls = settings.tls_context  # new handshakes only; open connections keep theirs
         shared.admission.configure(settings.limits, settings.credentials, shared.loop.time())
-        shared.gen = gen
+        shared.install(gen)
         self.settings = settings
         self.reloads["success"] += 1
         self.last_reload_success = self.last_reload_attempt = time.time()
@@ -217,6 +234,8 @@ class Gateway:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
+        if self._prober is not None:
+            self._prober.close()
         if self._server is not None:
             self._server.close()
         if self.shared is not None:

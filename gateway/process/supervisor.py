@@ -192,6 +192,8 @@ class Supervisor:
         for route in snapshot.routes.values():
             route.in_flight = 0
         snapshot.open_connections = 0
+        snapshot.replay_bytes = 0
+        snapshot.health = []  # a dead worker has no view of the backends
         self._retired = [merge([*self._retired, snapshot])]
 
     # -- metrics ------------------------------------------------------------------

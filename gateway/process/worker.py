@@ -99,10 +99,10 @@ def _matches(prepared: _Prepared | None, commit: Commit) -> bool:
     return prepared is not None and prepared.generation == commit.generation
 
 
-def _prepare(message: Configure) -> tuple[Reloaded, _Prepared | None]:
+def _prepare(message: Configure, gateway: Gateway) -> tuple[Reloaded, _Prepared | None]:
     try:
         settings = _settings(message)
-        prepared = _Prepared(message.generation, settings, Gateway.prepare(settings))
+        prepared = _Prepared(message.generation, settings, gateway.prepare(settings))
     except ConfigError as exc:
         return Reloaded(ok=False, error=str(exc), generation=message.generation), None
     except Exception as exc:  # noqa: BLE001  (the channel must outlive a bad config)
@@ -123,10 +123,10 @@ async def _control(
         while True:
             message = await read_message(reader)
             if isinstance(message, StatsRequest):
-                reply = StatsReply(message.id, gateway.stats.snapshot(), process_sample(index))
+                reply = StatsReply(message.id, gateway.snapshot(), process_sample(index))
                 write_message(writer, reply)
             elif isinstance(message, Configure):
-                answer, prepared = _prepare(message)
+                answer, prepared = _prepare(message, gateway)
                 write_message(writer, answer)
             # A Commit for another generation (a push this worker never
             # prepared: it started since) changes nothing.

@@ -18,6 +18,7 @@ from bisect import bisect_left
 from typing import Final
 
 from gateway.telemetry.snapshot import (
+    BackendSnap,
     FailureSnap,
     OverrideSnap,
     PairSnap,
@@ -26,7 +27,7 @@ from gateway.telemetry.snapshot import (
     TokenSnap,
 )
 
-__all__ = ["DURATION_BUCKETS", "Stats"]
+__all__ = ["DURATION_BUCKETS", "BackendStats", "RouteStats", "Stats"]
 
 # Seconds.  Remote-write round trips on loopback sit near 1 ms; a slow
 # VictoriaMetrics or a big batch over the internet reaches tens of seconds.
@@ -70,7 +71,10 @@ class RouteStats:
         "added",
         "duration",
         "in_flight",
+        "replay_skipped",
+        "replayed_bytes",
         "response_bytes",
+        "retries",
         "upstream",
         "upstream_errors",
     )
@@ -82,6 +86,27 @@ class RouteStats:
         self.added = _Hist()  # the whole exchange minus the upstream's response time
         self.response_bytes = 0
         self.upstream_errors: dict[str, int] = {}
+        # Failover: retries by the kind of failure that caused them, body
+        # bytes sent again, requests that streamed without a replay copy.
+        self.retries: dict[str, int] = {}
+        self.replayed_bytes = 0
+        self.replay_skipped: dict[str, int] = {}
+
+
+class BackendStats:
+    """Keyed by (route, backend label): one backend's traffic and failures."""
+
+    __slots__ = ("ejections", "failures", "probes", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0  # attempts sent to it
+        self.failures: dict[str, int] = {}  # by kind: connect, timeout, reset, protocol, status
+        self.ejections: dict[str, int] = {}  # by cause: failures (passive), probe
+        self.probes: dict[str, int] = {}  # active probe results: ok, failed
+
+    @staticmethod
+    def add(counts: dict[str, int], key: str) -> None:
+        counts[key] = counts.get(key, 0) + 1
 
 
 class PairStats:
@@ -110,17 +135,23 @@ class Stats:
 
     __slots__ = (
         "auth_failures",
+        "backends",
         "headers_dropped",
         "limit_rejections",
         "open_connections",
         "overrides",
         "pairs",
+        "replay_bytes",
         "routes",
         "tokens",
     )
 
     def __init__(self) -> None:
         self.routes: dict[str, RouteStats] = {}
+        self.backends: dict[tuple[str, str], BackendStats] = {}
+        # Bytes held by replay copies right now (a gauge, and the pool that
+        # [upstream] replay_memory_bytes bounds).
+        self.replay_bytes = 0
         self.pairs: dict[tuple[str, str], PairStats] = {}
         self.tokens: dict[tuple[str, str], TokenStats] = {}
         self.auth_failures: dict[tuple[str, str, str], int] = {}
@@ -134,6 +165,13 @@ class Stats:
         stats = self.routes.get(name)
         if stats is None:
             stats = self.routes[name] = RouteStats()
+        return stats
+
+    def backend(self, route: str, label: str) -> BackendStats:
+        key = (route, label)
+        stats = self.backends.get(key)
+        if stats is None:
+            stats = self.backends[key] = BackendStats()
         return stats
 
     def pair(self, route: str, credential: str) -> PairStats:
@@ -183,6 +221,9 @@ class Stats:
                     r.response_bytes,
                     dict(r.upstream_errors),
                     [*r.added.counts, r.added.total],
+                    dict(r.retries),
+                    r.replayed_bytes,
+                    dict(r.replay_skipped),
                 )
                 for name, r in self.routes.items()
             },
@@ -199,4 +240,11 @@ class Stats:
             self.open_connections,
             headers_dropped=dict(self.headers_dropped),
             overrides=[OverrideSnap(*key, n) for key, n in self.overrides.items()],
+            backends=[
+                BackendSnap(
+                    route, label, b.requests, dict(b.failures), dict(b.ejections), dict(b.probes)
+                )
+                for (route, label), b in self.backends.items()
+            ],
+            replay_bytes=self.replay_bytes,
         )

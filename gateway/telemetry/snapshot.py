@@ -15,8 +15,10 @@ from collections.abc import Iterable
 import msgspec
 
 __all__ = [
+    "BackendSnap",
     "FailureSnap",
     "Gauges",
+    "HealthSnap",
     "OverrideSnap",
     "PairSnap",
     "ProcessSample",
@@ -39,6 +41,35 @@ class RouteSnap(_Value):
     response_bytes: int
     upstream_errors: dict[str, int]
     added: list[float] = msgspec.field(default_factory=list)
+    retries: dict[str, int] = msgspec.field(default_factory=dict)
+    replayed_bytes: int = 0
+    replay_skipped: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class BackendSnap(_Value):
+    """One backend's counters (keyed by route and backend label)."""
+
+    route: str
+    backend: str
+    requests: int
+    failures: dict[str, int]
+    ejections: dict[str, int]
+    probes: dict[str, int]
+
+
+class HealthSnap(_Value):
+    """One backend of the config in force as the reporting workers see it:
+    the fields count workers (and requests), so they add up across workers."""
+
+    route: str
+    backend: str
+    index: int
+    healthy: int  # workers that would send it new requests
+    reporting: int  # workers that reported it
+    ejected: int  # workers that ejected it after failures
+    probe_down: int  # workers whose active probe says it is down
+    outstanding: int  # requests in flight on it
+    named: bool = False  # its label is a configured name (else host:port of its URL)
 
 
 class PairSnap(_Value):
@@ -89,6 +120,10 @@ class Snapshot(_Value):
     processes: list[ProcessSample] = msgspec.field(default_factory=list)
     headers_dropped: dict[str, int] = msgspec.field(default_factory=dict)
     overrides: list[OverrideSnap] = msgspec.field(default_factory=list)
+    backends: list[BackendSnap] = msgspec.field(default_factory=list)
+    # Per backend of the config in force; a dead worker's is dropped, not kept.
+    health: list[HealthSnap] = msgspec.field(default_factory=list)
+    replay_bytes: int = 0
 
 
 class Gauges(_Value):
@@ -124,6 +159,9 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     """Sum counters and histograms, add gauges, keep the latest last-used;
     ``processes`` is left empty (the caller knows which are alive)."""
     routes: dict[str, RouteSnap] = {}
+    backends: dict[tuple[str, str], BackendSnap] = {}
+    health: dict[tuple[str, str], HealthSnap] = {}
+    replay_bytes = 0
     pairs: dict[tuple[str, str], PairSnap] = {}
     tokens: dict[tuple[str, str], TokenSnap] = {}
     failures: dict[tuple[str, str, str], int] = {}
@@ -135,15 +173,24 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
         for name, r in snap.routes.items():
             acc = routes.get(name)
             if acc is None:
-                routes[name] = msgspec.structs.replace(r, upstream_errors=dict(r.upstream_errors))
+                routes[name] = msgspec.structs.replace(
+                    r,
+                    upstream_errors=dict(r.upstream_errors),
+                    retries=dict(r.retries),
+                    replay_skipped=dict(r.replay_skipped),
+                )
                 continue
             acc.in_flight += r.in_flight
             acc.response_bytes += r.response_bytes
+            acc.replayed_bytes += r.replayed_bytes
             acc.duration = _add(acc.duration, r.duration)
             acc.upstream = _add(acc.upstream, r.upstream)
             acc.added = _add(acc.added, r.added) if acc.added else list(r.added)
-            for kind, n in r.upstream_errors.items():
-                acc.upstream_errors[kind] = acc.upstream_errors.get(kind, 0) + n
+            _sum_into(acc.upstream_errors, r.upstream_errors)
+            _sum_into(acc.retries, r.retries)
+            _sum_into(acc.replay_skipped, r.replay_skipped)
+        _merge_backends(snap, backends, health)
+        replay_bytes += snap.replay_bytes
         for p in snap.pairs:
             key = (p.route, p.credential)
             pacc = pairs.get(key)
@@ -178,4 +225,34 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
         open_connections,
         headers_dropped=dropped,
         overrides=[OverrideSnap(*key, n) for key, n in overrides.items()],
+        backends=list(backends.values()),
+        health=list(health.values()),
+        replay_bytes=replay_bytes,
     )
+
+
+def _merge_backends(
+    snap: Snapshot,
+    backends: dict[tuple[str, str], BackendSnap],
+    health: dict[tuple[str, str], HealthSnap],
+) -> None:
+    for b in snap.backends:
+        bkey = (b.route, b.backend)
+        bacc = backends.get(bkey)
+        if bacc is None:
+            bacc = backends[bkey] = BackendSnap(b.route, b.backend, 0, {}, {}, {})
+        bacc.requests += b.requests
+        _sum_into(bacc.failures, b.failures)
+        _sum_into(bacc.ejections, b.ejections)
+        _sum_into(bacc.probes, b.probes)
+    for h in snap.health:
+        hkey = (h.route, h.backend)
+        hacc = health.get(hkey)
+        if hacc is None:
+            health[hkey] = msgspec.structs.replace(h)
+            continue
+        hacc.healthy += h.healthy
+        hacc.reporting += h.reporting
+        hacc.ejected += h.ejected
+        hacc.probe_down += h.probe_down
+        hacc.outstanding += h.outstanding

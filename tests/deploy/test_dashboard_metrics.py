@@ -13,6 +13,7 @@ fails here too.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from tests.conftest import (
     StartGateway,
     config_text,
     sha256,
+    wait_for,
 )
 from tests.support.metrics import scrape
 
@@ -148,15 +150,24 @@ def rule_queries() -> list[tuple[str, str]]:
 @pytest.fixture
 async def exported(start_gateway: StartGateway, upstream: RecordingUpstream) -> set[str]:
     """Sample names (histograms as _bucket/_sum/_count) after some traffic."""
-    gw = await start_gateway(
-        config_text(
-            rw_upstream=upstream.url + "/api/v1/write",
-            otlp_upstream="http://127.0.0.1:9/v1/traces",  # discard port: connect error
-            credentials=CREDENTIALS,
-            # Three failures below, then a fourth is throttled.
-            extra="[limits]\nauth_failure_limit = 3",
-        )
+    rw = upstream.url + "/api/v1/write"
+    text = config_text(
+        rw_upstream=rw,
+        otlp_upstream="http://127.0.0.1:9/v1/traces",  # discard port: connect error
+        credentials=CREDENTIALS,
+        # Three failures below, then a fourth is throttled.
+        extra="[limits]\nauth_failure_limit = 3",
     )
+    # remote_write over two backends, the first refusing: a connect failure,
+    # an ejection and a retry; a replay buffer too small for the bodies (a
+    # skipped copy); a health check (probe results, health gauges).
+    text = text.replace(
+        f'upstream = "{rw}"',
+        f'upstreams = ["http://127.0.0.1:9/api/v1/write", "{rw}"]\n'
+        'balance = "first_available"\nreplay_buffer_bytes = 16\n'
+        'health_check = { path = "/health", interval_seconds = 0.1, timeout_seconds = 0.1 }',
+    )
+    gw = await start_gateway(text)
     base = f"http://127.0.0.1:{gw.port}"
     attempts: list[tuple[str, str | None, int]] = [
         ("/api/v1/write", TOKEN, 204),
@@ -174,7 +185,13 @@ async def exported(start_gateway: StartGateway, upstream: RecordingUpstream) -> 
             headers["X_Underscored"] = "dropped"  # gateway_request_headers_dropped_total
             async with session.post(base + path, data=b"\x00" * 64, headers=headers) as resp:
                 assert resp.status == status, (path, token, await resp.text())
-    return {s.name for s in (await scrape(gw.admin_port)).samples}
+    await wait_for(lambda: any(r.path_qs == "/health" for r in upstream.requests))
+    for _ in range(100):  # the probe's answer is counted just after it arrives
+        names = {s.name for s in (await scrape(gw.admin_port)).samples}
+        if "gateway_upstream_probes_total" in names:
+            break
+        await asyncio.sleep(0.02)
+    return names
 
 
 def _unexported(queries: list[tuple[str, str]], exported: set[str]) -> list[str]:
@@ -210,6 +227,12 @@ def test_the_scrape_saw_every_path_the_queries_need(exported: set[str]) -> None:
         "gateway_limit_rejections_total",
         "gateway_credential_expiry_timestamp_seconds",
         "gateway_request_duration_seconds_bucket",
+        "gateway_upstream_failures_total",
+        "gateway_upstream_ejections_total",
+        "gateway_upstream_retries_total",
+        "gateway_upstream_probes_total",
+        "gateway_upstream_healthy",
+        "gateway_replay_skipped_total",
     ):
         assert name in exported
 

@@ -90,9 +90,10 @@ def test_container_configs_load_with_the_gateway_loader(tmp_path: Path) -> None:
 def test_compose_upstreams_are_compose_services() -> None:
     services = _compose()["services"]
     for route in _deploy_settings().routes:
-        host = re.match(r"https?://([^:/]+)", route.upstream)
-        assert host, route.upstream
-        assert host.group(1) in services, f"{route.name} → {host.group(1)}: no such service"
+        for _, backend in route.backends():
+            host = re.match(r"https?://([^:/]+)", backend.url)
+            assert host, backend.url
+            assert host.group(1) in services, f"{route.name} → {host.group(1)}: no such service"
 
 
 # ---------------------------------------------------------------- compose

@@ -107,8 +107,9 @@ def apt_calls(run: Run) -> list[str]:
 def test_the_table_names_what_each_target_runs() -> None:
     t = table()
     for_test = {p for p, (_, targets) in t.items() if "test" in targets}
-    # The integration tier's real peers, and node + npm for the JS SDK sender.
-    assert for_test == {"victoria-metrics", "vmagent", "prometheus", "node", "npm"}
+    # The integration tier's real peers, node + npm for the JS SDK sender,
+    # and curl, an HTTP/2 client of its own (nghttp2) for the functional tier.
+    assert for_test == {"victoria-metrics", "vmagent", "prometheus", "node", "npm", "curl"}
     assert {p for p, (_, targets) in t.items() if "check" in targets} == {
         "promtool",
         "vmalert",
@@ -123,7 +124,7 @@ def test_root_installs_the_missing_packages_once_and_stops_their_daemons(
     tmp_path: Path,
 ) -> None:
     m = Machine(tmp_path, uid=0)
-    m.present("node", "npm")
+    m.present("node", "npm", "curl")
     run = m.run("test")
     assert run.code == 0, run.err
     assert apt_calls(run) == [
@@ -180,7 +181,7 @@ def test_without_root_it_stops_before_anything_with_the_command_to_run(
     tmp_path: Path, sudo: str | None
 ) -> None:
     m = Machine(tmp_path, uid=1000, sudo=sudo)
-    m.present("prometheus", "node", "npm")
+    m.present("prometheus", "node", "npm", "curl")
     run = m.run("test")
     assert run.code == 1
     assert apt_calls(run) == []

@@ -3,8 +3,15 @@
 an outage exactly as the JS SDK's ``node/sender.mjs`` does beside it.
 
 Contract (``tests.integration.senders``): environment in (OTLP_URL,
-OTLP_TOKEN, SPANS, PER_TICK, TICK_MS, EXPORT_TIMEOUT_MS), one JSON file out
-(RESULT_FILE): the ids sent and what each export returned.
+OTLP_TOKEN, SPANS, PER_TICK, TICK_MS, EXPORT_TIMEOUT_MS; OTLP_HTTP2_CA for
+HTTP/2, below), one JSON file out (RESULT_FILE): the ids sent and what each
+export returned.
+
+HTTP/2: the SDK's default transport (requests) speaks HTTP/1.1 only.  With
+OTLP_HTTP2_CA set, the exporter is given its other built-in transport,
+urllib3's, with urllib3 2's HTTP/2 support switched on (TLS, ALPN ``h2``
+only, h2 underneath); ``_transport`` is the SDK's own (private) keyword for
+it, and the rest of the exporter (encoding, gzip, retries) is unchanged.
 ``python -m tests.integration.sender_python`` from the repository root.
 """
 
@@ -16,6 +23,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from opentelemetry.exporter.http.transport._base import BaseHTTPTransport
 from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
@@ -41,17 +49,35 @@ class Tally(SpanExporter):
         self.inner.shutdown()
 
 
+def _http2_transport(ca_file: str) -> BaseHTTPTransport:
+    import urllib3.http2  # noqa: PLC0415  (patches urllib3 for this process only)
+    from opentelemetry.exporter.http.transport._urllib3 import (  # noqa: PLC0415
+        Urllib3HTTPTransport,
+    )
+
+    urllib3.http2.inject_into_urllib3()
+    return Urllib3HTTPTransport(verify=ca_file)
+
+
 def main() -> None:
     env = os.environ
     timeout_ms = int(env.get("EXPORT_TIMEOUT_MS", "10000"))
-    sender = Tally(
-        OTLPSpanExporter(
-            endpoint=env["OTLP_URL"],
-            headers={"Authorization": f"Bearer {env['OTLP_TOKEN']}"},
+    endpoint, timeout = env["OTLP_URL"], timeout_ms / 1000
+    headers = {"Authorization": f"Bearer {env['OTLP_TOKEN']}"}
+    ca_file = env.get("OTLP_HTTP2_CA")
+    if ca_file:
+        exporter = OTLPSpanExporter(
+            endpoint=endpoint,
+            headers=headers,
             compression=Compression.Gzip,
-            timeout=timeout_ms / 1000,
+            timeout=timeout,
+            _transport=_http2_transport(ca_file),
         )
-    )
+    else:
+        exporter = OTLPSpanExporter(
+            endpoint=endpoint, headers=headers, compression=Compression.Gzip, timeout=timeout
+        )
+    sender = Tally(exporter)
     provider = TracerProvider(resource=Resource.create({"service.name": "obs-gateway-itest-py"}))
     provider.add_span_processor(
         BatchSpanProcessor(

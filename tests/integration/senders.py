@@ -97,12 +97,28 @@ def _contract_env(gw: Gateway, token: str, load: Load, result_path: Path) -> dic
     }
 
 
-def python_sender(procs: Procs, gw: Gateway, token: str, load: Load, workdir: Path) -> Sender:
+def python_sender(
+    procs: Procs,
+    gw: Gateway,
+    token: str,
+    load: Load,
+    workdir: Path,
+    *,
+    url: str | None = None,
+    http2_ca: Path | None = None,
+) -> Sender:
+    """``url``: instead of the gateway's cleartext traces URL; ``http2_ca``:
+    export over HTTP/2 (TLS) trusting this CA (``sender_python.py``)."""
     result = workdir / "python-sender.json"
+    env = _contract_env(gw, token, load, result)
+    if url is not None:
+        env["OTLP_URL"] = url
+    if http2_ca is not None:
+        env["OTLP_HTTP2_CA"] = str(http2_ca)
     proc = procs.start(
         "sender-python",
         [sys.executable, "-m", "tests.integration.sender_python"],
-        env=_contract_env(gw, token, load, result),
+        env=env,
         cwd=REPO,
     )
     return Sender("python", proc, result)

@@ -34,7 +34,9 @@ __all__ = [
     "answer_with",
     "close_after_head",
     "hang",
+    "reset_after_bytes",
     "reset_after_head",
+    "reset_after_request",
     "respond_204",
 ]
 
@@ -263,3 +265,22 @@ async def close_after_head(conn: UpConn) -> None:
     """Read the request head, then close cleanly (FIN) without answering."""
     await conn.read_head()
     conn.close()
+
+
+async def reset_after_request(conn: UpConn) -> None:
+    """Read one whole request (head and body), then reset without answering:
+    a backend that died with the request in its hands."""
+    await conn.next_request()
+    conn.reset()
+
+
+def reset_after_bytes(n: int) -> Behaviour:
+    """Read at least ``n`` bytes of the request, then reset without answering."""
+
+    async def behave(conn: UpConn) -> None:
+        while len(conn.data) < n:
+            if await conn.receive() is None:
+                return
+        conn.reset()
+
+    return behave

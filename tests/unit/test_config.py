@@ -292,3 +292,89 @@ def test_a_certificate_and_key_that_do_not_pair_name_key_file(tmp_path: Path) ->
     assert error.startswith("server.tls.key_file: certificate and key do not load as a pair")
     # And the matching pair loads.
     assert loads(tls_config(one.cert.name, one.key.name), environ={}, base=tmp_path).tls_context
+
+
+_RW_UPSTREAM = 'upstream = "http://127.0.0.1:9/api/v1/write"'
+
+
+def _upstreams(lines: str) -> str:
+    return config_text().replace(_RW_UPSTREAM, lines, 1)
+
+
+@pytest.mark.parametrize(
+    ("lines", "key"),
+    [
+        ('upstreams = ["http://127.0.0.1:9/a", "ftp://x"]', "routes[0].upstreams[1]:"),
+        ('upstreams = ["http://a:1/x", "http://a:1/x"]', "routes[0].upstreams[1]:"),
+        (
+            'upstreams = ["http://a:1/x", {url = "http://b:1/x", weight = 0}]',
+            "routes[0].upstreams[1].weight",
+        ),
+        ('upstreams = [{url = "http://b:1/x", name = "a b"}]', "routes[0].upstreams[0].name:"),
+        ('upstreams = [{url = "nope"}]', "routes[0].upstreams[0].url:"),
+        (
+            'upstreams = [{url = "http://b:1/x", name = "v"}, {url = "http://c:1/x", name = "v"}]',
+            "routes[0].upstreams[1].name:",
+        ),
+        ('upstreams = [{url = "http://b:1/x", port = 1}]', "routes[0].upstreams[0].port: unknown"),
+        ("upstreams = []", "routes[0].upstream: give exactly one"),
+        (_RW_UPSTREAM + '\nupstreams = ["http://a:1/x"]', "routes[0].upstream: give exactly one"),
+        ('upstreams = ["http://a:1/x"]\nbalance = "random"', "routes[0].balance"),
+        ('upstreams = ["http://a:1/x"]\nattempts = 0', "routes[0].attempts"),
+        ('upstreams = ["http://a:1/x"]\nretry_statuses = [200]', "routes[0].retry_statuses[0]"),
+        ('upstreams = ["http://a:1/x"]\nreplay_buffer_bytes = -1', "routes[0].replay_buffer_bytes"),
+        (
+            'upstreams = ["http://a:1/x"]\nhealth_check = { path = "health" }',
+            "routes[0].health_check.path:",
+        ),
+        (
+            'upstreams = ["http://a:1/x"]\n'
+            "health_check = { interval_seconds = 1, timeout_seconds = 2 }",
+            "routes[0].health_check.timeout_seconds:",
+        ),
+        (
+            'upstreams = ["http://a:1/x"]\nhealth_check = { healthy_threshold = 0 }',
+            "routes[0].health_check.healthy_threshold",
+        ),
+    ],
+)
+def test_backend_errors_name_the_key_path(lines: str, key: str) -> None:
+    message = error_of(_upstreams(lines))
+    assert message.startswith(key), message
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("replay_memory_bytes = -1", "upstream.replay_memory_bytes"),
+        ("eject_after_failures = 0", "upstream.eject_after_failures"),
+        ("eject_base_seconds = 5\neject_max_seconds = 1", "upstream.eject_max_seconds:"),
+    ],
+)
+def test_failover_keys_of_upstream_name_the_key_path(line: str, key: str) -> None:
+    message = error_of(config_text(upstream=line))
+    assert message.startswith(key), message
+
+
+def test_several_backends_decode_with_their_defaults() -> None:
+    settings = loads(
+        _upstreams(
+            'upstreams = ["http://a:1/x", { url = "http://b/y", weight = 3, name = "vm-b" }]'
+        ),
+        environ={},
+    )
+    route = settings.routes[0]
+    assert [(label, b.url, b.weight) for label, b in route.backends()] == [
+        ("a:1", "http://a:1/x", 1),
+        ("vm-b", "http://b/y", 3),
+    ]
+    assert (route.balance, route.attempts, route.retry_statuses) == (
+        "least_outstanding",
+        2,
+        (502, 503, 504),
+    )
+    assert route.replay_buffer_bytes == 8 * 1024 * 1024
+    assert route.health_check is None
+    assert settings.upstream.replay_memory_bytes == 64 * 1024 * 1024
+    # upstream = "…" is a list of one.
+    assert [label for label, _ in settings.routes[1].backends()] == ["127.0.0.1:9"]

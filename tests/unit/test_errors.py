@@ -232,3 +232,22 @@ def test_rpc_status_encoder_round_trips(code: int, message: str) -> None:
     decoded = status_pb2.Status()
     decoded.ParseFromString(rpc_status_protobuf(code, message))
     assert (decoded.code, decoded.message) == (code, message)
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+@pytest.mark.parametrize("protocol", [Protocol.PLAIN, Protocol.REMOTE_WRITE, Protocol.OTLP])
+@pytest.mark.parametrize("as_json", [False, True])
+def test_http2_answers_are_the_http1_ones(kind: Kind, protocol: Protocol, as_json: bool) -> None:
+    """One table, two framings: the same status, body and fields (names in
+    lower case, as HTTP/2 wants them), Date as given, nothing hop-by-hop."""
+    status, data, _ = RENDERER.render(kind, protocol, as_json, DATE, False)
+    h2_status, fields, body = RENDERER.render_h2(kind, protocol, as_json, b"Thu, 01 Jan 2026")
+    head, _, h1_body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    h1 = [tuple(line.split(b": ", 1)) for line in lines[1:]]
+    assert h2_status == status
+    assert body == h1_body
+    assert fields[0] == (b":status", b"%d" % status)
+    expected = [(n.lower(), v) for n, v in h1 if n != b"Date"] + [(b"date", b"Thu, 01 Jan 2026")]
+    assert fields[1:] == expected
+    assert all(n == n.lower() and n != b"connection" for n, _ in fields)

@@ -64,7 +64,8 @@ def test_static_values_are_rendered_once_per_route() -> None:
     who = gen.auth.authenticate(b"Bearer " + TOKEN.encode(), time.time())
     assert isinstance(who, Principal)
     assert who.targets is not None
-    rw, otlp = who.targets["remote_write"], who.targets["otlp_traces"]
+    # One backend per route here: each plan's first (only) target.
+    rw, otlp = who.targets["remote_write"].targets[0], who.targets["otlp_traces"].targets[0]
     assert (rw.upstream.host, rw.upstream.port) == ("vminsert", 8480)
     assert rw.bare == (
         b"/insert/42/prometheus/api/v1/write?extra_label=tenant%3Da&extra_label=source%3Dedge"
@@ -100,7 +101,7 @@ def test_claim_values_are_forwarded() -> None:
     who = principal(gen, tenant="c")
     assert who.refused is None
     assert who.targets is not None
-    rw = who.targets["remote_write"]
+    rw = who.targets["remote_write"].targets[0]
     assert rw.bare == b"/api/v1/write?extra_label=tenant%3Dc"
     assert rw.headers is not None
     assert b"".join(rw.headers.lines) == b"x-tenant: t-c\r\n"
@@ -114,7 +115,7 @@ def test_claim_values_are_forwarded() -> None:
     # Numbers are ids (a vminsert account): forwarded as digits.
     numeric = principal(gen, tenant=42).targets
     assert numeric is not None
-    assert numeric["remote_write"].bare == b"/api/v1/write?extra_label=tenant%3D42"
+    assert numeric["remote_write"].targets[0].bare == b"/api/v1/write?extra_label=tenant%3D42"
 
 
 @pytest.mark.parametrize(
@@ -222,9 +223,14 @@ routes = {routes}
             "credentials[0].forward.upstreams.remote_write:",
         ),
         (
+            # A list is a backend set (issue 12): its URLs are listed once each.
             _forward(
-                "[credentials.forward.upstreams]\nremote_write = ['http://a/x', 'http://b/x']"
+                "[credentials.forward.upstreams]\nremote_write = ['http://a/x', 'http://a/x']"
             ),
+            "credentials[0].forward.upstreams.remote_write[1]:",
+        ),
+        (
+            _forward("[credentials.forward.upstreams]\nremote_write = []"),
             "credentials[0].forward.upstreams.remote_write:",
         ),
         (
@@ -290,7 +296,7 @@ def test_the_claim_memo_is_bounded() -> None:
         tenancy.for_claims({"tenant": f"t{i}"})
         assert len(tenancy._memo) <= 4096
     again = tenancy.for_claims({"tenant": "t0"})  # rebuilt after the memo started over
-    assert again[0]["remote_write"].bare == first[0]["remote_write"].bare
+    assert again[0]["remote_write"].targets[0].bare == first[0]["remote_write"].targets[0].bare
 
 
 def test_an_otlp_grpc_override_is_an_address_only() -> None:
