@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from gateway.config.loader import loads
+from gateway.datapath.health import PROBE_REUSE_SECONDS
 from gateway.process.gateway import Gateway
 from tests.conftest import TOKEN, StartGateway, sha256, wait_for
 from tests.support.backends import Entry, backends_config
@@ -434,6 +435,7 @@ async def test_deep_health_reports_each_backend_without_addresses(
             for leak in (b"127.0.0.1", str(a.port).encode(), str(dead).encode()):
                 assert leak not in resp.raw
             await a.stop()
+            await asyncio.sleep(PROBE_REUSE_SECONDS + 0.1)  # the last probe's answer expires
             resp = await raw_request(gw.port, data)
             assert resp.status == 503
             assert orjson.loads(resp.body)["upstreams"]["remote_write"] == "unreachable"
