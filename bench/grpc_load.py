@@ -36,8 +36,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.payloads import otlp_body
 from bench.machine import cpu_model
+from bench.payloads import otlp_body
 from bench.peers import ECHO_MODULE, REPO, render
 from bench.procs import Procs, cpu_seconds, free_port, tree
 

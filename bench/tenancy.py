@@ -32,8 +32,8 @@ from typing import Any
 
 from bench import load
 from bench.instructions import count
-from bench.payloads import Payload, write_payload
 from bench.machine import cpu_model
+from bench.payloads import Payload, write_payload
 from bench.peers import REPO, Stack, render
 from bench.procs import Procs, cpu_seconds, free_port, tree, wait_port
 from bench.workloads import RESULTS, WORKLOADS
