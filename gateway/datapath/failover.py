@@ -32,7 +32,7 @@ from gateway.policy.balance import Balancer, Transition
 from gateway.policy.errors import Kind
 
 if TYPE_CHECKING:
-    from gateway.datapath.upstream import Pool, UpstreamConnection
+    from gateway.datapath.ports import UpstreamPool, UpstreamPort
     from gateway.policy.balance import Lane
     from gateway.policy.routing import Target
 
@@ -140,7 +140,7 @@ class Failover(ExchangeBase):
                 stats.overrides_dropped(self.credential, "query_arg", others)
         return request_target
 
-    async def _connect(self, pool: Pool, tried: int) -> None:
+    async def _connect(self, pool: UpstreamPool, tried: int) -> None:
         try:
             conn = await pool.connect(self.gen.connect_timeout)
         except TimeoutError:
@@ -166,7 +166,7 @@ class Failover(ExchangeBase):
         if self.state == _CONNECTING and self.tried == tried:
             self.upstream_failed(kind)
 
-    def _attach(self, conn: UpstreamConnection) -> None:
+    def _attach(self, conn: UpstreamPort) -> None:
         conn.attach(self)  # type: ignore[arg-type]  # Exchange, the subclass, is the ResponseSink
         self.upstream = conn
         self.state = _SENT
