@@ -11,7 +11,14 @@ CONFIG ?= config/gateway.toml
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml requirements.lock | $(BIN)/python
+# The modules mypyc compiles (pyproject.toml [tool.obs-gateway] compiled):
+# editing one rebuilds the in-place build, so the tests run what was edited.
+COMPILED := $(shell sed -n '/^compiled = \[/,/^\]/s/^ *"\(.*\)",*$$/\1/p' pyproject.toml)
+# A C compiler means the install compiles them: the tests then insist that
+# the compiled build is what runs (tests/functional/test_build_functional.py).
+EXPECT_BUILD := $(if $(shell command -v cc),compiled,pure)
+
+$(VENV)/.installed: pyproject.toml requirements.lock setup.py $(COMPILED) | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test,dev,bench]'
 	touch $@
@@ -39,9 +46,11 @@ $(NODE_SENDER)/node_modules/.installed: $(NODE_SENDER)/package.json $(NODE_SENDE
 	npm ci --prefix $(NODE_SENDER) --no-audit --no-fund --loglevel=error
 	touch $@
 
-## test: the whole suite: unit, functional (loopback sockets), hostile (attacks, fuzzing) and integration (real VictoriaMetrics, vmagent, Prometheus, OTel Python and JS SDKs); not the soak
+## test: the whole suite: unit, functional (loopback sockets), hostile (attacks, fuzzing) and integration (real VictoriaMetrics, vmagent, Prometheus, OTel Python and JS SDKs); not the soak.
+##       Against the compiled build, then functional and hostile again on the pure-Python modules.
 test: system-deps-test $(VENV)/.installed $(NODE_SENDER)/node_modules/.installed
-	$(BIN)/pytest -m "not soak"
+	OBS_GATEWAY_EXPECT_BUILD=$(EXPECT_BUILD) $(BIN)/pytest -m "not soak"
+	OBS_GATEWAY_PURE=1 $(BIN)/pytest -m "not soak" tests/functional tests/hostile
 
 ## soak: minutes of mixed load on the real CLI with reloads and upstream restarts (SOAK_SECONDS, default 100)
 soak: $(VENV)/.installed

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import secrets
 import shutil
 import ssl
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench import load, report
+from bench.machine import machine, pss_kib
 from bench.payloads import Payload, validate_otlp, write_payload
 from bench.peers import (
     ECHO_MODULE,
@@ -136,17 +136,6 @@ def _version(argv: list[str], pattern: str = "") -> str:
     return lines[0].strip() if lines else "?"
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
 def _admin_sample(peer: Peer, series: str) -> float | None:
     """One sample of a gateway's /metrics, by its exact series text."""
     url = f"http://127.0.0.1:{peer.info['admin_port']}/metrics"
@@ -160,13 +149,7 @@ def _admin_sample(peer: Peer, series: str) -> float | None:
 def _meta(args: argparse.Namespace, workers: int) -> dict[str, Any]:
     return {
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": {
-            "cpus": os.cpu_count(),
-            "cpu_model": _cpu_model(),
-            "kernel": platform.release(),
-            "python": platform.python_version(),
-            "loadavg_start": os.getloadavg(),
-        },
+        "host": machine(REPO),
         "versions": {
             "nginx": _version(["nginx", "-v"]),
             "wrk": _version(["wrk", "-v"], "wrk"),
@@ -236,7 +219,13 @@ def _check(stack: Stack, peers: dict[str, Peer], payloads: dict[str, Payload]) -
 def _memory(peer: Peer) -> dict[str, Any]:
     t = tree(peer.pid)
     per = {pid: rss_kib(pid) / 1024 for pid in t.pids}
-    return {"rss_mib": sum(per.values()), "per_process_mib": list(per.values())}
+    pss = {pid: pss_kib(pid) / 1024 for pid in t.pids}
+    return {
+        "rss_mib": sum(per.values()),
+        "per_process_mib": list(per.values()),
+        "pss_mib": sum(pss.values()),
+        "per_process_pss_mib": list(pss.values()),
+    }
 
 
 def _one(

@@ -36,6 +36,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench.machine import cpu_model
 from bench.payloads import otlp_body
 from bench.peers import ECHO_MODULE, REPO, render
 from bench.procs import Procs, cpu_seconds, free_port, tree
@@ -56,13 +57,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=",".join(TARGETS), help="comma-separated targets")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "tmp")
     return p
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def _user() -> str:
@@ -194,7 +188,7 @@ def main(argv: list[str]) -> int:
             for name in targets:
                 results[name].append(_measure(run, name, body, args))
     meta: dict[str, Any] = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "body_bytes": len(raw),
         "spans": spans,

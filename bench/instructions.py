@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.client
+import json
 import re
 import secrets
 import shutil
@@ -39,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.machine import machine
 from bench.payloads import Payload, otlp_body, write_payload
 from bench.peers import ECHO_MODULE, GATEWAY_TEMPLATES, REPO, Stack, render
 from bench.procs import Procs, free_port
@@ -282,9 +284,25 @@ def main(argv: list[str] | None = None) -> int:
             f", {args.target}" if args.target != "gateway" else "",
         )
     )
+    host = machine(repo)
+    (rundir / "result.json").write_text(
+        json.dumps(
+            {
+                "size": args.size,
+                "bytes": payload.size,
+                "instructions_per_request": per_request,
+                "requests": args.requests,
+                "warmup": args.warmup,
+                "how": how.lstrip(", "),
+                "gateway_repo": str(repo),
+                "host": host,
+            },
+            indent=1,
+        )
+    )
     print(
         f"{payload.name} ({payload.size:,} B{how}): {per_request:,.0f} instructions per request "
         f"(callgrind, user space, {args.requests} requests after {args.warmup}; "
-        f"gateway from {repo}; {rundir})"
+        f"gateway from {repo}, build {host['gateway_build']}; {host['cpu_model']}; {rundir})"
     )
     return 0

@@ -11,10 +11,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench.machine import machine_key
+
 __all__ = ["chart", "run_line", "summarize", "table", "update_results_md"]
 
 BASE = "nginx-tuned"  # every ratio is against tuned nginx in the same run
-BEGIN, END = "<!-- bench:results:begin -->", "<!-- bench:results:end -->"
 _METRICS = (
     "req_s",
     "mb_s",
@@ -247,15 +248,17 @@ def table(result: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "| target | idle RSS at start MiB | idle RSS after load MiB | peak RSS (VmHWM) MiB "
-        "| processes |",
-        "|---|--:|--:|--:|--:|",
+        "| target | idle RSS at start MiB | idle PSS at start MiB (per process) "
+        "| idle RSS after load MiB | peak RSS (VmHWM) MiB | processes |",
+        "|---|--:|--:|--:|--:|--:|",
     ]
     for target, mem in result["memory"].items():
+        start = mem["idle_start"]
+        per_pss = " + ".join(_fmt(x) for x in start.get("per_process_pss_mib", []))
         lines.append(
-            f"| {target} | {_fmt(mem['idle_start']['rss_mib'])} "
+            f"| {target} | {_fmt(start['rss_mib'])} | {_fmt(start.get('pss_mib'))} ({per_pss}) "
             f"| {_fmt(mem.get('idle_after', {}).get('rss_mib'))} | {_fmt(mem.get('peak_mib'))} "
-            f"| {len(mem['idle_start']['per_process_mib'])} |"
+            f"| {len(start['per_process_mib'])} |"
         )
     lines += backends_table(result)
     if s["latency"]:
@@ -344,6 +347,7 @@ def markdown(result: dict[str, Any], json_path: Path, png: Path) -> str:
         if stream
         else "1 GiB stream: not run."
     )
+    host = meta["host"]
     stream_2b = result.get("stream_2b")
     if stream_2b:
         stream_line += (
@@ -354,10 +358,15 @@ def markdown(result: dict[str, Any], json_path: Path, png: Path) -> str:
         )
     return "\n".join(
         [
-            BEGIN,
+            _begin(machine_key(host)),
+            f"### {machine_key(host)}",
+            "",
+            f"CPU {host.get('cpu_model', '?')}; kernel {host['kernel']}; "
+            f"{host.get('python_build', 'Python ' + host['python'])}; "
+            f"gateway build: {host.get('gateway_build', '?')}.",
+            "",
             f"Run {meta['timestamp']} (`{json_path.name}`), gateway commit {v['gateway_commit']}"
-            f"{' (gateway/ modified)' if v['gateway_dirty'] else ''}; "
-            f"{meta['host'].get('cpu_model', '?')}, {meta['host']['cpus']} CPUs, "
+            f"{' (gateway/ modified)' if v['gateway_dirty'] else ''}; {meta['host']['cpus']} CPUs, "
             f"load average at start {_loadavg(meta)}; "
             f"{meta['workers']} worker(s) for both nginx and the gateway; access log "
             f"{meta['access_log']}; medians of {meta['repeats']} runs × {meta['duration_s']:g} s; "
@@ -373,16 +382,35 @@ def markdown(result: dict[str, Any], json_path: Path, png: Path) -> str:
             stream_line,
             "",
             f"![bench chart](results/{png.name})",
-            END,
+            _end(machine_key(host)),
         ]
     )
 
 
+def _begin(key: str) -> str:
+    return f"<!-- bench:results:begin {key} -->"
+
+
+def _end(key: str) -> str:
+    return f"<!-- bench:results:end {key} -->"
+
+
 def update_results_md(result: dict[str, Any], path: Path, json_path: Path, png: Path) -> None:
+    """Replace this machine's block (CPU model and count), or add one after
+    the others: RESULTS.md keeps one table per machine measured."""
+    key = machine_key(result["meta"]["host"])
     block = markdown(result, json_path, png)
-    text = path.read_text() if path.exists() else f"# Benchmark results\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    path.write_text(head + block + tail)
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    begin, end = _begin(key), _end(key)
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
+        path.write_text(head + block + tail)
+        return
+    # After the last machine's block, else at the end.
+    last = text.rfind("<!-- bench:results:end")
+    if last < 0:
+        path.write_text(text.rstrip("\n") + "\n\n" + block + "\n")
+        return
+    cut = text.index("-->", last) + 3
+    path.write_text(text[:cut] + "\n\n" + block + text[cut:])

@@ -32,19 +32,13 @@ from typing import Any
 
 from bench import load
 from bench.instructions import count
+from bench.machine import cpu_model
 from bench.payloads import Payload, write_payload
 from bench.peers import REPO, Stack, render
 from bench.procs import Procs, cpu_seconds, free_port, tree, wait_port
 from bench.workloads import RESULTS, WORKLOADS
 
 __all__ = ["main"]
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return "?"
 
 
 def _config(stack: Stack, rundir: Path, tag: str, tokens: dict[str, str]) -> tuple[Path, int]:
@@ -136,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     # bytes on the wire, only the credential differs.
     payload = replace(payload, headers={**payload.headers, "X-Scope-OrgID": "evil"})
     tokens = {"plain": secrets.token_urlsafe(32), "tenant": secrets.token_urlsafe(32)}
-    result: dict[str, Any] = {"cpu_model": _cpu_model(), "payload_bytes": payload.size}
+    result: dict[str, Any] = {"cpu_model": cpu_model(), "payload_bytes": payload.size}
     print(f"bench tenancy: {result['cpu_model']}, 1 KiB remote-write, {rundir}")
     with Procs(rundir) as procs:
         stack = Stack(procs, rundir, tokens["plain"], workers=1, sink_workers=1, access_log=False)

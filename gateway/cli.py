@@ -23,13 +23,12 @@ from pathlib import Path
 
 import uvloop
 
-from gateway import __version__
+from gateway import __version__, build
 from gateway.config.credentials import token_digest
 from gateway.config.loader import ConfigError, Settings, expiry_warnings, load
 from gateway.config.routes import RouteSpec
 from gateway.config.tenants import forwarding_lines, tenancy_warnings
 from gateway.policy.auth import MAX_AUTHORIZATION_BYTES
-from gateway.process.gateway import Gateway
 from gateway.process.memory import tune_malloc
 from gateway.process.watch import watch_files
 from gateway.telemetry import log
@@ -274,11 +273,16 @@ def _backends(route: RouteSpec) -> list[str]:
 def _listening(settings: Settings, port: int, admin_port: int, workers: int) -> None:
     host = settings.server.listen.rpartition(":")[0]
     admin_host = settings.server.admin_listen.rpartition(":")[0]
+    kind, why = build.running()
     log.get_logger().info(
         "listening",
         listen=f"{host}:{port}",
         admin=f"{admin_host}:{admin_port}",
         version=__version__,
+        # The hot path as compiled by mypyc or as Python (gateway/build.py);
+        # build_reason says why a compiled build installed here is not used.
+        build=kind,
+        **({"build_reason": why} if why else {}),
         workers=workers,
         routes=[r.name for r in settings.routes],
         credentials=[c.name for c in settings.credentials],
@@ -382,6 +386,10 @@ async def _supervise(settings: Settings, path: Path, workers: int) -> int:
 
 async def _serve(settings: Settings, path: Path) -> int:
     logger = log.get_logger()
+    # Imported here: a supervisor never serves traffic, so it does not
+    # load the data path (uvloop and the config are all it shares with it).
+    from gateway.process.gateway import Gateway  # noqa: PLC0415
+
     gateway = Gateway(settings)
     started = False
 

@@ -113,7 +113,7 @@ def _resolve(
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{key}file: cannot read {str(path)!r}: {exc.strerror}") from None
+        raise ConfigError(f"{key}file: cannot read the file: {exc.strerror}") from None
     return token_digest(data, f"{key}file")
 
 
@@ -164,7 +164,7 @@ def _read(path: Path, key: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{key}: cannot read {str(path)!r}: {exc.strerror}") from None
+        raise ConfigError(f"{key}: cannot read the file: {exc.strerror}") from None
 
 
 def _kind(public_key: Any) -> str:
@@ -259,7 +259,7 @@ def _jwt(
         for route in scope_routes:
             if route not in routes:
                 raise ConfigError(
-                    f"{key}scopes.{scope}: route {route!r} is not in this credential's routes"
+                    f"{key}scopes.{scope}: a route that is not in this credential's routes"
                 )
         scopes[scope] = frozenset(scope_routes)
     return JwtConfig(

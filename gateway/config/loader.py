@@ -95,6 +95,8 @@ def _format_validation_error(err: msgspec.ValidationError) -> str:
         path, msg = _join(path, unknown.group("field")), "unknown key"
     elif own := _FIELD_MSG.match(msg):
         path, msg = _join(path, own.group("field")), own.group("msg")
+    elif msg.startswith("Invalid enum value"):
+        msg = "not one of the allowed values (config/gateway.toml lists them)"
     else:
         msg = msg[:1].lower() + msg[1:]
     return f"{path}: {msg}" if path else msg
@@ -112,9 +114,9 @@ def _check_routes(spec: SettingsSpec) -> set[str]:
     paths: set[str] = set()
     for i, route in enumerate(spec.routes):
         if route.name in names:
-            raise ConfigError(f"routes[{i}].name: duplicate route name {route.name!r}")
+            raise ConfigError(f"routes[{i}].name: duplicate route name")
         if route.path in paths:
-            raise ConfigError(f"routes[{i}].path: duplicate route path {route.path!r}")
+            raise ConfigError(f"routes[{i}].path: duplicate route path")
         names.add(route.name)
         paths.add(route.path)
     return names
@@ -124,30 +126,32 @@ def _check_secrets(credentials: tuple[Credential, ...]) -> None:
     """No two tokens share a secret, no two credentials a JWT key id, and at
     most one JWT key has no id (a token without ``kid`` is verified with it:
     with two, neither would be, and every JWT would get 401)."""
-    seen: dict[bytes, str] = {}
+    # Credentials are named by position, not by name: a config error never
+    # echoes a value, and a token pasted into the wrong key is one.
+    seen: dict[bytes, tuple[int, str]] = {}  # digest -> (credential index, token id)
     kids: dict[str, str] = {}
     unnamed = ""
     for i, cred in enumerate(credentials):
+        here = f"credentials[{i}]"
         for k in cred.jwt.keys if cred.jwt is not None else ():
             if not k.kid:
                 if unnamed:
                     raise ConfigError(
-                        f"credentials[{i}].jwt: {cred.name!r} and {unnamed!r} both have a JWT "
+                        f"{here}.jwt: this credential and {unnamed} both have a JWT "
                         "key without a kid, so a token without one could be either's; give "
                         'all but one a kid ([credentials.jwt] kid = "…", or "kid" in the JWKS)'
                     )
-                unnamed = cred.name
+                unnamed = here
                 continue
-            owner = kids.setdefault(k.kid, cred.name)
-            if owner != cred.name:
-                raise ConfigError(f"credentials[{i}].jwt: key id {k.kid!r} is also used by {owner}")
+            owner = kids.setdefault(k.kid, here)
+            if owner != here:
+                raise ConfigError(f"{here}.jwt: a key id is also used by {owner}")
         secrets: list[Token | Revoked] = [*cred.tokens, *cred.revoked]
         for t in secrets:
-            owner = seen.setdefault(t.digest, f"{cred.name}/{t.id}")
-            if owner != f"{cred.name}/{t.id}":
-                raise ConfigError(
-                    f"credentials[{i}]: token {t.id!r} has the same secret as {owner}"
-                )
+            first = seen.setdefault(t.digest, (i, t.id))
+            if first != (i, t.id):
+                where = "another token of it" if first[0] == i else f"credentials[{first[0]}]"
+                raise ConfigError(f"{here}: a token has the same secret as {where}")
 
 
 def _cross_check(spec: SettingsSpec, credentials: tuple[Credential, ...]) -> None:
@@ -157,11 +161,11 @@ def _cross_check(spec: SettingsSpec, credentials: tuple[Credential, ...]) -> Non
     cred_names: set[str] = set()
     for i, (cspec, cred) in enumerate(zip(spec.credentials, credentials, strict=True)):
         if cred.name in cred_names:
-            raise ConfigError(f"credentials[{i}].name: duplicate credential name {cred.name!r}")
+            raise ConfigError(f"credentials[{i}].name: duplicate credential name")
         cred_names.add(cred.name)
         for j, route_name in enumerate(cspec.routes):
             if route_name not in names:
-                raise ConfigError(f"credentials[{i}].routes[{j}]: no route named {route_name!r}")
+                raise ConfigError(f"credentials[{i}].routes[{j}]: no route of that name")
         if cspec.forward is not None:
             _check_forward(f"credentials[{i}].forward", spec, cspec.forward, cred)
     _check_secrets(credentials)
@@ -199,7 +203,7 @@ def _check_forward(key: str, spec: SettingsSpec, fwd: ForwardSpec, cred: Credent
         for label in fwd.extra_labels:
             if label in pinned:
                 raise ConfigError(
-                    f"{key}.extra_labels.{label}: an upstream URL of route {route.name!r} "
+                    f"{key}.extra_labels.{label}: an upstream URL of this route "
                     "already sets this label"
                 )
     if fwd.claims and (cred.jwt is None or cred.tokens):

@@ -58,7 +58,7 @@ class BackendSpec(Spec, frozen=True):
     def __post_init__(self) -> None:
         check_url(self.url, "url")
         if self.name is not None and (not NAME.match(self.name) or self.name in RESERVED_NAMES):
-            raise ValueError(f"name: {self.name!r} must match [A-Za-z0-9_.-]{{1,64}}")
+            raise ValueError("name: must match [A-Za-z0-9_.-]{1,64}")
 
     @property
     def label(self) -> str:
@@ -89,7 +89,7 @@ class HealthCheckSpec(Spec, frozen=True):
 
     def __post_init__(self) -> None:
         if not _PROBE_PATH.match(self.path):
-            raise ValueError(f"path: {self.path!r} must start with / and be printable ASCII")
+            raise ValueError("path: must start with / and be printable ASCII")
         if self.timeout_seconds > self.interval_seconds:
             raise ValueError("timeout_seconds: must not exceed interval_seconds")
 
@@ -123,18 +123,18 @@ class RouteSpec(Spec, frozen=True):
     def __post_init__(self) -> None:
         if not NAME.match(self.name) or self.name in RESERVED_NAMES:
             raise ValueError(
-                f"name: {self.name!r} must match [A-Za-z0-9_.-]{{1,64}} "
+                f"name: must match [A-Za-z0-9_.-]{{1,64}} "
                 f"and not be one of {sorted(RESERVED_NAMES)}"
             )
         if not self.path.startswith("/") or any(c in self.path for c in "?# \t%"):
-            raise ValueError(f"path: {self.path!r} must be an absolute path without query")
+            raise ValueError("path: must be an absolute path without query")
         if self.path in RESERVED_PATHS:
             raise ValueError(f"path: {self.path!r} is answered by the gateway itself")
         if not self.methods:
             raise ValueError("methods: at least one method")
         for method in self.methods:
             if method not in _METHODS:
-                raise ValueError(f"methods: {method!r} is not one of {sorted(_METHODS)}")
+                raise ValueError(f"methods: each is one of {sorted(_METHODS)}")
         self._check_backends()
 
     def _check_backends(self) -> None:
@@ -164,7 +164,7 @@ class RouteSpec(Spec, frozen=True):
         if self.protocol == "otlp-grpc" and (parts.path not in ("", "/") or parts.query):
             raise ValueError(
                 f"{key}: an otlp-grpc upstream is scheme, host and port only (the gRPC "
-                f"method path is forwarded as it is): {url!r}"
+                f"method path is forwarded as it is)"
             )
 
     def backends(self) -> tuple[tuple[str, BackendSpec], ...]:
@@ -207,13 +207,13 @@ def check_backend_list(entries: tuple[Entry, ...], key: str) -> None:
         else:
             url, name = entry.url, entry.name
         if url in urls:
-            raise ValueError(f"{key}[{i}]: {url!r} is listed twice")
+            raise ValueError(f"{key}[{i}]: the same URL is listed twice")
         urls.add(url)
         if name is not None:
             if name in names:
-                raise ValueError(f"{key}[{i}].name: {name!r} is used twice")
+                raise ValueError(f"{key}[{i}].name: used twice")
             names.add(name)
     labels = [label for label, _ in labelled(entries)]
     for i, label in enumerate(labels):
         if labels.index(label) != i:
-            raise ValueError(f"{key}[{i}].name: the label {label!r} is used twice")
+            raise ValueError(f"{key}[{i}].name: the label is used twice")

@@ -76,7 +76,7 @@ class _Spec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tru
 def _check_listen(value: str, key: str) -> None:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{key}: expected HOST:PORT, got {value!r}")
+        raise ValueError(f"{key}: expected HOST:PORT")
 
 
 def _check_cidrs(values: tuple[str, ...], key: str) -> None:
@@ -84,7 +84,7 @@ def _check_cidrs(values: tuple[str, ...], key: str) -> None:
         try:
             ipaddress.ip_network(value, strict=False)
         except ValueError:
-            raise ValueError(f"{key}: {value!r} is not an IP address or CIDR") from None
+            raise ValueError(f"{key}: not an IP address or CIDR") from None
 
 
 class TlsSpec(_Spec, frozen=True):
@@ -235,7 +235,7 @@ class TokenSpec(_Spec, frozen=True):
 
     def __post_init__(self) -> None:
         if not NAME.match(self.id):
-            raise ValueError(f"id: {self.id!r} must match [A-Za-z0-9_.-]{{1,64}}")
+            raise ValueError("id: must match [A-Za-z0-9_.-]{1,64}")
         _check_source(self.sha256, self.env, self.file, "")
         for key in ("not_before", "not_after"):
             value = getattr(self, key)
@@ -252,7 +252,7 @@ class RevokedSpec(_Spec, frozen=True):
 
     def __post_init__(self) -> None:
         if not NAME.match(self.id):
-            raise ValueError(f"id: {self.id!r} must match [A-Za-z0-9_.-]{{1,64}}")
+            raise ValueError("id: must match [A-Za-z0-9_.-]{1,64}")
         if not _SHA256_HEX.match(self.sha256):
             raise ValueError("sha256: expected 64 lowercase hex characters")
 
@@ -314,7 +314,7 @@ class JwtSpec(_Spec, frozen=True):
         if self.kid and self.jwks_file is not None:
             raise ValueError('kid: a JWKS names its keys itself (its "kid" members)')
         if self.kid and not NAME.match(self.kid):
-            raise ValueError(f"kid: {self.kid!r} must match [A-Za-z0-9_.-]{{1,64}}")
+            raise ValueError("kid: must match [A-Za-z0-9_.-]{1,64}")
 
 
 class CredentialSpec(_Spec, frozen=True):
@@ -342,7 +342,7 @@ class CredentialSpec(_Spec, frozen=True):
         _check_cidrs(self.allow_cidrs, "allow_cidrs")
         if not NAME.match(self.name) or self.name in _RESERVED_NAMES:
             raise ValueError(
-                f"name: {self.name!r} must match [A-Za-z0-9_.-]{{1,64}} "
+                f"name: must match [A-Za-z0-9_.-]{{1,64}} "
                 f"and not be one of {sorted(_RESERVED_NAMES)}"
             )
         shorthand = (self.token_sha256, self.token_env, self.token_file)

@@ -63,5 +63,5 @@ def _readable(path: Path, key: str) -> Path:
         with path.open("rb"):
             pass
     except OSError as exc:
-        raise ConfigError(f"server.tls.{key}: cannot read {str(path)!r}: {exc.strerror}") from None
+        raise ConfigError(f"server.tls.{key}: cannot read the file: {exc.strerror}") from None
     return path

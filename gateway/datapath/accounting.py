@@ -11,7 +11,7 @@ with, as the config writes them (a claim's value stays ``{claim:…}``).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from gateway.datapath.ports import Finished
@@ -19,10 +19,10 @@ if TYPE_CHECKING:
 
 __all__ = ["account", "record_rejected"]
 
-_perf = time.perf_counter
+_perf: Final = time.perf_counter
 # Logged paths are cut here: a path is client input, and one line per
 # request must stay small whatever a client sends.
-MAX_LOGGED_PATH = 200
+MAX_LOGGED_PATH: Final = 200
 
 
 def account(shared: Shared, ex: Finished, grpc_status: str | None = None) -> None:

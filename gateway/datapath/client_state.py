@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from gateway.datapath.ports import (
     PAUSE_CONNECT,
@@ -35,15 +35,26 @@ __all__ = ["LINGER_SECONDS", "ClientState"]
 
 # The deadline kinds as plain ints: CPython 3.11 specialises comparisons of
 # exact ints only, and these are compared on every read.
-_NONE, _IDLE, _HEAD, _BODY, _UPSTREAM, _WRITE, _LINGER, _QUEUE = map(int, Deadline)
+_NONE: Final = int(Deadline.NONE)
+_IDLE: Final = int(Deadline.IDLE)
+_HEAD: Final = int(Deadline.HEAD)
+_BODY: Final = int(Deadline.BODY)
+_UPSTREAM: Final = int(Deadline.UPSTREAM)
+_WRITE: Final = int(Deadline.WRITE)
+_LINGER: Final = int(Deadline.LINGER)
+_QUEUE: Final = int(Deadline.QUEUE)
 # After answering with "Connection: close" while the client may still be
 # sending, keep reading (and dropping) for this long so the client reads our
 # answer instead of a reset.
-LINGER_SECONDS = 2.0
+LINGER_SECONDS: Final = 2.0
 
 
-class ClientState(asyncio.Protocol):
-    """One client connection's flow control, exchange order and deadline."""
+# No asyncio.Protocol base: uvloop only calls the methods, and a class with
+# a Python base cannot be a mypyc native class (attributes in a dict, not
+# slots; methods called through the generic path).
+class ClientState:
+    """One client connection's flow control, exchange order and deadline
+    (with ``ClientConnection``, an ``asyncio.Protocol`` by shape)."""
 
     __slots__ = (
         "_advancing",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -31,23 +31,30 @@ if TYPE_CHECKING:
 
 __all__ = ["ClientConnection"]
 
-_perf = time.perf_counter
+_perf: Final = time.perf_counter
 
 # The deadline kinds as plain ints (see client_state.py).
-_NONE, _IDLE, _HEAD, _BODY, _UPSTREAM, _WRITE, _LINGER, _QUEUE = map(int, Deadline)
-_OVERLOADED = (
+_NONE: Final = int(Deadline.NONE)
+_IDLE: Final = int(Deadline.IDLE)
+_HEAD: Final = int(Deadline.HEAD)
+_BODY: Final = int(Deadline.BODY)
+_UPSTREAM: Final = int(Deadline.UPSTREAM)
+_WRITE: Final = int(Deadline.WRITE)
+_LINGER: Final = int(Deadline.LINGER)
+_QUEUE: Final = int(Deadline.QUEUE)
+_OVERLOADED: Final = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
     b"Content-Length: 25\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
     b"too many open connections"
 )
 # Bytes read and dropped while lingering, at most.
-LINGER_BYTES = 64 * 1024 * 1024
+LINGER_BYTES: Final = 64 * 1024 * 1024
 # Requests taken from one read.  llhttp parses a whole read (256 KiB in
 # uvloop) and cannot stop part-way without losing the rest, so a client
 # pipelining tiny requests would get thousands answered (or queued) before
 # reading can pause; beyond this many, the ones parsed are answered and the
 # connection closes (no sender we serve pipelines at all).
-MAX_REQUESTS_PER_READ = 256
+MAX_REQUESTS_PER_READ: Final = 256
 
 
 class _Reject(Exception):
@@ -63,7 +70,7 @@ class _Stop(Exception):
 
 class ClientConnection(ClientState):
     """One client TCP connection; the ``ClientPort`` of its exchanges and a
-    ``Tracked`` connection of the process."""
+    ``Tracked`` connection of the process (an ``asyncio.Protocol`` by shape)."""
 
     __slots__ = (
         "_between",

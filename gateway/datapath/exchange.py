@@ -13,7 +13,7 @@ and knows neither class.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from gateway.datapath.exchange_base import DISCARD_LIMIT, State
 from gateway.datapath.failover import SEALED_PIECE, SMALL_PIECE, Failover
@@ -36,13 +36,18 @@ if TYPE_CHECKING:
 __all__ = ["DISCARD_LIMIT", "Exchange", "State"]
 
 # Plain ints (see State): compared and stored on every request.
-_WAITING, _DECIDING = int(State.WAITING), int(State.DECIDING)
-_QUEUED, _CONNECTING = int(State.QUEUED), int(State.CONNECTING)
-_SENT, _RESPONDING, _ANSWERED = int(State.SENT), int(State.RESPONDING), int(State.ANSWERED)
-_BODY, _UPSTREAM, _QUEUE = int(Deadline.BODY), int(Deadline.UPSTREAM), int(Deadline.QUEUE)
-
-_perf = time.perf_counter
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_WAITING: Final = int(State.WAITING)
+_DECIDING: Final = int(State.DECIDING)
+_QUEUED: Final = int(State.QUEUED)
+_CONNECTING: Final = int(State.CONNECTING)
+_SENT: Final = int(State.SENT)
+_RESPONDING: Final = int(State.RESPONDING)
+_ANSWERED: Final = int(State.ANSWERED)
+_BODY: Final = int(Deadline.BODY)
+_UPSTREAM: Final = int(Deadline.UPSTREAM)
+_QUEUE: Final = int(Deadline.QUEUE)
+_perf: Final = time.perf_counter
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class Exchange(Failover):

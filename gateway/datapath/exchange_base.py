@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from gateway.datapath.accounting import account
 from gateway.datapath.health import (
@@ -32,8 +32,8 @@ from gateway.datapath.ports import PAUSE_CONNECT, PAUSE_UPSTREAM, ClientPort, De
 from gateway.policy.errors import CLIENT_CLOSED, Kind, Protocol
 
 if TYPE_CHECKING:
+    from gateway.datapath.ports import UpstreamPool, UpstreamPort
     from gateway.datapath.shared import Shared
-    from gateway.datapath.upstream import Pool, UpstreamConnection
     from gateway.policy.auth import Failure, Principal
     from gateway.policy.balance import Balancer, Lane
     from gateway.policy.decide import Refuse
@@ -47,7 +47,7 @@ __all__ = ["DISCARD_LIMIT", "ExchangeBase", "State"]
 # A request answered without proxying still has its body on the wire: up to
 # this size it is read and dropped to keep the connection; beyond, the
 # connection is closed after the answer.
-DISCARD_LIMIT = 256 * 1024
+DISCARD_LIMIT: Final = 256 * 1024
 
 
 class State(enum.IntEnum):
@@ -65,9 +65,13 @@ class State(enum.IntEnum):
 
 # Plain ints: CPython 3.11 specialises comparisons of exact ints only, and
 # the state is compared on every callback (``self.state`` holds these).
-_WAITING, _PROBING, _RESPONDING = int(State.WAITING), int(State.PROBING), int(State.RESPONDING)
-_CLOSING, _ANSWERED, _FINISHED = int(State.CLOSING), int(State.ANSWERED), int(State.FINISHED)
-_BODY = int(Deadline.BODY)
+_WAITING: Final = int(State.WAITING)
+_PROBING: Final = int(State.PROBING)
+_RESPONDING: Final = int(State.RESPONDING)
+_CLOSING: Final = int(State.CLOSING)
+_ANSWERED: Final = int(State.ANSWERED)
+_FINISHED: Final = int(State.FINISHED)
+_BODY: Final = int(Deadline.BODY)
 
 
 class ExchangeBase:
@@ -141,8 +145,8 @@ class ExchangeBase:
         self.body_in = 0
         self.bytes_out = 0
         self.limit = DISCARD_LIMIT
-        self.upstream: UpstreamConnection | None = None
-        self.pool: Pool | None = None
+        self.upstream: UpstreamPort | None = None
+        self.pool: UpstreamPool | None = None
         self.rstats: RouteStats | None = None
         self.up_buf: list[bytes] = []
         self.t_sent = 0.0

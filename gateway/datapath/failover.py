@@ -29,7 +29,7 @@ failure answer only when every attempt failed.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from gateway.datapath.exchange_base import ExchangeBase, State
 from gateway.datapath.passive import BACKEND_KINDS, backend_failed, backend_recovered
@@ -37,13 +37,13 @@ from gateway.datapath.ports import PAUSE_CONNECT, PAUSE_UPSTREAM, Deadline
 from gateway.policy.errors import Kind
 
 if TYPE_CHECKING:
-    from gateway.datapath.upstream import Pool, UpstreamConnection
+    from gateway.datapath.ports import UpstreamPool, UpstreamPort
     from gateway.policy.balance import Balancer, Lane
     from gateway.policy.routing import Target
 
 __all__ = ["SEALED_PIECE", "SMALL_PIECE", "Failover"]
 
-_FAILURES = {
+_FAILURES: Final = {
     "connect": Kind.UPSTREAM_CONNECT,
     "connect_timeout": Kind.UPSTREAM_CONNECT,  # unreachable: nothing was sent
     "timeout": Kind.UPSTREAM_TIMEOUT,
@@ -52,19 +52,22 @@ _FAILURES = {
     "internal": Kind.INTERNAL,
 }
 # upstream_errors_total{kind} values: connect, timeout, reset, protocol.
-_ERROR_LABEL = {"connect_timeout": "connect", "internal": "internal"}
+_ERROR_LABEL: Final = {"connect_timeout": "connect", "internal": "internal"}
 
-_CONNECTING, _SENT = int(State.CONNECTING), int(State.SENT)
-_RESPONDING, _ANSWERED = int(State.RESPONDING), int(State.ANSWERED)
-_BODY, _UPSTREAM = int(Deadline.BODY), int(Deadline.UPSTREAM)
-_perf = time.perf_counter
+_CONNECTING: Final = int(State.CONNECTING)
+_SENT: Final = int(State.SENT)
+_RESPONDING: Final = int(State.RESPONDING)
+_ANSWERED: Final = int(State.ANSWERED)
+_BODY: Final = int(Deadline.BODY)
+_UPSTREAM: Final = int(Deadline.UPSTREAM)
+_perf: Final = time.perf_counter
 # A chunked body's copy reserves replay memory in steps from this size.
-_FIRST_STEP = 64 * 1024
+_FIRST_STEP: Final = 64 * 1024
 # Body pieces at least this long are kept in the copy as they are (the
 # object's ~41 bytes of header and list slot are at most 1 %); shorter ones
 # are copied into one buffer, kept as one piece of SEALED_PIECE bytes.
-SMALL_PIECE = 4096
-SEALED_PIECE = 64 * 1024
+SMALL_PIECE: Final = 4096
+SEALED_PIECE: Final = 64 * 1024
 
 
 class Failover(ExchangeBase):
@@ -141,7 +144,7 @@ class Failover(ExchangeBase):
                 stats.overrides_dropped(self.credential, "query_arg", others)
         return request_target
 
-    async def _connect(self, pool: Pool, tried: int) -> None:
+    async def _connect(self, pool: UpstreamPool, tried: int) -> None:
         try:
             conn = await pool.connect(self.gen.connect_timeout)
         except TimeoutError:
@@ -167,7 +170,7 @@ class Failover(ExchangeBase):
         if self.state == _CONNECTING and self.tried == tried:
             self.upstream_failed(kind)
 
-    def _attach(self, conn: UpstreamConnection) -> None:
+    def _attach(self, conn: UpstreamPort) -> None:
         conn.attach(self)  # type: ignore[arg-type]  # Exchange, the subclass, is the ResponseSink
         self.upstream = conn
         self.state = _SENT

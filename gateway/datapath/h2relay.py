@@ -48,8 +48,8 @@ from gateway.policy.headers import h1_safe
 
 if TYPE_CHECKING:
     from gateway.datapath.h2stream import StreamPort
+    from gateway.datapath.ports import UpstreamPool, UpstreamPort
     from gateway.datapath.shared import Shared
-    from gateway.datapath.upstream import Pool, UpstreamConnection
     from gateway.policy.balance import Balancer, Lane
     from gateway.policy.request import RequestHead
     from gateway.policy.routing import Route
@@ -93,8 +93,8 @@ class H2Relay(H2RelayBase):
 
     def __init__(self, conn: StreamPort, shared: Shared, sid: int, head: RequestHead) -> None:
         super().__init__(conn, shared, sid, head)
-        self.upstream: UpstreamConnection | None = None
-        self.pool: Pool | None = None
+        self.upstream: UpstreamPort | None = None
+        self.pool: UpstreamPool | None = None
         self.up_buf: list[bytes] = []  # for the upstream, written at the event's end
         self._up_paused = False  # the upstream's socket pushes back
         self._read_paused = False
@@ -219,7 +219,7 @@ class H2Relay(H2RelayBase):
         self.dkind = D_NONE  # bounded by connect_timeout
         self._task = self.shared.loop.create_task(self._connect(pool))
 
-    async def _connect(self, pool: Pool) -> None:
+    async def _connect(self, pool: UpstreamPool) -> None:
         try:
             conn = await pool.connect(self.gen.connect_timeout)
         except TimeoutError:
@@ -239,7 +239,7 @@ class H2Relay(H2RelayBase):
                 self.flush()
         self.conn.flush()
 
-    def _attach(self, conn: UpstreamConnection) -> None:
+    def _attach(self, conn: UpstreamPort) -> None:
         conn.attach(self)
         self.upstream = conn
         self.state = _SENT

@@ -8,7 +8,7 @@ Must not know: exchanges, streams, connections; ``Balancer`` decides.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from gateway.policy.balance import Balancer, Transition
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 __all__ = ["BACKEND_KINDS", "backend_failed", "backend_recovered"]
 
 # The failure kinds counted per backend (gateway_upstream_failures_total).
-BACKEND_KINDS = {
+BACKEND_KINDS: Final = {
     "connect": "connect",
     "connect_timeout": "connect",
     "timeout": "timeout",

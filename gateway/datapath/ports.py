@@ -1,23 +1,26 @@
 """The narrow interfaces between the parts of the data path.
 
-An exchange drives its client connection only through ``ClientPort`` and
-its upstream connection only through ``UpstreamPort``; the upstream
+An exchange drives its client connection only through ``ClientPort``, its
+upstream connection only through ``UpstreamPort`` (taken from and given back
+to an ``UpstreamPool`` of the process's ``UpstreamPools``); the upstream
 connection reports to the exchange through ``ResponseSink``; accounting
 reads a finished exchange through ``Finished``.  Each side can be replaced
 by a fake in memory (``tests/unit/test_exchange.py``), and no module of the
-data path imports the one on the other side of a port.
+data path imports the one on the other side of a port.  (Compiled with
+mypyc, a concrete class in an annotation is also checked at run time: the
+ports are what lets a fake stand in for a compiled class.)
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 if TYPE_CHECKING:
     from gateway.policy.auth import Principal
     from gateway.policy.request import RequestHead
-    from gateway.policy.routing import Route, Target
+    from gateway.policy.routing import Route, Target, Upstream
     from gateway.telemetry.counters import RouteStats
 
 __all__ = [
@@ -31,16 +34,18 @@ __all__ = [
     "Finished",
     "ResponseSink",
     "Tracked",
+    "UpstreamPool",
+    "UpstreamPools",
     "UpstreamPort",
 ]
 
 # Why the client connection is not being read; reading resumes when no
 # reason is left.  Plain ints: they are or-ed on the hot path.
-PAUSE_PIPELINE = 1  # a pipelined request waits for the one in flight
-PAUSE_CONNECT = 2  # waiting for an upstream connection (or a deep health probe)
-PAUSE_UPSTREAM = 4  # the upstream stopped reading the body
-PAUSE_QUEUE = 8  # waiting for a concurrency slot
-PAUSE_WRITE = 16  # the client is not reading what we send
+PAUSE_PIPELINE: Final = 1  # a pipelined request waits for the one in flight
+PAUSE_CONNECT: Final = 2  # waiting for an upstream connection (or a deep health probe)
+PAUSE_UPSTREAM: Final = 4  # the upstream stopped reading the body
+PAUSE_QUEUE: Final = 8  # waiting for a concurrency slot
+PAUSE_WRITE: Final = 16  # the client is not reading what we send
 
 
 class Deadline(enum.IntEnum):
@@ -101,6 +106,23 @@ class UpstreamPort(Protocol):
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     def abort(self) -> None: ...
+
+
+class UpstreamPool(Protocol):
+    """Where an exchange takes an upstream connection from and gives it back."""
+
+    def acquire(self) -> UpstreamPort | None: ...  # an idle connection, if any
+    async def connect(self, timeout: float) -> UpstreamPort: ...
+    # Back after a complete response (kept if reusable) or abandoned.
+    def release(self, conn: UpstreamPort, idle_until: float) -> None: ...
+
+
+class UpstreamPools(Protocol):
+    """The pools of a process, one per upstream address; outlive reloads."""
+
+    def get(self, upstream: Upstream) -> UpstreamPool: ...
+    def expire(self, now: float) -> None: ...  # close connections idle too long
+    def close(self) -> None: ...
 
 
 class ResponseSink(Protocol):

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from email.utils import formatdate
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from gateway.datapath.health import UpstreamProbe
 from gateway.policy.balance import BackendRegistry
@@ -21,13 +20,44 @@ if TYPE_CHECKING:
     import ssl
 
     from gateway.datapath.h2upstream import H2Pool, H2Pools
-    from gateway.datapath.ports import Tracked
-    from gateway.datapath.upstream import Pools
+    from gateway.datapath.ports import Tracked, UpstreamPools
     from gateway.policy.generation import Generation
     from gateway.policy.routing import Upstream
     from gateway.telemetry.counters import Stats
 
 __all__ = ["Shared"]
+
+
+_DAYS: Final = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")
+_MONTHS: Final = (
+    b"Jan",
+    b"Feb",
+    b"Mar",
+    b"Apr",
+    b"May",
+    b"Jun",
+    b"Jul",
+    b"Aug",
+    b"Sep",
+    b"Oct",
+    b"Nov",
+    b"Dec",
+)
+
+
+def http_date(ts: float) -> bytes:
+    """IMF-fixdate (RFC 9110 §5.6.7), as email.utils.formatdate(usegmt=True)
+    writes it, without loading the email package into every worker."""
+    t = time.gmtime(ts)
+    return b"%s, %02d %s %d %02d:%02d:%02d GMT" % (
+        _DAYS[t.tm_wday],
+        t.tm_mday,
+        _MONTHS[t.tm_mon - 1],
+        t.tm_year,
+        t.tm_hour,
+        t.tm_min,
+        t.tm_sec,
+    )
 
 
 class Shared:
@@ -57,7 +87,7 @@ class Shared:
         loop: asyncio.AbstractEventLoop,
         gen: Generation,
         stats: Stats,
-        pools: Pools,
+        pools: UpstreamPools,
         access: Any,
         log: Any,
         *,
@@ -138,7 +168,7 @@ class Shared:
         return pools.get(upstream)
 
     def tick_date(self) -> None:
-        self.date_line = b"Date: " + formatdate(time.time(), usegmt=True).encode() + b"\r\n"
+        self.date_line = b"Date: " + http_date(time.time()) + b"\r\n"
 
     def next_request_id(self) -> bytes:
         self._id_counter += 1

@@ -16,7 +16,7 @@ import ssl
 from collections.abc import Callable
 from functools import partial
 from http import HTTPStatus
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -24,19 +24,23 @@ from gateway.datapath.writes import write_coalesced
 from gateway.policy.headers import RESPONSE_DROP, strip_listed
 
 if TYPE_CHECKING:
-    from gateway.datapath.ports import ResponseSink
+    from gateway.datapath.ports import ResponseSink, UpstreamPort
     from gateway.policy.routing import Upstream
 
 __all__ = ["Pool", "Pools", "UpstreamConnection"]
 
 
 # Response header names as sent → role; cached per spelling (bounded).
-_FORWARD, _LENGTH, _CHUNKED, _CONNECTION, _DROP = range(5)
-_RESPONSE_KNOWN: dict[bytes, int] = {}
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_FORWARD: Final = 0
+_LENGTH: Final = 1
+_CHUNKED: Final = 2
+_CONNECTION: Final = 3
+_DROP: Final = 4
+_RESPONSE_KNOWN: Final[dict[bytes, int]] = {}
+_REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
 # "Connection: keep-alive" / "close" name no other field: nothing to strip.
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
-_KNOWN_MAX = 1024
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})
+_KNOWN_MAX: Final = 1024
 
 
 def _classify_response(name: bytes) -> int:
@@ -60,9 +64,11 @@ def _not_connected(pieces: list[bytes]) -> None:
     raise RuntimeError("upstream connection not made yet")
 
 
-class UpstreamConnection(asyncio.Protocol):
+# No asyncio.Protocol base, as ClientConnection (connection.py): uvloop only
+# calls the methods, and mypyc makes the class native only without it.
+class UpstreamConnection:
     """One keep-alive connection to an upstream; the ``UpstreamPort`` of the
-    exchange that holds it."""
+    exchange that holds it (an ``asyncio.Protocol`` by shape)."""
 
     __slots__ = (
         "_chunked",
@@ -252,15 +258,16 @@ class Pool:
         up = self.upstream
         async with asyncio.timeout(timeout):
             _, protocol = await self.loop.create_connection(
-                lambda: UpstreamConnection(self),
+                lambda: cast(asyncio.Protocol, UpstreamConnection(self)),
                 up.host,
                 up.port,
                 ssl=self._ssl,
                 server_hostname=up.host if self._ssl else None,
             )
-        return protocol
+        return cast(UpstreamConnection, protocol)
 
-    def release(self, conn: UpstreamConnection, idle_until: float) -> None:
+    def release(self, conn: UpstreamPort, idle_until: float) -> None:
+        assert isinstance(conn, UpstreamConnection)  # what acquire() / connect() gave out
         if conn.reusable() and len(self._idle) < self.max_idle:
             conn.deadline = idle_until
             self._idle.append(conn)

@@ -6,13 +6,14 @@ an event produces in a list and write it here, once per event.
 from __future__ import annotations
 
 import asyncio
+from typing import Final
 
 __all__ = ["write_coalesced"]
 
 # Small pieces are joined into one buffer: one plain write() costs less in
 # uvloop than writelines() (per-buffer bookkeeping, then writev).  Large
 # bodies go as they are, without a copy.
-_JOIN_BELOW = 64 * 1024
+_JOIN_BELOW: Final = 64 * 1024
 
 
 def write_coalesced(transport: asyncio.WriteTransport, pieces: list[bytes]) -> None:

@@ -21,7 +21,7 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from gateway.config.credentials import JwtKey
 from gateway.config.loader import Credential, JwtConfig
@@ -39,14 +39,14 @@ __all__ = [
 
 # Longer headers are rejected before hashing: a bearer token of 256 bits is
 # 43-64 characters, and a JWT with a few claims stays well under this.
-MAX_AUTHORIZATION_BYTES = 4096
+MAX_AUTHORIZATION_BYTES: Final = 4096
 # Verified JWTs remembered at once; beyond it the cache starts over (an
 # attacker's valid-looking tokens cannot grow memory without bound).
-JWT_CACHE_SIZE = 10_000
-_JWT_REQUIRED = {"require": ["exp", "iss", "aud"]}
+JWT_CACHE_SIZE: Final = 10_000
+_JWT_REQUIRED: Final = {"require": ["exp", "iss", "aud"]}
 
-_sha256 = hashlib.sha256
-_compare = hmac.compare_digest
+_sha256: Final = hashlib.sha256
+_compare: Final = hmac.compare_digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,13 +80,13 @@ class Failure:
     ok: bool = field(default=False, init=False)
 
 
-MISSING = Failure("missing")
-MALFORMED = Failure("malformed")
-UNKNOWN = Failure("unknown")
+MISSING: Final = Failure("missing")
+MALFORMED: Final = Failure("malformed")
+UNKNOWN: Final = Failure("unknown")
 
 # RFC 6750 §2.1: credentials = "Bearer" 1*SP b64token.  The scheme is
 # case-insensitive (RFC 9110 §11.1), compared on the lowered first 7 bytes.
-_SCHEME = b"bearer "
+_SCHEME: Final = b"bearer "
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +216,7 @@ class Authenticator:
         return principal
 
 
-JWT_INVALID = Failure("jwt_invalid")
+JWT_INVALID: Final = Failure("jwt_invalid")
 
 
 def _scoped(config: JwtConfig, routes: frozenset[str], claims: dict[str, Any]) -> frozenset[str]:

@@ -25,7 +25,7 @@ Pure: times are passed in; no sockets, no metrics.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
 from gateway.policy.backends import (
     FIRST_AVAILABLE,
@@ -41,9 +41,9 @@ __all__ = ["BackendRegistry", "BackendState", "Balancer", "Lane", "Transition"]
 class Transition:
     """What a failure or a probe result changed (plain strings, as metrics label them)."""
 
-    EJECTED = "ejected"  # passive: failures in a row
-    PROBE_DOWN = "probe_down"  # active: the probe failed unhealthy times in a row
-    PROBE_UP = "probe_up"  # active: the probe passed healthy times in a row
+    EJECTED: Final = "ejected"  # passive: failures in a row
+    PROBE_DOWN: Final = "probe_down"  # active: the probe failed unhealthy times in a row
+    PROBE_UP: Final = "probe_up"  # active: the probe passed healthy times in a row
 
 
 class BackendState:

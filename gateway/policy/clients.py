@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from typing import Final
 
 from gateway.config.schema import ClientsSpec
 
 __all__ = ["ClientPolicy", "cert_subject", "networks", "within"]
 
 Network = IPv4Network | IPv6Network
-_CACHE_LIMIT = 4096
+_CACHE_LIMIT: Final = 4096
 
 
 def networks(values: tuple[str, ...]) -> tuple[Network, ...]:
@@ -96,7 +97,7 @@ class ClientPolicy:
 
 
 # RFC 4514 short names for the client-certificate subject string.
-_RDN = {
+_RDN: Final = {
     "commonName": "CN",
     "organizationName": "O",
     "organizationalUnitName": "OU",

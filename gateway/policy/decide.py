@@ -28,7 +28,7 @@ admission state it is given (token buckets, the failure throttle); every
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from gateway.policy.auth import Failure, Principal
 from gateway.policy.errors import Kind
@@ -92,34 +92,38 @@ class Proxy:
 
 Decision = Refuse | HealthCheck | Proxy
 
-HEALTH_CHECK = HealthCheck()
-PROXY = Proxy()
-MALFORMED = Refuse(Kind.BAD_REQUEST, "bad_request", close=True, anonymous=True)
-CLIENT_DENIED = Refuse(Kind.FORBIDDEN, "client_denied", limit="client_denied", anonymous=True)
-CIDR_DENIED = Refuse(Kind.FORBIDDEN, "client_denied", limit="client_denied")
+HEALTH_CHECK: Final = HealthCheck()
+PROXY: Final = Proxy()
+MALFORMED: Final = Refuse(Kind.BAD_REQUEST, "bad_request", close=True, anonymous=True)
+CLIENT_DENIED: Final = Refuse(
+    Kind.FORBIDDEN, "client_denied", limit="client_denied", anonymous=True
+)
+CIDR_DENIED: Final = Refuse(Kind.FORBIDDEN, "client_denied", limit="client_denied")
 # Strict mode: refused before authentication, so no credential and no
 # auth-failure reason; the access line's error is this word.
-AUTH_THROTTLED = Refuse(Kind.OVERLOADED, "auth_throttled", limit="auth_throttle", anonymous=True)
+AUTH_THROTTLED: Final = Refuse(
+    Kind.OVERLOADED, "auth_throttled", limit="auth_throttle", anonymous=True
+)
 # What the exchange passes for ``who`` when the strict throttle made it
 # skip authentication (``Generation.throttle_strict``).
-UNCHECKED = Failure("unchecked")
-NOT_FOUND = Refuse(Kind.NOT_FOUND)
+UNCHECKED: Final = Failure("unchecked")
+NOT_FOUND: Final = Refuse(Kind.NOT_FOUND)
 # An OTLP exporter on a signal that has no route (/v1/metrics, /v1/logs)
 # reads a google.rpc.Status in its own encoding.
-NOT_FOUND_OTLP = Refuse(Kind.NOT_FOUND, otlp=True)
-METHOD = Refuse(Kind.METHOD, allow=True)
-SCOPE = Refuse(Kind.SCOPE, "scope", auth="scope")
+NOT_FOUND_OTLP: Final = Refuse(Kind.NOT_FOUND, otlp=True)
+METHOD: Final = Refuse(Kind.METHOD, allow=True)
+SCOPE: Final = Refuse(Kind.SCOPE, "scope", auth="scope")
 # A JWT whose claim a forward value needs is missing it, or its value is
 # not allowed (tenancy.py): its data would land nowhere it may go.
-CLAIM_MISSING = Refuse(Kind.TENANT, "claim_missing", auth="claim_missing")
-CLAIM_INVALID = Refuse(Kind.TENANT, "claim_invalid", auth="claim_invalid")
-DRAINING = Refuse(Kind.DRAINING, "draining")
-BAD_FRAMING = Refuse(Kind.BAD_REQUEST, "bad_framing")
-TOO_LARGE = Refuse(Kind.TOO_LARGE, "body_too_large")
-RATE = Refuse(Kind.OVERLOADED, "rate_limited", limit="rate")
-BYTE_RATE = Refuse(Kind.OVERLOADED, "byte_rate_limited", limit="byte_rate")
+CLAIM_MISSING: Final = Refuse(Kind.TENANT, "claim_missing", auth="claim_missing")
+CLAIM_INVALID: Final = Refuse(Kind.TENANT, "claim_invalid", auth="claim_invalid")
+DRAINING: Final = Refuse(Kind.DRAINING, "draining")
+BAD_FRAMING: Final = Refuse(Kind.BAD_REQUEST, "bad_framing")
+TOO_LARGE: Final = Refuse(Kind.TOO_LARGE, "body_too_large")
+RATE: Final = Refuse(Kind.OVERLOADED, "rate_limited", limit="rate")
+BYTE_RATE: Final = Refuse(Kind.OVERLOADED, "byte_rate_limited", limit="byte_rate")
 
-_AUTH_REASONS = (
+_AUTH_REASONS: Final = (
     "missing",
     "malformed",
     "unknown",
@@ -146,7 +150,7 @@ def _auth_refusals(reason: str) -> tuple[Refuse, Refuse, Refuse]:
     )
 
 
-_AUTH = {reason: _auth_refusals(reason) for reason in _AUTH_REASONS}
+_AUTH: Final = {reason: _auth_refusals(reason) for reason in _AUTH_REASONS}
 
 
 def _auth_failed(

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import base64
 import enum
+from typing import Final
 
 import orjson
 
@@ -70,7 +71,7 @@ __all__ = [
 
 # nginx's convention for "client closed the connection before the answer";
 # only ever a log/metric value, never sent.
-CLIENT_CLOSED = 499
+CLIENT_CLOSED: Final = 499
 
 
 class Protocol(enum.IntEnum):
@@ -113,7 +114,7 @@ class Kind(enum.IntEnum):
 # gRPC codes: 3 INVALID_ARGUMENT, 4 DEADLINE_EXCEEDED, 5 NOT_FOUND,
 # 7 PERMISSION_DENIED, 8 RESOURCE_EXHAUSTED, 12 UNIMPLEMENTED, 14 UNAVAILABLE,
 # 16 UNAUTHENTICATED.
-_TABLE: dict[Kind, tuple[int, int, int, int, str]] = {
+_TABLE: Final[dict[Kind, tuple[int, int, int, int, str]]] = {
     Kind.AUTH_MISSING: (401, 401, 16, 16, "missing bearer token"),
     Kind.AUTH_INVALID: (401, 401, 16, 16, "invalid bearer token"),
     Kind.SCOPE: (403, 403, 7, 7, "credential is not allowed on this route"),
@@ -135,7 +136,7 @@ _TABLE: dict[Kind, tuple[int, int, int, int, str]] = {
     Kind.TENANT: (403, 403, 7, 7, "token has no usable tenant claim"),
 }
 
-_REASONS = {
+_REASONS: Final = {
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
@@ -153,9 +154,9 @@ _REASONS = {
 
 # Seconds a sender should wait; short, because another replica or the next
 # attempt usually succeeds.
-RETRY_AFTER_SECONDS = 1
+RETRY_AFTER_SECONDS: Final = 1
 # Failures of the upstream: no Retry-After (see the table above).
-_UPSTREAM = frozenset(
+_UPSTREAM: Final = frozenset(
     (Kind.UPSTREAM_CONNECT, Kind.UPSTREAM_RESET, Kind.UPSTREAM_PROTOCOL, Kind.UPSTREAM_TIMEOUT)
 )
 
@@ -173,11 +174,11 @@ def grpc_code(kind: Kind) -> int:
 
 
 # The HTTP status of every gRPC answer: the outcome is in grpc-status.
-GRPC_OK = 200
-_PUSHBACK_MS = b"1000"
+GRPC_OK: Final = 200
+_PUSHBACK_MS: Final = b"1000"
 # google.rpc.RetryInfo{retry_delay: Duration{seconds: 1}}, base64 as every
 # "-bin" metadata value is on the wire.
-_RETRY_INFO = base64.b64encode(b"\x0a\x02\x08\x01").rstrip(b"=")
+_RETRY_INFO: Final = base64.b64encode(b"\x0a\x02\x08\x01").rstrip(b"=")
 
 
 def grpc_trailers_only(kind: Kind) -> list[tuple[bytes, bytes]]:
@@ -200,7 +201,7 @@ def _grpc_answer(kind: Kind) -> list[tuple[bytes, bytes]]:
     return fields
 
 
-_GRPC_ANSWERS = {kind: _grpc_answer(kind) for kind in Kind}
+_GRPC_ANSWERS: Final = {kind: _grpc_answer(kind) for kind in Kind}
 
 
 _Fields = list[tuple[bytes, bytes]]

@@ -10,6 +10,7 @@ an upstream must never see it.
 from __future__ import annotations
 
 import re
+from typing import Final
 
 __all__ = [
     "CLIENT_ADDRESS",
@@ -22,7 +23,7 @@ __all__ = [
     "strip_listed",
 ]
 
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -37,7 +38,7 @@ HOP_BY_HOP = frozenset(
 )
 
 # Request fields not copied upstream as they came (some are rebuilt).
-REQUEST_DROP = HOP_BY_HOP | {
+REQUEST_DROP: Final = HOP_BY_HOP | {
     b"authorization",
     b"host",
     b"content-length",
@@ -52,7 +53,7 @@ REQUEST_DROP = HOP_BY_HOP | {
 # X-Forwarded-For, X-Forwarded-Proto and X-Real-IP itself, and the
 # configured client address header is read, then dropped.  Any name that
 # starts with "x-forwarded-" counts too (RequestHead).
-CLIENT_ADDRESS = frozenset(
+CLIENT_ADDRESS: Final = frozenset(
     {
         b"forwarded",
         b"x-forwarded",
@@ -67,7 +68,7 @@ CLIENT_ADDRESS = frozenset(
 )
 
 # Response fields not copied to the client as they came: framing is ours.
-RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+RESPONSE_DROP: Final = HOP_BY_HOP | {b"content-length"}
 
 
 def connection_tokens(values: list[bytes]) -> frozenset[bytes]:

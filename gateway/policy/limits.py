@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict, deque
 from ipaddress import IPv6Address
-from typing import Protocol
+from typing import Final, Protocol
 
 from gateway.config.credentials import Credential
 from gateway.config.schema import LimitsSpec
@@ -99,8 +99,8 @@ class TokenBucket:
 
 # IPv6 address → its key, remembered (bounded) because parsing costs
 # microseconds and strict mode asks on every request.
-_KEYS: dict[str, str] = {}
-_KEYS_MAX = 4096
+_KEYS: Final[dict[str, str]] = {}
+_KEYS_MAX: Final = 4096
 
 
 def throttle_key(address: str) -> str:

@@ -13,7 +13,7 @@ fields a credential pins in place of the client's copies.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from gateway.policy.headers import CLIENT_ADDRESS, REQUEST_DROP, connection_tokens, strip_listed
 from gateway.policy.routing import split_target
@@ -28,10 +28,20 @@ __all__ = ["RequestHead"]
 # How each request header is treated, by its name as sent.  Names repeat
 # from request to request, so the lowercasing and set lookups are done
 # once per spelling (bounded; unusual spellings just pay them again).
-_FORWARD, _AUTHORIZATION, _CONTENT_LENGTH, _CONTENT_TYPE, _DROP = range(5)
-_TRANSFER_ENCODING, _REQUEST_ID, _CONNECTION, _EXPECT, _XFF, _CLIENT_IP, _HOST = range(5, 12)
-_UNDERSCORE = 12
-_SPECIAL = {
+_FORWARD: Final = 0
+_AUTHORIZATION: Final = 1
+_CONTENT_LENGTH: Final = 2
+_CONTENT_TYPE: Final = 3
+_DROP: Final = 4
+_TRANSFER_ENCODING: Final = 5
+_REQUEST_ID: Final = 6
+_CONNECTION: Final = 7
+_EXPECT: Final = 8
+_XFF: Final = 9
+_CLIENT_IP: Final = 10
+_HOST: Final = 11
+_UNDERSCORE: Final = 12
+_SPECIAL: Final = {
     b"authorization": _AUTHORIZATION,
     b"content-length": _CONTENT_LENGTH,
     b"content-type": _CONTENT_TYPE,
@@ -44,8 +54,8 @@ _SPECIAL = {
     b"x-real-ip": _CLIENT_IP,
     b"host": _HOST,
 }
-_KNOWN: dict[bytes, tuple[bytes, int]] = {}
-_KNOWN_MAX = 1024
+_KNOWN: Final[dict[bytes, tuple[bytes, int]]] = {}
+_KNOWN_MAX: Final = 1024
 
 
 def _classify(name: bytes) -> tuple[bytes, int]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from gateway.config.schema import RouteSpec, UpstreamSpec
 from gateway.policy.backends import BackendSet, Upstream, route_backends, upstream_of
@@ -37,7 +38,7 @@ __all__ = [
     "upstream_of",
 ]
 
-HEALTH_PATH = b"/health"
+HEALTH_PATH: Final = b"/health"
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +181,7 @@ def _route(spec: RouteSpec, upstream: UpstreamSpec, registry: BackendRegistry) -
     )
 
 
-HEALTH = Route(
+HEALTH: Final = Route(
     "health",
     HEALTH_PATH,
     Protocol.PLAIN,
@@ -193,7 +194,7 @@ HEALTH = Route(
 
 # Where an absolute-form authority ends: RFC 3986 §3.2, and a backslash
 # for WHATWG parsers.  The first of these.
-_AUTHORITY_ENDS = (b"/", b"?", b"#", b"\\")
+_AUTHORITY_ENDS: Final = (b"/", b"?", b"#", b"\\")
 
 
 def split_target(target: bytes) -> tuple[bytes, bytes]:

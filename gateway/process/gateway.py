@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
 from gateway.config.loader import Settings
 from gateway.datapath.connection import ClientConnection
@@ -97,7 +97,12 @@ class Gateway:
         # each one handshakes with the context in force then
         # (datapath/handshake.py).
         shared.tls = s.tls_context
-        server = await loop.create_server(lambda: ClientConnection(shared), sock=sock, backlog=2048)
+        server = await loop.create_server(
+            # A protocol by shape, not by base class (see ClientConnection).
+            lambda: cast(asyncio.Protocol, ClientConnection(shared)),
+            sock=sock,
+            backlog=2048,
+        )
         self._server = server
         self.port = server.sockets[0].getsockname()[1]
         self._ticker = loop.create_task(self._tick())

@@ -24,7 +24,6 @@ import contextlib
 import itertools
 import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from gateway.process.control import (
     read_message,
     write_message,
 )
+from gateway.process.fork import ForkedProcess, fork_worker
 from gateway.process.gauges import config_gauges
 from gateway.process.sockets import claim_port, listen_socket, split_hostport
 from gateway.telemetry import log
@@ -63,7 +63,7 @@ RELOAD_TIMEOUT = 5.0
 @dataclass
 class _Worker:
     index: int
-    process: asyncio.subprocess.Process | None = None
+    process: ForkedProcess | None = None
     writer: asyncio.StreamWriter | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     waiters: dict[int, asyncio.Future[StatsReply]] = field(default_factory=dict)
@@ -124,17 +124,9 @@ class Supervisor:
     async def _spawn(self, worker: _Worker) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            worker.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "gateway",
-                "_worker",
-                "--fd",
-                str(child.fileno()),
-                "--index",
-                str(worker.index),
-                pass_fds=(child.fileno(),),
-            )
+            # Forked, not exec'd: the worker shares this process's pages
+            # (fork.py says what the child gives up to make that safe).
+            worker.process = fork_worker(child.fileno(), worker.index)
         finally:
             child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent)
@@ -178,7 +170,7 @@ class Supervisor:
                         future.set_exception(ChannelClosed("worker exited"))
                 pending.clear()
 
-    async def _watch(self, worker: _Worker, process: asyncio.subprocess.Process) -> None:
+    async def _watch(self, worker: _Worker, process: ForkedProcess) -> None:
         code = await process.wait()
         worker.ready.clear()
         if worker.last_snapshot is not None:

@@ -15,6 +15,7 @@ a header or anything else a client sent.
 from __future__ import annotations
 
 from bisect import bisect_left
+from typing import Final
 
 from gateway.telemetry.snapshot import (
     BackendSnap,
@@ -30,7 +31,7 @@ __all__ = ["DURATION_BUCKETS", "BackendStats", "RouteStats", "Stats"]
 
 # Seconds.  Remote-write round trips on loopback sit near 1 ms; a slow
 # VictoriaMetrics or a big batch over the internet reaches tens of seconds.
-DURATION_BUCKETS: tuple[float, ...] = (
+DURATION_BUCKETS: Final[tuple[float, ...]] = (
     0.0005,
     0.001,
     0.0025,
@@ -48,7 +49,7 @@ DURATION_BUCKETS: tuple[float, ...] = (
     30.0,
     60.0,
 )
-_NB = len(DURATION_BUCKETS)
+_NB: Final = len(DURATION_BUCKETS)
 
 
 class _Hist:

@@ -10,11 +10,12 @@ import asyncio
 import hashlib
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiohttp import web
 
+from gateway.datapath.upstream import Pool
 from gateway.process.gateway import Gateway
 from tests.conftest import (
     OTHER_TOKEN,
@@ -186,7 +187,7 @@ async def test_streams_of_one_connection_share_pooled_upstream_connections(
     assert route is not None
     assert route.upstream is not None
     # Released to the pool between rounds: at most one round's worth open.
-    assert len(shared.pools.get(route.upstream)._idle) <= 10
+    assert len(cast(Pool, shared.pools.get(route.upstream))._idle) <= 10
 
 
 # -- the status table ---------------------------------------------------------------

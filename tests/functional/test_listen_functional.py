@@ -7,6 +7,7 @@ the port next to the first, log ``listening`` and take half the traffic."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -35,8 +36,11 @@ class Attempt:
         self.code: int | None = None
         self.out = ""
         self.err = ""
+        self.decided = asyncio.Event()  # it serves, or it has exited
 
-    async def run(self, timeout: float = 15.0) -> None:
+    async def run(self, timeout: float = 15.0, hold: asyncio.Event | None = None) -> None:
+        """``hold``: once serving, keep serving until it is set (a rival
+        starting at the same time must meet it serving, not killed)."""
         out, err = self.config.with_suffix(".out"), self.config.with_suffix(".err")
         with out.open("wb") as stdout, err.open("wb") as stderr:
             proc = await asyncio.create_subprocess_exec(
@@ -55,6 +59,10 @@ class Attempt:
             if '"event":"listening"' in out.read_text():
                 break
             await asyncio.sleep(0.05)
+        self.decided.set()
+        if hold is not None and proc.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hold.wait(), max(0.0, deadline - loop.time()))
         if proc.returncode is None:
             os.killpg(proc.pid, signal.SIGKILL)
         code = await proc.wait()
@@ -105,8 +113,16 @@ async def test_two_gateways_started_together_one_serves_one_refuses(tmp_path: Pa
         config.write_text(on_port(port))
         attempts.append(Attempt(config, 2))
     # Neither has workers listening when the other checks the port: only
-    # the claim both race for tells them apart.
-    await asyncio.gather(*(a.run() for a in attempts))
+    # the claim both race for tells them apart.  The one that serves keeps
+    # serving until the other has decided (forked workers make serving
+    # quick enough to be killed before the rival even tries its claim).
+    both = asyncio.Event()
+
+    async def decided() -> None:
+        await asyncio.gather(*(a.decided.wait() for a in attempts))
+        both.set()
+
+    await asyncio.gather(decided(), *(a.run(hold=both) for a in attempts))
     codes = sorted(a.code for a in attempts if a.code is not None)
     assert codes == [1], [(a.code, a.out) for a in attempts]
     served = next(a for a in attempts if a.code is None)

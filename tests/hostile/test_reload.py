@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.process.fork import WORKER_NAME
 from tests.conftest import TOKEN, sha256
 from tests.hostile.conftest import hostile_config
 from tests.support.client import raw_client
@@ -109,13 +110,15 @@ def _credentials(*tokens: tuple[str, str]) -> str:
 
 
 def _worker_pids(supervisor: int) -> dict[int, int]:
-    """worker index → pid, from the children's command lines."""
+    """worker index → pid, from the children's names (forked workers share
+    the supervisor's command line; gateway/process/fork.py names them)."""
     out: dict[int, int] = {}
+    prefix = WORKER_NAME.partition("%")[0]
     for task in Path(f"/proc/{supervisor}/task").iterdir():
         for child in (task / "children").read_text().split():
-            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-            if b"_worker" in argv:
-                out[int(argv[argv.index(b"--index") + 1])] = int(child)
+            name = Path(f"/proc/{child}/comm").read_text().strip()
+            if name.startswith(prefix):
+                out[int(name.removeprefix(prefix))] = int(child)
     return out
 
 

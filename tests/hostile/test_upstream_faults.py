@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from typing import cast
 
 import pytest
 
+from gateway.datapath.upstream import Pools
 from tests.conftest import TOKEN, StartGateway, config_text, wait_for
 from tests.hostile.conftest import hostile_config
 from tests.support.client import Closed, RawClient, raw_client
@@ -342,7 +344,7 @@ async def test_pooled_connection_closed_by_upstream_is_not_reused(
         # Wait until the gateway has seen the FIN and dropped the pooled
         # socket (internal state: there is no public signal for it).
         assert gw.shared is not None
-        [pool] = gw.shared.pools._pools.values()
+        [pool] = cast(Pools, gw.shared.pools)._pools.values()
         await wait_for(lambda: not pool._idle)
         await conn.send(request("POST", "/api/v1/write", b"two", token=TOKEN))
         assert (await conn.response()).status == 204

@@ -79,6 +79,46 @@ def test_value_errors_name_the_key_path(mutate: Callable[[str], str], key: str) 
     assert message.startswith(key), message
 
 
+# A token pasted into the wrong key is the value of that key: the error names
+# the key, never what it holds (the config fuzz found each of these echoing it).
+PASTED = "pasted-token-9f8e7d6c5b4a"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key"),
+    [
+        (lambda t: t.replace("http://127.0.0.1:9/api/v1/write", PASTED), "routes[0].upstream"),
+        (lambda t: t.replace('"prometheus-remote-write"', f'"{PASTED}"'), "routes[0].protocol"),
+        (lambda t: t.replace('path = "/v1/traces"', f'path = "{PASTED}"'), "routes[1].path"),
+        (lambda t: t.replace('listen = "127.0.0.1:0"', f'listen = "{PASTED}"', 1), "server.listen"),
+        (
+            lambda t: t.replace(
+                "[upstream]", f'[clients]\ntrusted_proxies = ["{PASTED}"]\n[upstream]'
+            ),
+            "clients.trusted_proxies",
+        ),
+        (
+            lambda t: t.replace(
+                "http://127.0.0.1:9/api/v1/write", f"http://127.0.0.1:9/api/v1/write?{PASTED}#x"
+            ),
+            "routes[0].upstream",
+        ),
+        (
+            lambda t: t + cred(f'token_file = "{PASTED}"', name="third"),
+            "credentials[2].token_file",
+        ),
+        (
+            lambda t: t + cred('token_env = "T"', routes=f'["{PASTED}"]', name="third"),
+            "credentials[2].routes[0]",
+        ),
+    ],
+)
+def test_a_config_error_never_echoes_the_value(mutate: Callable[[str], str], key: str) -> None:
+    message = error_of(mutate(config_text()), {"T": SECRET})
+    assert message.startswith(key), message
+    assert PASTED not in message, message
+
+
 def test_methods_are_validated() -> None:
     text = config_text().replace('protocol = "otlp-http"', 'protocol = "otlp-http"\nmethods = []')
     assert error_of(text).startswith("routes[1].methods:")
@@ -280,7 +320,7 @@ def test_an_unreadable_tls_file_is_named_by_its_own_key(
     files[missing] = f"absent-{missing}.pem"
     error = error_of(tls_config(files["cert"], files["key"], files["ca"]), base=tmp_path)
     assert error.startswith(f"server.tls.{key}: cannot read "), error
-    assert f"absent-{missing}.pem" in error
+    assert f"absent-{missing}.pem" not in error  # the key names it; values are never echoed
     assert "No such file" in error
     assert "None" not in error
 
