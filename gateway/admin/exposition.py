@@ -217,7 +217,8 @@ class GatewayCollector(Collector):
             for reason, n in sorted(r.replay_skipped.items()):
                 skipped.add_metric([name, reason], n)
         in_use = GaugeMetricFamily(
-            "gateway_replay_buffer_bytes", "Bytes held by replay copies of request bodies now."
+            "gateway_replay_buffer_bytes",
+            "Bytes reserved by replay copies of request bodies now (each until its answer starts).",
         )
         in_use.add_metric([], snap.replay_bytes)
         yield from (requests, failures, ejections, probes, healthy, outstanding)

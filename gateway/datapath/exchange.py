@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from gateway.datapath.exchange_base import DISCARD_LIMIT, State
-from gateway.datapath.failover import Failover
+from gateway.datapath.failover import SEALED_PIECE, SMALL_PIECE, Failover
 from gateway.datapath.ports import PAUSE_QUEUE, PAUSE_UPSTREAM, Deadline
 from gateway.policy.auth import Failure, Principal
 from gateway.policy.decide import (
@@ -141,16 +141,23 @@ class Exchange(Failover):
             return  # answered already: the body is read and dropped
         if self.body_in > self.limit and self._over_limit():
             return
-        replay = self.replay  # the copy for a replay on another backend, if kept
         if self.head.chunked:
-            pieces = (b"%x\r\n" % n, data, b"\r\n")
-            self.up_buf += pieces
-            if replay is not None:
-                replay += pieces
+            self.up_buf += (b"%x\r\n" % n, data, b"\r\n")
         else:
             self.up_buf.append(data)
-            if replay is not None:
-                replay.append(data)
+        replay = self.replay  # the copy for a replay on another backend, if kept
+        if replay is not None:
+            if n >= SMALL_PIECE:
+                replay.append(data)  # the same object: no copy, ~1 % overhead at most
+            else:
+                # Tiny pieces would cost more in object headers than in
+                # bytes: gathered, and kept as one piece once big enough.
+                tail = self.replay_tail
+                assert tail is not None
+                tail += data
+                if len(tail) >= SEALED_PIECE:
+                    replay.append(bytes(tail))
+                    tail.clear()
 
     def too_slow(self, now: float, n: int) -> bool:
         """Minimum body rate, checked as body bytes arrive (slow-body defence)."""
@@ -170,8 +177,6 @@ class Exchange(Failover):
         if _QUEUED <= state <= _RESPONDING:
             if self.head.chunked:
                 self.up_buf.append(b"0\r\n\r\n")
-                if self.replay is not None:
-                    self.replay.append(b"0\r\n\r\n")
             if state >= _SENT:
                 self.conn.set_deadline(_UPSTREAM, self.gen.response_timeout)
             elif self._queued_on is not None:
@@ -299,7 +304,7 @@ class Exchange(Failover):
             lane = self.lane
             if lane is not None and (lane.state.fails or lane.state.ejections):
                 self._recovered(lane)
-        if self.replay is not None:
+        if self.replay_held or self.replay is not None:
             self.drop_copy()  # an answer has started: never replayed from here
         self.upstream_seconds = _perf() - self.t_sent
         self.status = status

@@ -105,6 +105,7 @@ class ExchangeBase:
         "protocol",
         "replay",
         "replay_held",
+        "replay_tail",
         "request_done",
         "retried",
         "route",
@@ -157,9 +158,15 @@ class ExchangeBase:
         self.lane: Lane | None = None
         self.label = ""
         self.tried = 0
-        # The body's copy for a replay (None: none kept) and the bytes it
-        # holds of the worker's replay memory.
+        # The body's copy for a replay, payload only (None: none kept, or no
+        # longer copied): pieces of at least _SMALL_PIECE bytes, and small
+        # ones gathered in ``replay_tail`` until it makes one; and the bytes
+        # reserved for it of the worker's replay memory, held until the
+        # answer starts or the exchange ends, even once the copy is no
+        # longer added to, since the last attempt's replay may still be in
+        # the process.
         self.replay: list[bytes] | None = None
+        self.replay_tail: bytearray | None = None
         self.replay_held = 0
         # Only once a request is retried: labels tried, failures retried.
         self.history: list[str] | None = None
@@ -306,7 +313,7 @@ class ExchangeBase:
         lane, self.lane = self.lane, None
         if lane is not None:
             lane.state.outstanding -= 1
-        if self.replay is not None:
+        if self.replay_held or self.replay is not None:
             self.drop_copy()
         self.up_buf = []
         up, self.upstream = self.upstream, None
@@ -336,7 +343,7 @@ class ExchangeBase:
 
     def _finish(self) -> None:
         self.state = _FINISHED
-        if self.replay is not None:
+        if self.replay_held or self.replay is not None:
             self.drop_copy()
         if self.rstats is not None:
             self.rstats.in_flight -= 1
@@ -358,7 +365,7 @@ class ExchangeBase:
 
     def drop_copy(self) -> None:
         """Let go of the body's replay copy and the memory it held."""
-        self.replay = None
+        self.replay = self.replay_tail = None
         self.shared.stats.replay_bytes -= self.replay_held
         self.replay_held = 0
 

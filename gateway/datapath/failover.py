@@ -11,14 +11,19 @@ another backend while ``attempts`` and the body allow: with nothing of
 the body sent yet (a failed connect) it goes as it is; otherwise only
 with the whole body, from the replay copy kept while it streamed.
 
-The copy is the same bytes objects that went upstream, held in a list:
-up to the route's ``replay_buffer_bytes``, within the worker's
-``[upstream] replay_memory_bytes`` (reserved up front for a known length,
-in doubling steps for a chunked body).  A body that does not fit streams
-without a copy (``gateway_replay_skipped_total``).  The copy is dropped
-once an answer starts (never replayed after that), when no attempt is
-left, and when the exchange ends.  The client sees the protocol's failure
-answer only when every attempt failed.
+The copy is the body's payload (no chunk framing; a chunked body is
+replayed as one chunk): pieces of SMALL_PIECE bytes or more are the same
+objects that went upstream, smaller ones are gathered into SEALED_PIECE
+pieces, so its real memory is what it reserves (within ~1 %) however small
+the pieces the body arrived in.  It reserves from the worker's ``[upstream]
+replay_memory_bytes``: the whole length up front for a known length,
+doubling steps for a chunked body, up to the route's
+``replay_buffer_bytes``.  A body that does not fit streams
+without a copy (``gateway_replay_skipped_total``).  Copying stops on the
+last attempt, but the reservation is held until an answer starts (never
+replayed after that) or the exchange ends: the replayed bytes may still
+wait in this process for a slow backend.  The client sees the protocol's
+failure answer only when every attempt failed.
 """
 
 from __future__ import annotations
@@ -27,16 +32,16 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from gateway.datapath.exchange_base import ExchangeBase, State
+from gateway.datapath.passive import BACKEND_KINDS, backend_failed, backend_recovered
 from gateway.datapath.ports import PAUSE_CONNECT, PAUSE_UPSTREAM, Deadline
-from gateway.policy.balance import Balancer, Transition
 from gateway.policy.errors import Kind
 
 if TYPE_CHECKING:
     from gateway.datapath.ports import UpstreamPool, UpstreamPort
-    from gateway.policy.balance import Lane
+    from gateway.policy.balance import Balancer, Lane
     from gateway.policy.routing import Target
 
-__all__ = ["BACKEND_KINDS", "Failover"]
+__all__ = ["SEALED_PIECE", "SMALL_PIECE", "Failover"]
 
 _FAILURES: Final = {
     "connect": Kind.UPSTREAM_CONNECT,
@@ -58,15 +63,11 @@ _UPSTREAM: Final = int(Deadline.UPSTREAM)
 _perf: Final = time.perf_counter
 # A chunked body's copy reserves replay memory in steps from this size.
 _FIRST_STEP: Final = 64 * 1024
-# The failure kinds counted per backend (gateway_upstream_failures_total).
-BACKEND_KINDS: Final = {
-    "connect": "connect",
-    "connect_timeout": "connect",
-    "timeout": "timeout",
-    "reset": "reset",
-    "protocol": "protocol",
-    "internal": "internal",
-}
+# Body pieces at least this long are kept in the copy as they are (the
+# object's ~41 bytes of header and list slot are at most 1 %); shorter ones
+# are copied into one buffer, kept as one piece of SEALED_PIECE bytes.
+SMALL_PIECE: Final = 4096
+SEALED_PIECE: Final = 64 * 1024
 
 
 class Failover(ExchangeBase):
@@ -86,7 +87,10 @@ class Failover(ExchangeBase):
         lane.state.outstanding += 1
         lane.stats.requests += 1
         if self.replay is not None and self.tried.bit_count() >= self.balancer.attempts:  # type: ignore[union-attr]
-            self.drop_copy()  # the last attempt: nothing will be sent again
+            # The last attempt: nothing will be sent again, so copying
+            # stops; the reservation stays (replay_held) while what was
+            # replayed may still sit in this process.
+            self.replay = self.replay_tail = None
         head, conn, gen, client = self.head, self.conn, self.gen, self.client
         plan = self.plan
         assert plan is not None
@@ -209,19 +213,9 @@ class Failover(ExchangeBase):
 
     def _failure(self, lane: Lane, kind: str) -> None:
         """Count a failure against ``lane``'s backend; eject it if it is one too many."""
-        lane.stats.add(lane.stats.failures, kind)
         bal = self.balancer
         assert bal is not None
-        now = self.shared.loop.time()
-        if bal.failed(lane, now) == Transition.EJECTED:
-            lane.stats.add(lane.stats.ejections, "failures")
-            self.shared.log.warning(
-                "backend_ejected",
-                route=bal.route,
-                backend=lane.backend.label,
-                after=kind,
-                seconds=round(lane.state.ejected_until - now, 3),
-            )
+        backend_failed(self.shared, bal, lane, kind)
 
     def _attempt_failed(self, kind: str) -> None:
         """The attempt in flight failed: it ends, and counts against its backend."""
@@ -233,9 +227,7 @@ class Failover(ExchangeBase):
 
     def _recovered(self, lane: Lane) -> None:
         """An answer from a backend that had failed: healthy again."""
-        if lane.state.ejections:
-            self.shared.log.info("backend_recovered", route=self.route_name, backend=self.label)
-        Balancer.succeeded(lane)
+        backend_recovered(self.shared, self.route_name, lane)
 
     def _answer_failed(self, status: int) -> bool:
         """An answer of 4xx/5xx: whether it counts against the backend, and
@@ -276,10 +268,7 @@ class Failover(ExchangeBase):
             self.history, self.retried = [self.label], []
         self.retried.append(kind)
         if sent:
-            replay = self.replay
-            assert replay is not None
-            self.up_buf = [b"", *replay]
-            rstats.replayed_bytes += sum(map(len, replay))
+            self._replay_body()
         self.conn.resume(PAUSE_UPSTREAM)  # the next connection starts unpaused
         self._send_to(lane)
         self.history.append(self.label)
@@ -287,6 +276,24 @@ class Failover(ExchangeBase):
             self.conn.resume(PAUSE_CONNECT)
             self.flush_upstream()
         return True
+
+    def _replay_body(self) -> None:
+        """``up_buf`` after the head: the body so far, from the copy,
+        framed as one chunk if chunked."""
+        replay, tail, body = self.replay, self.replay_tail, self.body_in
+        assert replay is not None
+        if tail:
+            replay.append(bytes(tail))  # the copy stays whole for another attempt
+            tail.clear()
+        rstats = self.rstats
+        assert rstats is not None
+        rstats.replayed_bytes += body
+        if not self.head.chunked:
+            self.up_buf = [b"", *replay]
+            return
+        self.up_buf = [b"", b"%x\r\n" % body, *replay, b"\r\n"] if body else [b""]
+        if self.request_done:
+            self.up_buf.append(b"0\r\n\r\n")
 
     def flush_upstream(self) -> None:
         up = self.upstream
@@ -308,17 +315,23 @@ class Failover(ExchangeBase):
         if not limit:
             return
         length = head.content_length if not head.chunked else None
-        if length is not None and length > limit:
+        body = self.body_in  # parsed while queued, in up_buf after the head
+        if (length if length is not None else body) > limit:
             self._no_copy("too_large")
             return
-        want = length if length is not None else min(limit, _FIRST_STEP)
+        # A chunked body reserves a first step, or what was read while queued.
+        want = length if length is not None else min(limit, max(_FIRST_STEP, body))
         stats = self.shared.stats
         if stats.replay_bytes + want > self.gen.replay_memory_bytes:
             self._no_copy("memory")
             return
         stats.replay_bytes += want
         self.replay_held = want
-        self.replay = self.up_buf[1:]  # body bytes parsed while queued
+        self.replay_tail = bytearray()
+        # Chunked, up_buf holds (size line, data, CRLF) per chunk: joined,
+        # the pieces read while queued cost their bytes, not their number.
+        pieces = self.up_buf[2::3] if head.chunked else self.up_buf[1:]
+        self.replay = [b"".join(pieces)] if body else []
         if length is None:
             self.limit = min(self.limit, want)  # grow the reservation there
 

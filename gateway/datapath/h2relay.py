@@ -21,6 +21,13 @@ Any abort closes the upstream connection, and the final chunk is written
 only when the client's stream ended: an upstream never sees a truncated
 body as complete.
 
+Backends: the plan's balancer picks one; the attempt counts as
+outstanding on it, and its failures (refused, reset, timeout, a 5xx or a
+retry status) and answers feed the backend's passive health as on
+HTTP/1.1 (``passive.py``), so a dead backend is ejected for HTTP/2
+clients too.  There is one attempt: no failover to another backend and no
+replay copy (those are ``failover.py``'s, HTTP/1.1 only so far).
+
 Drives its client connection through ``StreamPort`` and its upstream
 through ``UpstreamPort``; knows neither class.
 """
@@ -33,6 +40,7 @@ from typing import TYPE_CHECKING
 from gateway.datapath.exchange_base import State
 from gateway.datapath.h2relay_base import H2RelayBase
 from gateway.datapath.h2stream import D_BODY, D_NONE, D_QUEUE, D_UPSTREAM, D_WRITE
+from gateway.datapath.passive import BACKEND_KINDS, backend_failed, backend_recovered
 from gateway.policy.decide import HEALTH_CHECK, PROXY, Refuse
 from gateway.policy.errors import Kind
 from gateway.policy.errors import Protocol as Wire
@@ -42,6 +50,7 @@ if TYPE_CHECKING:
     from gateway.datapath.h2stream import StreamPort
     from gateway.datapath.ports import UpstreamPool, UpstreamPort
     from gateway.datapath.shared import Shared
+    from gateway.policy.balance import Balancer, Lane
     from gateway.policy.request import RequestHead
     from gateway.policy.routing import Route
 
@@ -71,7 +80,16 @@ class H2Relay(H2RelayBase):
     ``ResponseSink`` of the upstream connection it holds and a ``Flushable``
     of its client connection."""
 
-    __slots__ = ("_read_paused", "_up_paused", "pool", "up_buf", "upstream")
+    __slots__ = (
+        "_picked",
+        "_read_paused",
+        "_up_paused",
+        "balancer",
+        "lane",
+        "pool",
+        "up_buf",
+        "upstream",
+    )
 
     def __init__(self, conn: StreamPort, shared: Shared, sid: int, head: RequestHead) -> None:
         super().__init__(conn, shared, sid, head)
@@ -80,6 +98,9 @@ class H2Relay(H2RelayBase):
         self.up_buf: list[bytes] = []  # for the upstream, written at the event's end
         self._up_paused = False  # the upstream's socket pushes back
         self._read_paused = False
+        self.balancer: Balancer | None = None
+        self._picked: Lane | None = None  # chosen when the head is rendered
+        self.lane: Lane | None = None  # the attempt under way, outstanding on its backend
 
     # ------------------------------------------------------------------
     # Deciding.
@@ -121,10 +142,11 @@ class H2Relay(H2RelayBase):
         plan = route.plan if targets is None else targets.get(route.name, route.plan)
         # The plan's balancer chooses the backend; over HTTP/2 a request has
         # one attempt (failover and the replay copy are HTTP/1.1's so far:
-        # datapath/failover.py), and is not counted as outstanding.
-        bal = plan.balancer
+        # datapath/failover.py).
+        bal = self.balancer = plan.balancer
         lane = bal.first if bal.single else bal.pick(self.shared.loop.time(), 0)
         assert lane is not None
+        self._picked = lane
         lane.stats.requests += 1
         self.label = lane.backend.label
         target = self.target = plan.targets[lane.backend.index]
@@ -156,7 +178,15 @@ class H2Relay(H2RelayBase):
         if pinned is not None and head.pinned_dropped:
             stats.overrides_dropped(self.credential, "header", head.pinned_dropped)
 
+    def _end_attempt(self) -> Lane | None:
+        """The attempt is over: no longer outstanding on its backend."""
+        lane, self.lane = self.lane, None
+        if lane is not None:
+            lane.state.outstanding -= 1
+        return lane
+
     def _drop_upstream(self) -> None:
+        self._end_attempt()
         self.up_buf = []
         up, self.upstream = self.upstream, None
         self.pool = None
@@ -175,6 +205,9 @@ class H2Relay(H2RelayBase):
         rstats.in_flight += 1
         if self.head.expect_continue and not self.request_done:
             self.conn.send_headers(self.sid, _CONTINUE, False)
+        lane = self.lane = self._picked
+        assert lane is not None
+        lane.state.outstanding += 1
         target = self.target
         assert target is not None
         pool = self.pool = self.shared.pools.get(target.upstream)
@@ -303,6 +336,12 @@ class H2Relay(H2RelayBase):
     ) -> None:
         """``headers``: the upstream's end-to-end fields as HTTP/1.1 lines,
         already without hop-by-hop ones; HTTP/2 wants them lower case."""
+        lane, bal = self.lane, self.balancer
+        if lane is not None and bal is not None:
+            if status >= 500 or status in bal.set.retry_statuses:
+                backend_failed(self.shared, bal, lane, "status")
+            elif lane.state.fails or lane.state.ejections:
+                backend_recovered(self.shared, self.route_name, lane)
         self.upstream_seconds = _perf() - self.t_sent
         self.status = status
         self.state = _RESPONDING
@@ -329,6 +368,7 @@ class H2Relay(H2RelayBase):
             up.pause_reading()
 
     def response_complete(self) -> None:
+        self._end_attempt()
         up, self.upstream = self.upstream, None
         pool, self.pool = self.pool, None
         if up is not None:
@@ -347,6 +387,9 @@ class H2Relay(H2RelayBase):
         if self.state >= _ANSWERED:
             return
         self.shared.stats.upstream_error(self.route_name, _ERROR_LABEL.get(kind, kind))
+        lane, bal = self._end_attempt(), self.balancer
+        if lane is not None and bal is not None:
+            backend_failed(self.shared, bal, lane, BACKEND_KINDS.get(kind, kind))
         # The status already went out: a reset stream, never a short success.
         self._abort(_FAILURES[kind], "upstream_" + kind)
 

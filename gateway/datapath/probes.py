@@ -107,9 +107,11 @@ class Prober:
             ok = await probe_once(up, probe.path, probe.timeout, tls)
         finally:
             lane.state.probing = False
+        if lane.state.probe != probe:
+            return  # a reload changed or dropped the check meanwhile: not its verdict
         stats = lane.stats
         stats.add(stats.probes, "ok" if ok else "failed")
-        transition = bal.probed(lane.state, ok)
+        transition = bal.probed(lane.state, ok, self.shared.loop.time())
         if transition is None:
             return
         log: Any = self.shared.log

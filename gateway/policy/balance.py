@@ -4,10 +4,12 @@
 requests it has outstanding, its failures and ejection (passive health),
 and the verdict of its active probe.  The ``BackendRegistry`` keeps the
 states keyed by (route, URL), so a reload keeps the health of every
-backend whose URL did not change.  A ``Balancer`` is a ``BackendSet`` of
-one generation bound to those states: one ``Lane`` per backend (the
-backend, its state, and the slots the data path fills with its pool and
-counters), the policy's position, and ``pick``.
+backend whose URL did not change; a probe's verdict only while the same
+health check stands (one dropped clears it, one changed runs at once).
+A ``Balancer`` is a ``BackendSet`` of one generation bound to those
+states: one ``Lane`` per backend (the backend, its state, and the slots
+the data path fills with its pool and counters), the policy's position,
+and ``pick``.
 
 Policies: ``least_outstanding`` (fewest requests in flight per weight),
 ``round_robin`` (smooth weighted round robin) and ``first_available`` (the
@@ -25,7 +27,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Final
 
-from gateway.policy.backends import FIRST_AVAILABLE, LEAST_OUTSTANDING, Backend, BackendSet
+from gateway.policy.backends import (
+    FIRST_AVAILABLE,
+    LEAST_OUTSTANDING,
+    Backend,
+    BackendSet,
+    Probe,
+)
 
 __all__ = ["BackendRegistry", "BackendState", "Balancer", "Lane", "Transition"]
 
@@ -47,6 +55,7 @@ class BackendState:
         "fails",
         "last_failure",
         "outstanding",
+        "probe",
         "probe_due",
         "probe_ok",
         "probe_streak",
@@ -63,6 +72,18 @@ class BackendState:
         self.probe_streak = 0  # > 0: passes in a row; < 0: failures in a row
         self.probe_due = 0.0  # loop time of the next probe
         self.probing = False  # a probe is under way
+        self.probe: Probe | None = None  # the health check whose verdict probe_ok is
+
+    def follow(self, probe: Probe | None) -> None:
+        """A generation's health check for this backend: its verdict stands
+        only while the same check does."""
+        if probe == self.probe:
+            return
+        self.probe = probe
+        self.probe_streak = 0
+        self.probe_due = 0.0  # the new check runs now, not when the old interval ends
+        if probe is None:
+            self.probe_ok = True  # nothing checks it any more: a down verdict would stand forever
 
     def healthy(self, now: float) -> bool:
         return self.probe_ok and self.ejected_until <= now
@@ -191,10 +212,14 @@ class Balancer:
         """A failure of ``lane``'s backend (connect, reset, timeout, protocol,
         a 5xx); ``Transition.EJECTED`` if it ejected the backend."""
         state = lane.state
-        state.fails += 1
         state.last_failure = now
+        if state.ejected_until > now:
+            # Out already (tried as the fallback): not part of a streak, or
+            # the first failure once back would eject it again at once.
+            return None
+        state.fails += 1
         ejection = self.set.ejection
-        if state.fails < ejection.after_failures or state.ejected_until > now:
+        if state.fails < ejection.after_failures:
             return None
         state.ejected_until = now + ejection.duration(state.ejections)
         state.ejections += 1
@@ -210,8 +235,8 @@ class Balancer:
         state.ejections = 0
         state.ejected_until = 0.0
 
-    def probed(self, state: BackendState, ok: bool) -> str | None:
-        """One probe result; the transition it caused, if any."""
+    def probed(self, state: BackendState, ok: bool, now: float) -> str | None:
+        """One probe result at ``now``; the transition it caused, if any."""
         probe = self.set.probe
         assert probe is not None
         if ok:
@@ -223,6 +248,9 @@ class Balancer:
                 return Transition.PROBE_UP
             return None
         state.probe_streak = min(state.probe_streak, 0) - 1
+        # A failure for the all-unhealthy fallback too, which tries the
+        # least recently failed backend first.
+        state.last_failure = now
         if state.probe_ok and -state.probe_streak >= probe.unhealthy:
             state.probe_ok = False
             return Transition.PROBE_DOWN
@@ -245,6 +273,7 @@ class BackendRegistry:
             state = self._states.get(key)
             if state is None:
                 state = self._states[key] = BackendState()
+            state.follow(bset.probe)
             states.append(state)
         return Balancer(route, bset, states)
 

@@ -413,6 +413,61 @@ async def test_reload_keeps_the_health_of_backends_whose_url_did_not_change(
         await stop_all([a, b])
 
 
+async def test_a_reload_that_drops_the_health_check_brings_a_probed_down_backend_back(
+    start_gateway: StartGateway, log_capture: list[MutableMapping[str, Any]]
+) -> None:
+    """A probe's verdict stands only while its check does: with the check
+    gone, nothing would ever probe the backend back in."""
+    a, b = await upstreams(2)
+    a_ok = {"ok": False}
+    a.responder = health_responder(a_ok)
+    try:
+        urls = [a.url + WRITE, b.url + WRITE]
+        policy = 'balance = "first_available"'
+        gw = await start_gateway(backends_config(urls, rw_keys=policy + PROBE))
+        await wait_for(lambda: any(e.get("event") == "backend_down" for e in log_capture))
+        assert (await post(gw)).status == 204
+        assert writes(a) == 0  # probed down: B serves
+        a_label = a.url[7:]
+
+        # The same URLs, no health_check.
+        gw.reload(loads(backends_config(urls, rw_keys=policy), environ={}))
+        m = await scrape(gw.admin_port)
+        assert m.value("gateway_upstream_healthy", route="remote_write", backend=a_label) == 1
+        assert (await post(gw)).status == 204
+        assert writes(a) == 1  # the primary again
+    finally:
+        await stop_all([a, b])
+
+
+async def test_a_reload_that_shortens_the_probe_interval_probes_at_the_new_one(
+    start_gateway: StartGateway, log_capture: list[MutableMapping[str, Any]]
+) -> None:
+    """A check changed by a reload runs at once and at its own interval,
+    not when the old interval (an hour here) would have ended."""
+    a, b = await upstreams(2)
+    a_ok = {"ok": True}
+    a.responder = health_responder(a_ok)
+
+    def probes() -> int:
+        return sum(1 for r in a.requests if r.path == "/health")
+
+    try:
+        hourly = PROBE.replace("interval_seconds = 0.1", "interval_seconds = 3600")
+        text = backends_config([a.url + WRITE, b.url + WRITE], rw_keys=hourly)
+        gw = await start_gateway(text)
+        await wait_for(lambda: probes() == 1)  # the first probe, then an hour's wait
+        a_ok["ok"] = False
+        gw.reload(
+            loads(text.replace("interval_seconds = 3600", "interval_seconds = 0.1"), environ={})
+        )
+        # Two failures at the new interval take A out.
+        await wait_for(lambda: any(e.get("event") == "backend_down" for e in log_capture))
+        assert probes() >= 3
+    finally:
+        await stop_all([a, b])
+
+
 async def test_deep_health_reports_each_backend_without_addresses(
     start_gateway: StartGateway,
 ) -> None:
@@ -644,27 +699,15 @@ async def test_http2_clients_are_balanced_over_the_backends_too(
     same balancer: equal backends take turns; an ejected one is skipped.
     (Failover with replay is the HTTP/1.1 data path's: over HTTP/2 a request
     has one attempt.)"""
-    from tests.support.grpc_peers import TRACE_METHOD  # noqa: PLC0415
     from tests.support.h2client import H2Client  # noqa: PLC0415
 
     a, b = await upstreams(2)
     try:
-        grpc = f"""
-[[routes]]
-name = "grpc_traces"
-path = "{TRACE_METHOD}"
-protocol = "otlp-grpc"
-upstream = "http://127.0.0.1:9"
-"""
-        text = backends_config(
-            [a.url + WRITE, b.url + WRITE], rw_keys='balance = "round_robin"'
-        ).replace("[[credentials]]", grpc + "\n[[credentials]]", 1)
-        text = text.replace(
-            'routes = ["remote_write", "otlp_traces"]',
-            'routes = ["remote_write", "otlp_traces", "grpc_traces"]',
-            1,
+        gw = await start_gateway(
+            with_grpc(
+                backends_config([a.url + WRITE, b.url + WRITE], rw_keys='balance = "round_robin"')
+            )
         )
-        gw = await start_gateway(text)
         client = await H2Client.open(gw.port)
         try:
             for _ in range(4):
@@ -680,5 +723,115 @@ upstream = "http://127.0.0.1:9"
             a.url[7:]: 2.0,
             b.url[7:]: 2.0,
         }
+    finally:
+        await stop_all([a, b])
+
+
+def with_grpc(text: str) -> str:
+    """``text`` with a gRPC route in scope of the token (h2c for every route)."""
+    from tests.support.grpc_peers import TRACE_METHOD  # noqa: PLC0415
+
+    grpc = f"""
+[[routes]]
+name = "grpc_traces"
+path = "{TRACE_METHOD}"
+protocol = "otlp-grpc"
+upstream = "http://127.0.0.1:9"
+"""
+    text = text.replace("[[credentials]]", grpc + "\n[[credentials]]", 1)
+    return text.replace(
+        'routes = ["remote_write", "otlp_traces"]',
+        'routes = ["remote_write", "otlp_traces", "grpc_traces"]',
+        1,
+    )
+
+
+async def test_http2_clients_feed_passive_health_so_a_dead_backend_is_ejected(
+    start_gateway: StartGateway,
+) -> None:
+    """Over HTTP/2 a request has one attempt, but its failure counts against
+    the backend: the dead one costs one 502, then is ejected and skipped."""
+    from tests.support.h2client import H2Client  # noqa: PLC0415
+
+    (b,) = await upstreams(1)
+    try:
+        with refused_port() as dead:
+            text = backends_config(
+                [f"http://127.0.0.1:{dead}{WRITE}", b.url + WRITE],
+                rw_keys='balance = "round_robin"',
+                upstream="eject_base_seconds = 60\neject_max_seconds = 60",
+            )
+            gw = await start_gateway(with_grpc(text))
+            client = await H2Client.open(gw.port)
+            try:
+                statuses = [
+                    (
+                        await client.request(
+                            "POST", WRITE, [("authorization", f"Bearer {TOKEN}")], BODY
+                        )
+                    ).status
+                    for _ in range(4)
+                ]
+            finally:
+                await client.close()
+            assert statuses == [502, 204, 204, 204]
+            m = await scrape(gw.admin_port)
+            dead_label = f"127.0.0.1:{dead}"
+            route = "remote_write"
+            assert (
+                m.value(
+                    "gateway_upstream_failures_total",
+                    route=route,
+                    backend=dead_label,
+                    kind="connect",
+                )
+                == 1
+            )
+            assert (
+                m.value(
+                    "gateway_upstream_ejections_total",
+                    route=route,
+                    backend=dead_label,
+                    cause="failures",
+                )
+                == 1
+            )
+            assert m.value("gateway_upstream_healthy", route=route, backend=dead_label) == 0
+    finally:
+        await stop_all([b])
+
+
+async def test_http2_requests_count_as_outstanding_on_their_backend(
+    start_gateway: StartGateway,
+) -> None:
+    """least_outstanding over HTTP/2: while A holds a request, the next ones
+    go to B (a request not counted would leave A looking idle)."""
+    from tests.support.h2client import H2Client  # noqa: PLC0415
+
+    a, b = await upstreams(2)
+    release = asyncio.Event()
+
+    async def slow(conn: UpConn, req: ParsedRequest) -> None:
+        await release.wait()
+        await conn.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    a.responder = slow
+    auth = [("authorization", f"Bearer {TOKEN}")]
+    try:
+        gw = await start_gateway(with_grpc(backends_config([a.url + WRITE, b.url + WRITE])))
+        client = await H2Client.open(gw.port)
+        try:
+            held = await client.start("POST", WRITE, auth)
+            await client.send(held, BODY, end=True)
+            await wait_for(lambda: writes(a) == 1)
+            for _ in range(3):  # one sent to the busy A would wait for release: a timeout
+                resp = await client.request("POST", WRITE, auth, BODY, timeout=5)
+                assert resp.status == 204
+            assert (writes(a), writes(b)) == (1, 3)
+            release.set()
+            assert (await client.wait(held)).status == 204
+        finally:
+            release.set()
+            await client.close()
     finally:
         await stop_all([a, b])

@@ -126,6 +126,36 @@ def test_eject_after_failures_counts_failures_in_a_row() -> None:
     assert [bal.failed(lane, 1.0) for _ in range(3)] == [None, None, Transition.EJECTED]
 
 
+def test_failures_while_ejected_do_not_count_toward_the_next_ejection() -> None:
+    """Tried as the fallback while ejected, a backend's failures are not a
+    streak: once back, it takes eject_after_failures again to eject it."""
+    bal = balancer(
+        URLS, upstream={"eject_after_failures": 3, "eject_base_seconds": 1, "eject_max_seconds": 5}
+    )
+    lane = bal.lanes[0]
+    assert [bal.failed(lane, 1.0) for _ in range(3)] == [None, None, Transition.EJECTED]
+    assert [bal.failed(lane, 1.5) for _ in range(3)] == [None, None, None]  # out already
+    assert [bal.failed(lane, 2.5) for _ in range(3)] == [None, None, Transition.EJECTED]
+    assert lane.state.ejected_until - 2.5 == 2  # the backoff still grew
+
+
+def test_a_probe_failure_is_a_failure_for_the_fallback() -> None:
+    """With nothing healthy the least recently failed backend is tried; a
+    backend its probe keeps failing has just failed, so it is not that one."""
+    check = {
+        "interval_seconds": 1,
+        "timeout_seconds": 1,
+        "healthy_threshold": 1,
+        "unhealthy_threshold": 1,
+    }
+    bal = balancer(
+        URLS[:2], health_check=check, upstream={"eject_base_seconds": 60, "eject_max_seconds": 60}
+    )
+    assert bal.failed(bal.lanes[1], 40.0) == Transition.EJECTED
+    assert bal.probed(bal.lanes[0].state, False, 50.0) == Transition.PROBE_DOWN
+    assert picks(bal, 2, now=55.0) == [1, 1]
+
+
 def test_ejection_duration_is_capped_even_after_many() -> None:
     assert Ejection(1, 1.0, 10.0).duration(10_000) == 10.0
 
@@ -141,10 +171,13 @@ def test_probe_thresholds_and_a_probe_pass_ending_an_ejection() -> None:
         URLS, health_check=check, upstream={"eject_base_seconds": 60, "eject_max_seconds": 60}
     )
     state = bal.lanes[0].state
-    results = [bal.probed(state, ok) for ok in (False, False, True, False, False, False)]
+    results = [bal.probed(state, ok, 1.0) for ok in (False, False, True, False, False, False)]
     assert results == [None, None, None, None, None, Transition.PROBE_DOWN]
     bal.failed(bal.lanes[0], 1.0)
-    assert [bal.probed(state, True), bal.probed(state, True)] == [None, Transition.PROBE_UP]
+    assert [bal.probed(state, True, 1.5), bal.probed(state, True, 1.5)] == [
+        None,
+        Transition.PROBE_UP,
+    ]
     assert state.healthy(2.0)  # back: the passive ejection from when it was down ended
 
 
