@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING, Final
 from gateway.datapath.exchange_base import DISCARD_LIMIT, State
 from gateway.datapath.failover import SEALED_PIECE, SMALL_PIECE, Failover
 from gateway.datapath.ports import PAUSE_QUEUE, PAUSE_UPSTREAM, Deadline
-from gateway.policy.auth import Failure, Principal
+from gateway.policy.auth import Principal
 from gateway.policy.decide import (
     HEALTH_CHECK,
     MALFORMED,
     PROXY,
-    UNCHECKED,
     Refuse,
+    attribution,
     decide,
+    identify,
 )
 from gateway.policy.errors import Kind
 
@@ -86,14 +87,7 @@ class Exchange(Failover):
         policy = gen.clients
         if policy.proxied:
             self.client = policy.resolve(self.conn.peer, head.client_ip)
-        if gen.throttle_strict and shared.admission.throttle.blocked(
-            self.client, shared.loop.time()
-        ):
-            # Strict auth throttle: refused without checking the token (a
-            # JWT verify costs tens of microseconds); decide says where.
-            who: Principal | Failure = UNCHECKED
-        else:
-            who = gen.auth.authenticate(head.authorization, time.time())
+        who = identify(head, self.client, gen, shared.admission, shared.loop.time())
         d = decide(
             head,
             route,
@@ -105,19 +99,8 @@ class Exchange(Failover):
             shared.loop.time(),
             shared.draining,
         )
-        # Attributed to the presented credential, unless refused before
-        # authentication.  A revoked / expired token's access line names its
-        # credential and token id, as the metric does: the operator hunting a
-        # forgotten sender reads the log first.  Counters count it as
-        # unauthenticated (accounting keys them on ``principal``).
         if not d.anonymous:
-            if isinstance(who, Failure):
-                self.credential = who.credential or "none"
-                self.token_id = who.token_id
-            else:
-                self.principal = who
-                self.credential = who.credential
-                self.token_id = who.token_id
+            self.principal, self.credential, self.token_id = attribution(who)
         if d is PROXY:
             assert route is not None
             self.admit(route)

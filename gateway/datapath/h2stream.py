@@ -18,13 +18,11 @@ Must not know: the connection classes, h2, either upstream class.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Protocol
 
 from gateway.datapath.accounting import account
 from gateway.datapath.exchange_base import State
-from gateway.policy.auth import Failure
-from gateway.policy.decide import UNCHECKED, Decision, Refuse, decide
+from gateway.policy.decide import Decision, Refuse, attribution, decide, identify
 from gateway.policy.errors import CLIENT_CLOSED, Kind
 
 if TYPE_CHECKING:
@@ -201,13 +199,7 @@ class H2Stream:
             self.route_name = route.name
         if gen.clients.proxied:
             self.client = gen.clients.resolve(self.conn.peer, head.client_ip)
-        who: Principal | Failure
-        if gen.throttle_strict and shared.admission.throttle.blocked(
-            self.client, shared.loop.time()
-        ):
-            who = UNCHECKED  # strict auth throttle: refused unauthenticated (decide.py)
-        else:
-            who = gen.auth.authenticate(head.authorization, time.time())
+        who = identify(head, self.client, gen, shared.admission, shared.loop.time())
         d = decide(
             head,
             route,
@@ -219,16 +211,8 @@ class H2Stream:
             shared.loop.time(),
             shared.draining,
         )
-        # Attributed as on HTTP/1.1 (exchange.py): a refused token's line
-        # names its credential; counters count it unauthenticated.
-        if not d.anonymous:
-            if isinstance(who, Failure):
-                self.credential = who.credential or "none"
-                self.token_id = who.token_id
-            else:
-                self.principal = who
-                self.credential = who.credential
-                self.token_id = who.token_id
+        if not d.anonymous:  # as on HTTP/1.1 (policy.decide.attribution)
+            self.principal, self.credential, self.token_id = attribution(who)
         if isinstance(d, Refuse):
             stats = shared.stats
             if d.limit:
