@@ -420,7 +420,7 @@ async def test_check_config_prints_the_matrix_and_validity_windows(tmp_path: Pat
     )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert (proc.returncode, out) == (2, b"")
-    assert b"credentials[1].routes[0]: no route named 'nope'" in err
+    assert b"credentials[1].routes[0]: no route of that name" in err
 
 
 @pytest.mark.parametrize("shorthand", ["token_sha256", "token_file"])
