@@ -25,6 +25,7 @@ from gateway.datapath.ports import (
     PAUSE_WRITE,
     Deadline,
 )
+from gateway.datapath.unsent import unsent
 from gateway.datapath.writes import write_coalesced
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class ClientState:
         "_lingering",
         "_paused",
         "_pending",
+        "_write_left",
         "_write_paused",
         "active",
         "cert_subject",
@@ -99,11 +101,14 @@ class ClientState:
         # the one an exchange asks for waits here until it reads again.
         self._held_kind = _NONE
         self._held_deadline = 0.0
+        # What the client had left to read when we last looked (write paused).
+        self._write_left = 0
 
     def pause_writing(self) -> None:
         # The client is not reading what we send: read nothing more from it
         # (its next request would only add an answer to the buffer), start
-        # no pending exchange, and give it body_idle_timeout to read.
+        # no pending exchange, and give it body_idle_timeout to read
+        # something (on_deadline looks whether it did).
         self._write_paused = True
         self.pause(PAUSE_WRITE)
         if self.active is not None:
@@ -112,6 +117,7 @@ class ClientState:
         self._held_deadline = self.deadline
         self.deadline_kind = _WRITE
         self.deadline = self.shared.loop.time() + self.shared.gen.body_idle_timeout
+        self._write_left = unsent(self.transport) if self.transport is not None else 0
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -257,11 +263,27 @@ class ClientState:
         last.close = True
         self._lingering = True
 
+    def _read_since(self, now: float) -> bool:
+        """The client took some of our output since we last looked: it is
+        slow, not gone, so it gets another body_idle_timeout."""
+        transport = self.transport
+        if transport is None:
+            return False
+        left = unsent(transport)
+        if left >= self._write_left:
+            return False
+        self._write_left = left
+        self.deadline_kind = _WRITE
+        self.deadline = now + self.shared.gen.body_idle_timeout
+        return True
+
     def on_deadline(self, now: float) -> None:
         """Called by the sweeper when ``now >= self.deadline``."""
         kind = self.deadline_kind
         self.deadline_kind = _NONE
         active = self.active
+        if kind == _WRITE and self._read_since(now):
+            return
         if kind in (_IDLE, _LINGER, _WRITE) or (kind == _HEAD and active is None):
             if kind == _WRITE and active is not None:
                 active.error = "client_write_timeout"

@@ -315,3 +315,48 @@ async def test_capped_pipeline_to_a_client_that_pauses_reading_is_answered_in_fu
     n = held + rest.count(b"HTTP/1.1 200 ")
     assert 256 <= n < 600, n
     assert [r.body for r in strict_upstream.requests] == [b"%d" % i for i in range(n)]
+
+
+async def test_a_slow_reader_that_keeps_reading_is_not_cut_off(
+    start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    """One 3 MiB answer to a client with a small receive buffer that reads
+    8 KiB every 20 ms (about 400 KiB/s, eight seconds in all) while the
+    idle timeout is one second: it never stops reading for a second, so it
+    gets the whole answer.  The write deadline is an idle timeout, as the
+    README says: it used to run from when the client's side paused until
+    the buffer drained below its low-water mark, which with megabytes
+    queued in the kernel took longer than the timeout however steadily the
+    client read (how the capped-pipeline test above flaked on a loaded box)."""
+    size = 3 << 20
+
+    async def big(conn: UpConn, req: ParsedRequest) -> None:
+        await conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"s" * size)
+
+    strict_upstream.responder = big
+    gw = await start_gateway(
+        hostile_config(strict_upstream, server="body_idle_timeout_seconds = 1")
+    )
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", gw.port))
+    sock.setblocking(False)
+    got = 0
+    try:
+        await loop.sock_sendall(sock, request("POST", "/api/v1/write", b"x", token=TOKEN))
+        deadline = time.monotonic() + 40  # bounds the loop: 8 s expected
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            try:
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, 8192), 5.0)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not chunk:
+                break
+            got += len(chunk)
+            if got >= size:
+                break
+    finally:
+        sock.close()
+    assert got >= size, f"cut off after {got} of {size} bytes while reading steadily"
