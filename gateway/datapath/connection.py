@@ -146,12 +146,10 @@ class ClientConnection(ClientState):
         self._burst = 0
         if self._in_head:
             # llhttp buffers a header line until it ends: bound the raw bytes
-            # of a head that spans reads (one read may also carry some body).
+            # of a head that spans reads.  Checked after parsing: the rest of
+            # this read may be body (on_headers_complete starts the count
+            # again), and after a pause a TLS read can be larger than the limit.
             self._raw_head += len(data)
-            if self._raw_head > self.shared.gen.max_raw_head:
-                self._reject(Kind.HEADERS_TOO_LARGE)
-                self.flush()
-                return
         elif self._between:
             if not self._head_by:
                 # The first byte of a head: it must be complete within
@@ -163,13 +161,11 @@ class ClientConnection(ClientState):
         else:
             # Body bytes.  What carries none (a chunked trailer, chunk
             # extensions) counts against the head limits: llhttp keeps a
-            # trailer line until it ends, as it does a header line.
+            # trailer line until it ends, as it does a header line.  Checked
+            # after parsing too: a body byte in this read (on_body) starts the
+            # count again, whatever the size of the read.
             gen = self.shared.gen
             self._raw_head += len(data)
-            if self._raw_head > gen.max_raw_head:
-                self._reject(Kind.HEADERS_TOO_LARGE)
-                self.flush()
-                return
             if self.deadline_kind == _BODY:
                 now = self.shared.loop.time()
                 self.deadline = now + gen.body_idle_timeout
@@ -196,6 +192,10 @@ class ClientConnection(ClientState):
                 self._reject(Kind.BAD_REQUEST)
         except Exception as exc:  # noqa: BLE001  (never let a bug kill the loop's callback)
             self._fault(exc)
+        else:
+            if self._raw_head > self.shared.gen.max_raw_head:
+                self._raw_head = 0
+                self._reject(Kind.HEADERS_TOO_LARGE)
         self.flush()
         active = self.active
         if active is not None and active.up_buf:

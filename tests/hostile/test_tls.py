@@ -25,7 +25,7 @@ from tests.hostile.conftest import FAST_SERVER, hostile_config
 from tests.hostile.pki import Issued, Pki
 from tests.support.client import RawClient, raw_client
 from tests.support.process import GatewayProcess
-from tests.support.upstreams import RawUpstream
+from tests.support.upstreams import RawUpstream, UpConn
 from tests.support.wire import Response, parse_statuses, request
 
 SLACK = 1.0
@@ -91,6 +91,38 @@ async def test_tls_request_reaches_upstream_as_https(
     [req] = strict_upstream.requests
     assert req.body == b"secret-payload"
     assert req.all("X-Forwarded-Proto") == ["https"]
+
+
+async def test_a_large_body_over_tls_that_backs_up_is_not_taken_for_a_head(
+    pki: Pki, start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    """A 12 MiB body over TLS to an upstream that reads nothing for its first
+    0.3 s: the gateway stops reading the client, the TLS layer keeps what
+    arrives, and hands it over in one read of hundreds of KiB when reading
+    resumes.  That read is body, so the request is answered 204 and the
+    upstream gets every byte.  It was answered 431: body reads were checked
+    against the raw head limit before parsing, to bound a trailer line,
+    so a read larger than the limit was refused whatever it carried."""
+    body = b"b" * (12 << 20)
+
+    async def slow_start(conn: UpConn) -> None:
+        await asyncio.sleep(0.3)
+
+    strict_upstream.on_connect = slow_start
+    server = _tls(pki.server("gw")).replace("0.5", "5")
+    gw = await start_gateway(
+        hostile_config(
+            strict_upstream,
+            server=server,
+            upstream="response_timeout_seconds = 10",
+            max_body_bytes=16 << 20,
+        )
+    )
+    async with _tls_conn(gw.port, pki.client_context()) as conn:
+        resp = await _post(conn, body)
+    assert resp.status == 204, resp.body
+    [req] = strict_upstream.requests
+    assert len(req.body) == len(body)
 
 
 @pytest.mark.parametrize(
