@@ -13,6 +13,7 @@ request.  Rates over a few seconds need two samples: the CLI takes them.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any
 
@@ -27,24 +28,35 @@ _NB = len(DURATION_BUCKETS)
 
 
 class History:
-    """Snapshots taken every ``SAMPLE_SECONDS``, kept for a little over a minute."""
+    """Snapshots taken every ``SAMPLE_SECONDS``, kept for a little over a minute.
 
-    __slots__ = ("_samples",)
+    Made when the admin listener starts, before any worker counts anything."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_samples", "_started")
+
+    def __init__(self, started: float | None = None) -> None:
         keep = int(WINDOW_SECONDS / SAMPLE_SECONDS) + 2
         self._samples: deque[tuple[float, Snapshot]] = deque(maxlen=keep)
+        self._started = time.time() if started is None else started
 
     def add(self, now: float, snap: Snapshot) -> None:
         self._samples.append((now, snap))
 
-    def window_start(self, now: float) -> tuple[float, Snapshot] | None:
-        """The oldest sample within the last minute (the oldest there is,
-        while the process is younger than a minute)."""
+    def window_start(self, now: float) -> tuple[float, Snapshot | None]:
+        """When the last minute starts and the counters then (None: zero).
+
+        While the process is younger than a minute, every count happened
+        within it: the baseline is zero, not the first sample (which may
+        come after the first requests: a sample is skipped while a worker
+        is slow to answer)."""
+        if now - self._started <= WINDOW_SECONDS:
+            return self._started, None
         for when, snap in self._samples:
             if now - when <= WINDOW_SECONDS + SAMPLE_SECONDS / 2:
                 return when, snap
-        return self._samples[-1] if self._samples else None
+        if self._samples:
+            return self._samples[-1]
+        return self._started, None
 
 
 def quantile(q: float, buckets: list[float]) -> float | None:
@@ -205,9 +217,8 @@ def _credentials(snap: Snapshot, gauges: Gauges, then: Snapshot | None) -> list[
 
 
 def status_view(snap: Snapshot, gauges: Gauges, history: History, now: float) -> dict[str, Any]:
-    start = history.window_start(now)
-    then = start[1] if start else None
-    window = now - start[0] if start else 0.0
+    began, then = history.window_start(now)
+    window = now - began
     return {
         "now": now,
         "version": gauges.version,

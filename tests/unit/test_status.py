@@ -61,7 +61,7 @@ def _stats(requests: int) -> Stats:
 
 
 def test_last_minute_is_the_difference_to_the_oldest_sample_in_the_window() -> None:
-    history = History()
+    history = History(started=0.0)
     for i, requests in enumerate((1, 5, 9)):
         history.add(100.0 + i * SAMPLE_SECONDS, _stats(requests).snapshot())
     now = 100.0 + 2 * SAMPLE_SECONDS
@@ -79,12 +79,23 @@ def test_last_minute_is_the_difference_to_the_oldest_sample_in_the_window() -> N
 
 
 def test_samples_older_than_a_minute_fall_out_of_the_window() -> None:
-    history = History()
+    history = History(started=0.0)
     history.add(0.0, _stats(1).snapshot())
     history.add(70.0, _stats(5).snapshot())
     view = status_view(_stats(6).snapshot(), _gauges(), history, 75.0)
     [tok] = view["credentials"][0]["tokens"]
     assert tok["last_minute"]["requests"] == 1
+
+
+def test_while_younger_than_a_minute_last_minute_counts_from_zero() -> None:
+    """The first sample can come after the first requests (a worker slow to
+    answer skips one): those requests are still in the last minute."""
+    history = History(started=100.0)
+    history.add(103.0, _stats(2).snapshot())
+    view = status_view(_stats(3).snapshot(), _gauges(), history, 104.0)
+    [tok] = view["credentials"][0]["tokens"]
+    assert tok["last_minute"]["requests"] == 3
+    assert view["window_seconds"] == 4.0
 
 
 def test_the_view_names_no_secret_and_no_address() -> None:
