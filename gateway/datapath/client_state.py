@@ -264,13 +264,16 @@ class ClientState:
         self._lingering = True
 
     def _read_since(self, now: float) -> bool:
-        """The client took some of our output since we last looked: it is
-        slow, not gone, so it gets another body_idle_timeout."""
+        """The client took enough of our output since we last looked: it is
+        slow, not gone, so it gets another body_idle_timeout.  Enough is the
+        request bodies' minimum rate over the window (min_body_rate; any
+        progress when that is off), so a byte now and then holds nothing."""
         transport = self.transport
         if transport is None:
             return False
         left = unsent(transport)
-        if left >= self._write_left:
+        gen = self.shared.gen
+        if self._write_left - left < max(1.0, gen.min_body_rate * gen.body_idle_timeout):
             return False
         self._write_left = left
         self.deadline_kind = _WRITE

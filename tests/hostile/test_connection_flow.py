@@ -360,3 +360,52 @@ async def test_a_slow_reader_that_keeps_reading_is_not_cut_off(
     finally:
         sock.close()
     assert got >= size, f"cut off after {got} of {size} bytes while reading steadily"
+
+
+async def test_a_reader_slower_than_the_minimum_rate_is_cut_off(
+    start_gateway: StartGateway, strict_upstream: RawUpstream
+) -> None:
+    """The same 3 MiB answer to a client that takes 4 KiB every quarter
+    second (16 KiB/s) while the minimum rate is 64 KiB/s: it makes progress,
+    but too little to hold a connection for, so it is closed within a couple
+    of idle timeouts, not kept for as long as it trickles (the rate a client
+    must keep is the request bodies' ``min_body_rate_bytes_per_second``)."""
+    size = 3 << 20
+
+    async def big(conn: UpConn, req: ParsedRequest) -> None:
+        await conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"s" * size)
+
+    strict_upstream.responder = big
+    gw = await start_gateway(
+        hostile_config(
+            strict_upstream,
+            server="body_idle_timeout_seconds = 1",
+            extra="[limits]\nmin_body_rate_bytes_per_second = 65536",
+        )
+    )
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", gw.port))
+    sock.setblocking(False)
+
+    async def trickle() -> None:
+        for _ in range(240):  # 60 s at most
+            await asyncio.sleep(0.25)
+            try:
+                if not await loop.sock_recv(sock, 4096):
+                    return
+            except OSError:
+                return
+
+    reading = asyncio.create_task(trickle())
+    bound = 2 * 1 + 2 * SLACK + 2
+    try:
+        await loop.sock_sendall(sock, request("POST", "/api/v1/write", b"x", token=TOKEN))
+        await wait_for(lambda: gw.stats.open_connections == 1, 5.0)
+        t0 = time.monotonic()
+        await wait_for(lambda: gw.stats.open_connections == 0, bound)
+        assert time.monotonic() - t0 <= bound
+    finally:
+        reading.cancel()
+        sock.close()
