@@ -277,7 +277,7 @@ class ClientState:
             return False
         self._write_left = left
         self.deadline_kind = _WRITE
-        self.deadline = now + self.shared.gen.body_idle_timeout
+        self.deadline = now + gen.body_idle_timeout
         return True
 
     def on_deadline(self, now: float) -> None:

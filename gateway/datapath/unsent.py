@@ -1,8 +1,8 @@
 """How many bytes of a connection's output its peer has not yet taken.
 
-The write deadline is an idle timeout: a client that keeps reading, however
-slowly, keeps its connection.  The transport's own buffer is not enough to
-see that: with megabytes queued in the kernel's send buffer it shrinks only
+The write deadline is an idle timeout: a client that keeps reading at the
+minimum rate keeps its connection.  The transport's own buffer is not enough
+to see that: with megabytes queued in the kernel's send buffer it shrinks only
 after the kernel has drained a good part of them, which can take longer than
 the timeout while the client reads steadily.  So the kernel's share is
 counted too (``SIOCOUTQ``: bytes sent but not yet acknowledged, Linux),

@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import TOKEN, StartGateway, wait_for
 from tests.hostile.conftest import hostile_config
 from tests.support.client import RawClient, raw_client
-from tests.support.upstreams import RawUpstream, UpConn
+from tests.support.upstreams import RawUpstream, Responder, UpConn
 from tests.support.wire import ParsedRequest, parse_statuses, request
 
 SLACK = 1.0  # the sweeper ticks every timeout / 5; a loaded CI box
@@ -32,6 +32,24 @@ async def _trickle(conn: RawClient, data: bytes, every: float) -> None:
         except (ConnectionResetError, BrokenPipeError):
             return
         await asyncio.sleep(every)
+
+
+def _small_buffer_socket(port: int) -> socket.socket:
+    """A connected client socket with a 4 KiB receive buffer: what it does not
+    read backs up into the gateway's side quickly."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def _answer_of(size: int) -> Responder:
+    """An upstream responder: 200 with a body of ``size`` bytes."""
+
+    async def answer(conn: UpConn, req: ParsedRequest) -> None:
+        await conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"s" * size)
+
+    return answer
 
 
 # -- item 5: a pipelined request whose body comes after its head ---------------------
@@ -295,9 +313,7 @@ async def test_capped_pipeline_to_a_client_that_pauses_reading_is_answered_in_fu
     gw = await start_gateway(
         hostile_config(strict_upstream, server="body_idle_timeout_seconds = 5")
     )
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", gw.port))
+    sock = _small_buffer_socket(gw.port)
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 22)
     conn = RawClient(reader, writer)
     try:
@@ -329,18 +345,12 @@ async def test_a_slow_reader_that_keeps_reading_is_not_cut_off(
     queued in the kernel took longer than the timeout however steadily the
     client read (how the capped-pipeline test above flaked on a loaded box)."""
     size = 3 << 20
-
-    async def big(conn: UpConn, req: ParsedRequest) -> None:
-        await conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"s" * size)
-
-    strict_upstream.responder = big
+    strict_upstream.responder = _answer_of(size)
     gw = await start_gateway(
         hostile_config(strict_upstream, server="body_idle_timeout_seconds = 1")
     )
     loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", gw.port))
+    sock = _small_buffer_socket(gw.port)
     sock.setblocking(False)
     got = 0
     try:
@@ -371,11 +381,7 @@ async def test_a_reader_slower_than_the_minimum_rate_is_cut_off(
     of idle timeouts, not kept for as long as it trickles (the rate a client
     must keep is the request bodies' ``min_body_rate_bytes_per_second``)."""
     size = 3 << 20
-
-    async def big(conn: UpConn, req: ParsedRequest) -> None:
-        await conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"s" * size)
-
-    strict_upstream.responder = big
+    strict_upstream.responder = _answer_of(size)
     gw = await start_gateway(
         hostile_config(
             strict_upstream,
@@ -384,9 +390,7 @@ async def test_a_reader_slower_than_the_minimum_rate_is_cut_off(
         )
     )
     loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", gw.port))
+    sock = _small_buffer_socket(gw.port)
     sock.setblocking(False)
 
     async def trickle() -> None:

@@ -36,11 +36,13 @@ def pki(tmp_path: Path) -> Pki:
     return Pki(tmp_path)
 
 
-def _tls(server: Issued, client_auth: str = "none", ca: Path | None = None) -> str:
+def _tls(
+    server: Issued, client_auth: str = "none", ca: Path | None = None, *, base: str = FAST_SERVER
+) -> str:
     text = f'\n[server.tls]\ncert_file = "{server.cert}"\nkey_file = "{server.key}"\n'
     if ca is not None:
         text += f'client_ca_file = "{ca}"\nclient_auth = "{client_auth}"\n'
-    return FAST_SERVER + text
+    return base + text
 
 
 def _tls_conn(port: int, ctx: ssl.SSLContext) -> AbstractAsyncContextManager[RawClient]:
@@ -109,7 +111,9 @@ async def test_a_large_body_over_tls_that_backs_up_is_not_taken_for_a_head(
         await asyncio.sleep(0.3)
 
     strict_upstream.on_connect = slow_start
-    server = _tls(pki.server("gw")).replace("0.5", "5")
+    server = _tls(
+        pki.server("gw"), base="header_timeout_seconds = 5\nbody_idle_timeout_seconds = 5\n"
+    )
     gw = await start_gateway(
         hostile_config(
             strict_upstream,
